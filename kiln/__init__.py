@@ -1,0 +1,1 @@
+"""Kiln: self-hosted microVM sandboxes."""

@@ -1,0 +1,97 @@
+"""Settings, read from the environment with the prefix ``KILN_`` (see CONTRACT.md)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _host_memory_mb() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    cache_dir: Path = Path("~/.cache/kiln").expanduser()
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    share_domain: str = "kiln.localhost:8000"
+    master_key: str | None = None
+    pool_size: int = 0
+    uplink: str = ""
+    dns_upstream: str | None = None
+    egress_ca_bundle: Path | None = None
+
+    # Admission limits: the whole host. None means "derive from the host".
+    max_vms: int | None = None
+    max_memory_mb: int | None = None
+    max_vcpus: int | None = None
+
+    # Per-VM policy: defaults and allowed ranges for create requests.
+    default_memory_mb: int = 512
+    default_vcpu_count: int = 2
+    default_lifetime_seconds: int = 300
+    min_memory_mb: int = 128
+    vm_max_memory_mb: int = 8192
+    vm_max_vcpus: int = 8
+    max_lifetime_seconds: int = 7 * 24 * 3600
+
+    # Bearer tokens from POST /v1/auth/token.
+    token_ttl_seconds: int = 3600
+
+    # How long a create may wait for the guest agent before the VM is failed.
+    boot_timeout_seconds: float = 60.0
+
+    @property
+    def database(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'kiln.db'}"
+
+    @property
+    def admission_max_vms(self) -> int:
+        return self.max_vms if self.max_vms is not None else 100
+
+    @property
+    def admission_max_memory_mb(self) -> int:
+        # Leave a quarter of the host (at least 1 GiB) to the host itself.
+        if self.max_memory_mb is not None:
+            return self.max_memory_mb
+        total = _host_memory_mb()
+        return max(total - max(total // 4, 1024), 256)
+
+    @property
+    def admission_max_vcpus(self) -> int:
+        # Under TCG an idle guest costs a few percent of a core, so vCPUs overcommit well.
+        if self.max_vcpus is not None:
+            return self.max_vcpus
+        return (os.cpu_count() or 1) * 16
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.cache_dir / "images"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,88 @@
+"""The hypervisor-neutral contract between the service layer and a VM runtime.
+
+QEMU specifics live in ``qemu.py``; a Firecracker driver would implement the same
+``Hypervisor`` protocol. Nothing here knows about HTTP, users or the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from kiln.runtime.agent_client import AgentClient
+
+
+class RuntimeFailure(Exception):
+    """Base class of runtime failures; ``str()`` is a reason fit for ``failure_reason``."""
+
+
+class BootError(RuntimeFailure):
+    """The VM could not be started or its agent never answered."""
+
+
+@dataclass(frozen=True)
+class BootImage:
+    """A built image variant: what a cold boot needs."""
+
+    variant: str
+    kernel: Path
+    initrd: Path
+    rootfs: Path  # immutable base disk; each VM writes to its own overlay on top
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A saved VM (snapshot): guest memory/device state plus the disk it belongs to."""
+
+    directory: Path
+    memory_mb: int
+    vcpu_count: int
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    vm_id: str
+    vcpu_count: int
+    memory_mb: int
+    image: BootImage
+    run_dir: Path
+    # When set, the VM continues from this saved state instead of booting.
+    restore_from: SavedState | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Machine(Protocol):
+    """A started VM process."""
+
+    vm_id: str
+    pid: int
+    run_dir: Path
+
+    @property
+    def agent(self) -> AgentClient: ...
+
+
+class Hypervisor(Protocol):
+    """Starts, adopts and stops VM processes."""
+
+    accel: str  # "kvm" or "tcg", after probing
+
+    async def start(self, spec: MachineSpec) -> Machine:
+        """Start the VM process; returns once it runs (the agent may not answer yet).
+
+        On failure nothing is left behind: no process, no run dir contents but the
+        console log (kept for the failure reason)."""
+        ...
+
+    async def adopt(self, vm_id: str, run_dir: Path) -> Machine | None:
+        """Re-attach to a VM process started by an earlier server; None if it is gone."""
+        ...
+
+    def is_running(self, machine: Machine) -> bool: ...
+
+    async def destroy(self, vm_id: str, run_dir: Path) -> None:
+        """Stop the VM's process if any and remove its run dir. Idempotent."""
+        ...

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make setup`: install what Kiln needs on a Debian machine, idempotently.
+# Fast the second time: every step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils   # the hypervisor and qcow2 tooling
+  mmdebstrap busybox-static e2fsprogs cpio zstd  # image builds
+  nftables iproute2            # guest networking
+  python3-venv                 # the project's virtualenv
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}" "$@"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: missing Debian packages (${missing[*]}); run as root or install them" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+# Reinstall only when the project's dependency list changed.
+stamp=.venv/.kiln-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  echo "setup: installing kiln into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+
+# Build (or find in the cache) the image variants asked for; `default` always.
+for variant in ${KILN_SETUP_VARIANTS:-default}; do
+  .venv/bin/kiln images build "$variant"
+done
