@@ -1,0 +1,260 @@
+"""Host side of the guest agent protocol (see ``kiln.guest.protocol``).
+
+One ``AgentClient`` holds one connection to a VM's agent port (the unix socket
+QEMU exposes for the ``kiln.agent`` virtio-serial port) and runs many requests
+over it at once: every request gets an id, a reader task reads frames and hands
+each to the queue of the request it names.
+
+If the connection drops (the VM died, was restored into a new process, or the
+peer restarted), every request in flight fails with ``AgentUnavailable`` and the
+next request opens a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.guest import protocol
+from kiln.runtime.driver import RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+# Ops whose ``timeout`` argument the agent itself enforces; for them the host
+# forwards ``timeout`` and waits a little longer, so the agent's own result
+# (``timed_out: true`` with the output so far) arrives instead of a host timeout.
+OPS_WITH_GUEST_TIMEOUT = frozenset({"exec", "python_exec"})
+RESULT_GRACE_SECONDS = 5.0
+
+# How long one ping may take while waiting for a booting guest before it is
+# sent again; unanswered pings are harmless (their late answers are dropped).
+READY_PING_SECONDS = 2.0
+CONNECT_RETRY_SECONDS = 0.05
+# An implicit reconnect (a call after the connection dropped) tries this long.
+RECONNECT_SECONDS = 2.0
+
+
+class AgentError(RuntimeFailure):
+    """The agent answered a request with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class AgentUnavailable(RuntimeFailure):
+    """There is no working connection to the agent (never came or was lost)."""
+
+
+class AgentTimeout(RuntimeFailure, TimeoutError):
+    """A request got no final answer within its time limit."""
+
+
+@dataclass(frozen=True)
+class _ConnectionLost:
+    reason: str
+
+
+@dataclass
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    pending: dict[int, asyncio.Queue[dict | _ConnectionLost]] = field(default_factory=dict)
+    reader_task: asyncio.Task[None] | None = None
+    lost_reason: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.lost_reason is None
+
+    def lose(self, reason: str) -> None:
+        """Mark the connection dead and fail everything waiting on it."""
+        if self.lost_reason is not None:
+            return
+        self.lost_reason = reason
+        for queue in self.pending.values():
+            queue.put_nowait(_ConnectionLost(reason))
+        self.pending.clear()
+        self.writer.close()
+
+
+class AgentClient:
+    def __init__(self, socket_path: str | Path) -> None:
+        self.socket_path = Path(socket_path)
+        self._connection: _Connection | None = None
+        self._connect_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+        self._request_ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"AgentClient({str(self.socket_path)!r}, connected={self.connected})"
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and self._connection.alive
+
+    async def connect(self, timeout: float = RECONNECT_SECONDS) -> None:
+        """Open the connection, retrying until ``timeout`` while the socket is not there yet."""
+        async with self._connect_lock:
+            if self.connected:
+                return
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    reader, writer = await asyncio.open_unix_connection(
+                        str(self.socket_path), limit=protocol.MAX_FRAME_BYTES + protocol.HEADER.size
+                    )
+                    break
+                except OSError as error:
+                    if time.monotonic() + CONNECT_RETRY_SECONDS >= deadline:
+                        raise AgentUnavailable(
+                            f"cannot connect to the agent socket {self.socket_path}: {error}"
+                        ) from error
+                    await asyncio.sleep(CONNECT_RETRY_SECONDS)
+            connection = _Connection(reader, writer)
+            connection.reader_task = asyncio.create_task(
+                self._read_frames(connection), name=f"agent-reader:{self.socket_path}"
+            )
+            self._connection = connection
+
+    async def wait_ready(self, timeout: float) -> dict:
+        """Wait until the agent answers a ping; returns the ping's value.
+
+        Meant for a booting guest: the socket may not exist yet and the agent may
+        not have opened its port yet, so both connecting and pinging are retried.
+        """
+        deadline = time.monotonic() + timeout
+        last_problem = "no attempt finished"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentUnavailable(
+                    f"the agent did not answer within {timeout:g}s ({last_problem})"
+                )
+            try:
+                await self.connect(timeout=remaining)
+                return await self.call("ping", timeout=min(READY_PING_SECONDS, remaining))
+            except (AgentUnavailable, AgentTimeout) as problem:
+                last_problem = str(problem)
+                await asyncio.sleep(min(CONNECT_RETRY_SECONDS, max(remaining, 0)))
+
+    async def call(self, op: str, timeout: float | None = None, **args: object) -> dict:
+        """Run one request and return its final ``value``.
+
+        ``timeout`` bounds the wait on the host. For ops the agent times itself
+        (exec, python_exec) it is also passed to the agent, and the host waits a
+        grace period longer so the agent's own ``timed_out`` result comes back.
+        Raises ``AgentError`` for an error frame, ``AgentUnavailable`` if the
+        connection is lost, ``AgentTimeout`` if no answer came in time.
+        Events (stdout/stderr) are discarded; use ``stream`` to see them.
+        """
+        result: dict = {}
+        async for frame in self.stream(op, timeout=timeout, **args):
+            if frame.get("kind") == protocol.KIND_RESULT:
+                result = frame.get("value") or {}
+        return result
+
+    async def stream(
+        self, op: str, timeout: float | None = None, **args: object
+    ) -> AsyncIterator[dict]:
+        """Run one request, yielding each event frame and finally the result frame.
+
+        An error frame raises ``AgentError`` instead of being yielded. Time limits
+        as in ``call``; the limit covers the whole stream, not each frame.
+        """
+        host_timeout = timeout
+        if timeout is not None and op in OPS_WITH_GUEST_TIMEOUT:
+            args["timeout"] = timeout
+            host_timeout = timeout + RESULT_GRACE_SECONDS
+        deadline = None if host_timeout is None else time.monotonic() + host_timeout
+
+        connection = await self._live_connection()
+        request_id = next(self._request_ids)
+        queue: asyncio.Queue[dict | _ConnectionLost] = asyncio.Queue()
+        connection.pending[request_id] = queue
+        try:
+            await self._send(connection, {"id": request_id, "op": op, **args})
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    raise AgentTimeout(
+                        f"agent op {op!r} got no answer within {host_timeout:g}s"
+                    ) from None
+                if isinstance(item, _ConnectionLost):
+                    raise AgentUnavailable(f"agent connection lost during {op!r}: {item.reason}")
+                kind = item.get("kind")
+                if kind == protocol.KIND_ERROR:
+                    raise AgentError(
+                        str(item.get("error", "EUNKNOWN")), str(item.get("message", ""))
+                    )
+                yield item
+                if kind == protocol.KIND_RESULT:
+                    return
+        finally:
+            connection.pending.pop(request_id, None)
+
+    async def close(self) -> None:
+        """Drop the connection; requests in flight fail. A later call reconnects."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        connection.lose("the client was closed")
+        if connection.reader_task is not None:
+            connection.reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connection.reader_task
+        with contextlib.suppress(OSError):
+            await connection.writer.wait_closed()
+
+    async def _live_connection(self) -> _Connection:
+        if not self.connected:
+            await self.connect(timeout=RECONNECT_SECONDS)
+        assert self._connection is not None
+        return self._connection
+
+    async def _send(self, connection: _Connection, message: dict) -> None:
+        frame = protocol.encode_frame(message)
+        async with self._write_lock:
+            if not connection.alive:
+                raise AgentUnavailable(f"agent connection lost: {connection.lost_reason}")
+            try:
+                connection.writer.write(frame)
+                await connection.writer.drain()
+            except (OSError, RuntimeError) as error:
+                # RuntimeError: asyncio refuses to write to a transport it closed.
+                connection.lose(f"write failed: {error}")
+                raise AgentUnavailable(f"agent connection lost: {error}") from error
+
+    async def _read_frames(self, connection: _Connection) -> None:
+        reason = "the agent closed the connection"
+        try:
+            while True:
+                header = await connection.reader.readexactly(protocol.HEADER.size)
+                body = await connection.reader.readexactly(protocol.frame_length(header))
+                frame = protocol.decode_body(body)
+                queue = connection.pending.get(frame.get("id"))  # type: ignore[arg-type]
+                if queue is None:
+                    # A late answer to a request that gave up (e.g. a retried ping).
+                    log.debug("dropping agent frame for unknown request %r", frame.get("id"))
+                    continue
+                queue.put_nowait(frame)
+        except asyncio.IncompleteReadError:
+            pass
+        except asyncio.CancelledError:
+            reason = "the client was closed"
+            raise
+        except (OSError, ValueError) as error:
+            # ValueError covers FrameError and undecodable JSON: the stream cannot
+            # be resynchronised, so the connection is given up.
+            reason = f"unreadable agent stream: {error}"
+        finally:
+            connection.lose(reason)
