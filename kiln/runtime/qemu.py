@@ -382,9 +382,9 @@ class QemuMachine:
         """What QEMU and the guest console said last: the reason of a failed boot."""
         parts = []
         if qemu := log_tail(self.paths.qemu_log):
-            parts.append(f"qemu: {qemu}")
+            parts.append(f"QEMU output: {qemu}")
         if console := log_tail(self.paths.console_log):
-            parts.append(f"console: ...{console}")
+            parts.append(f"guest console (tail): {console}")
         return "\n".join(parts) or "no output"
 
     async def wait_ready(self, timeout: float) -> dict:

@@ -1,0 +1,104 @@
+"""Shared fixtures for tests that boot real VMs.
+
+- ``vm_settings``: Settings with a fresh, short data dir (unix socket paths are
+  limited to 107 bytes); ``KILN_ACCEL`` and ``KILN_CACHE_DIR`` come from the environment.
+- ``boot_image``: the built ``default`` image, built on first use (minutes, once per cache).
+- ``hypervisor``: a ``QemuHypervisor`` for the test.
+- ``start_vm``: starts VMs and destroys every one of them when the test ends.
+- ``ready_vm``: one started VM whose agent answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kiln.config import Settings
+from kiln.runtime.driver import BootImage, MachineSpec
+from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor, QemuMachine
+
+StartVm = Callable[..., Awaitable[QemuMachine]]
+
+
+@pytest.fixture(scope="session")
+def vm_settings() -> Iterator[Settings]:
+    data_dir = Path(tempfile.mkdtemp(prefix="kiln-it-"))
+    try:
+        yield Settings(data_dir=data_dir)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def boot_image(vm_settings: Settings) -> BootImage:
+    if shutil.which(QEMU_BINARY) is None:
+        pytest.skip(f"{QEMU_BINARY} is not installed")
+    try:
+        from kiln.runtime.images import ImageStore
+    except ImportError as error:
+        pytest.skip(f"kiln.runtime.images is not available: {error}")
+    store = ImageStore(vm_settings)
+    image = store.get("default")
+    if image is None:
+        built = store.build("default")
+        if inspect.isawaitable(built):
+            built = asyncio.run(built)  # type: ignore[arg-type]
+        image = built if isinstance(built, BootImage) else store.get("default")
+    if image is None:
+        pytest.fail("building the default image produced no image")
+    return image
+
+
+@pytest.fixture
+def hypervisor(vm_settings: Settings) -> QemuHypervisor:
+    return QemuHypervisor(vm_settings)
+
+
+@pytest.fixture
+async def start_vm(
+    hypervisor: QemuHypervisor, boot_image: BootImage, vm_settings: Settings
+) -> AsyncIterator[StartVm]:
+    """``await start_vm(vcpu_count=1, memory_mb=256, image=None, ready=True)``.
+
+    Every VM started through it is destroyed at the end of the test, pass or fail."""
+    started: list[str] = []
+
+    async def start(
+        *,
+        vcpu_count: int = 1,
+        memory_mb: int = 256,
+        image: BootImage | None = None,
+        ready: bool = True,
+    ) -> QemuMachine:
+        vm_id = f"t{uuid.uuid4().hex[:10]}"
+        started.append(vm_id)
+        machine = await hypervisor.start(
+            MachineSpec(
+                vm_id=vm_id,
+                vcpu_count=vcpu_count,
+                memory_mb=memory_mb,
+                image=image or boot_image,
+                run_dir=vm_settings.vms_dir / vm_id,
+            )
+        )
+        if ready:
+            await machine.wait_ready(vm_settings.boot_timeout_seconds)
+        return machine
+
+    try:
+        yield start
+    finally:
+        for vm_id in started:
+            await hypervisor.destroy(vm_id, vm_settings.vms_dir / vm_id)
+
+
+@pytest.fixture
+async def ready_vm(start_vm: StartVm) -> QemuMachine:
+    return await start_vm()
