@@ -64,6 +64,15 @@ class Machine(Protocol):
     @property
     def agent(self) -> AgentClient: ...
 
+    async def wait_ready(self, timeout: float) -> dict:
+        """Wait for the guest agent's ping; BootError (with the console's last
+        words) if it does not answer in time or the VM process exits meanwhile."""
+        ...
+
+    async def close_connections(self) -> None:
+        """Drop this server's agent and control connections; the VM keeps running."""
+        ...
+
 
 class Hypervisor(Protocol):
     """Starts, adopts and stops VM processes."""
