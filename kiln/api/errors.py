@@ -1,0 +1,83 @@
+"""Service exceptions and request validation errors as HTTP answers.
+
+422 bodies keep FastAPI's (and the seed's) shape: ``{"detail": [{"loc", "msg",
+"type"}]}``; every other error is ``{"detail": "<message>"}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from kiln.schemas.errors import ValidationError
+from kiln.services.errors import (
+    CapacityExhausted,
+    Conflict,
+    ImageNotBuilt,
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    Unauthenticated,
+    VmStartFailed,
+)
+
+STATUS_BY_ERROR: dict[type[ServiceError], int] = {
+    NotFound: status.HTTP_404_NOT_FOUND,
+    Conflict: status.HTTP_409_CONFLICT,
+    Unauthenticated: status.HTTP_401_UNAUTHORIZED,
+    CapacityExhausted: status.HTTP_503_SERVICE_UNAVAILABLE,
+    ImageNotBuilt: status.HTTP_503_SERVICE_UNAVAILABLE,
+    # The VM is recorded as failed; 503 says "the host could not give you one",
+    # which is what a client retrying later needs to know (500 would blame Kiln's code).
+    VmStartFailed: status.HTTP_503_SERVICE_UNAVAILABLE,
+}
+
+# RFC 6750: a 401 names the scheme the client should use.
+AUTHENTICATE_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
+def validation_error(*, loc: Iterable[str | int], msg: str) -> RequestValidationError:
+    """A 422 raised by a router for input it parses itself (e.g. a JSON query value)."""
+    return RequestValidationError([{"loc": tuple(loc), "msg": msg, "type": "value_error"}])
+
+
+def _validation_body(errors: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    detail = [
+        ValidationError(loc=list(error["loc"]), msg=error["msg"], type=error["type"]).model_dump()
+        for error in errors
+    ]
+    return {"detail": detail}
+
+
+async def _request_validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return JSONResponse(_validation_body(error.errors()), status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def _invalid_request(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, InvalidRequest)
+    # Service problems are located inside the request body.
+    body = _validation_body(
+        {"loc": ("body", *problem.loc), "msg": problem.msg, "type": "value_error"}
+        for problem in error.problems
+    )
+    return JSONResponse(body, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def _service_error(request: Request, error: Exception) -> JSONResponse:
+    code = next(
+        (code for kind, code in STATUS_BY_ERROR.items() if isinstance(error, kind)),
+        status.HTTP_400_BAD_REQUEST,
+    )
+    headers = AUTHENTICATE_HEADERS if code == status.HTTP_401_UNAUTHORIZED else None
+    return JSONResponse({"detail": str(error)}, code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(InvalidRequest, _invalid_request)
+    app.add_exception_handler(ServiceError, _service_error)

@@ -1,0 +1,64 @@
+"""Exceptions the services raise; ``kiln.api.errors`` maps each to an HTTP answer.
+
+Services know nothing of HTTP: they say *what* went wrong, the API layer picks
+the status code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Location = tuple[str | int, ...]
+
+
+class ServiceError(Exception):
+    """Base class: ``str()`` is a message fit to show the client."""
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One invalid input field; ``loc`` is the path inside the request body."""
+
+    loc: Location
+    msg: str
+
+
+class InvalidRequest(ServiceError):
+    """Input that passed the wire schema but breaks a server rule (422)."""
+
+    def __init__(self, problems: list[FieldProblem]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in problems))
+        self.problems = problems
+
+    @classmethod
+    def single(cls, loc: Location, msg: str) -> InvalidRequest:
+        return cls([FieldProblem(loc, msg)])
+
+
+class NotFound(ServiceError):
+    """A resource that does not exist or belongs to someone else (404)."""
+
+
+class Conflict(ServiceError):
+    """The resource is in a state that does not allow the operation (409)."""
+
+
+class Unauthenticated(ServiceError):
+    """Missing, unknown, expired or malformed credentials (401)."""
+
+
+class CapacityExhausted(ServiceError):
+    """The host cannot take this VM now (503); nothing was started."""
+
+
+class ImageNotBuilt(ServiceError):
+    """The requested image variant has no built image on this host (503)."""
+
+
+class VmStartFailed(ServiceError):
+    """A waited-for VM failed while starting (503); it is recorded as failed."""
+
+    def __init__(self, vm_id: str, reason: str) -> None:
+        super().__init__(f"vm {vm_id} failed to start: {reason}")
+        self.vm_id = vm_id
+        self.reason = reason

@@ -1,0 +1,101 @@
+"""Users and their API keys."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+
+from kiln.services.auth import API_KEY_DISPLAY_CHARS, hash_api_key, hash_password, new_api_key
+from kiln.services.errors import Conflict, InvalidRequest, NotFound
+from kiln.store.db import Database
+from kiln.store.models import ApiKey, User
+from kiln.store.repositories import ApiKeyRepository, UserRepository
+
+ADMIN_USERNAME = "admin"
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_KEY_NAME_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class CreatedApiKey:
+    record: ApiKey
+    key: str  # the secret itself: returned once, never stored
+
+
+class UserService:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def create_user(self, username: str, password: str | None = None) -> User:
+        if not USERNAME_PATTERN.fullmatch(username):
+            raise InvalidRequest.single(
+                ("username",), "must be 1-64 letters, digits, '_', '.' or '-'"
+            )
+        password_hash = hash_password(password) if password else None
+        try:
+            async with self._db.transaction() as session:
+                return await UserRepository(session).add(username, password_hash)
+        except IntegrityError:
+            raise Conflict(f"user {username!r} already exists") from None
+
+    async def get_user(self, user_id: int) -> User:
+        async with self._db.transaction() as session:
+            user = await UserRepository(session).by_id(user_id)
+        if user is None:
+            raise NotFound(f"user {user_id} not found")
+        return user
+
+    async def get_user_by_name(self, username: str) -> User:
+        async with self._db.transaction() as session:
+            user = await UserRepository(session).by_username(username)
+        if user is None:
+            raise NotFound(f"user {username!r} not found")
+        return user
+
+    async def create_api_key(self, owner_id: int, name: str | None = None) -> CreatedApiKey:
+        name = name or "default"
+        if len(name) > MAX_KEY_NAME_LENGTH or not name.isprintable():
+            raise InvalidRequest.single(
+                ("name",), f"must be at most {MAX_KEY_NAME_LENGTH} printable characters"
+            )
+        key = new_api_key()
+        async with self._db.transaction() as session:
+            record = await ApiKeyRepository(session).add(
+                owner_id, name, key[:API_KEY_DISPLAY_CHARS], hash_api_key(key)
+            )
+        return CreatedApiKey(record, key)
+
+    async def list_api_keys(self, owner_id: int) -> list[ApiKey]:
+        async with self._db.transaction() as session:
+            return await ApiKeyRepository(session).list(owner_id)
+
+    async def delete_api_key(self, owner_id: int, key_id: int) -> None:
+        async with self._db.transaction() as session:
+            keys = ApiKeyRepository(session)
+            key = await keys.get(owner_id, key_id)
+            if key is None:
+                raise NotFound(f"api key {key_id} not found")
+            await keys.delete(key)
+
+    async def bootstrap_admin(self, key_file: Path) -> str | None:
+        """On the first start: create ``admin`` and an API key, saved to ``key_file``.
+
+        Returns the new key, or None when ``admin`` already exists (the key was
+        shown on the first start and is not recoverable).
+        """
+        async with self._db.transaction() as session:
+            if await UserRepository(session).by_username(ADMIN_USERNAME) is not None:
+                return None
+        admin = await self.create_user(ADMIN_USERNAME)
+        created = await self.create_api_key(admin.id, "admin")
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(created.key + "\n")
+        # O_CREAT's mode does not apply to a file that already existed.
+        os.chmod(key_file, 0o600)
+        return created.key

@@ -1,0 +1,483 @@
+"""VMs: the lifecycle state machine, admission control and the background loops.
+
+Every transition is written to the database before it is acted on, and with a
+compare-and-set on the old status, so concurrent actors (a DELETE, the boot
+task, the reaper, the watchdog) never both win: whoever moves the VM into
+``terminating`` or ``failed`` owns its teardown.
+
+The service keeps the ``Machine`` of every VM it started or adopted in memory
+(``self._machines``); routes that talk to a guest get it from ``running_machine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from kiln.config import Settings
+from kiln.runtime.agent_client import AgentError
+from kiln.runtime.driver import BootImage, Hypervisor, Machine, MachineSpec
+from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
+from kiln.services.errors import (
+    CapacityExhausted,
+    Conflict,
+    ImageNotBuilt,
+    NotFound,
+    VmStartFailed,
+)
+from kiln.services.vm_policy import CreatePlan, check_create, check_update
+from kiln.store.db import Database
+from kiln.store.models import Vm
+from kiln.store.repositories import SessionRepository, VmRepository
+
+log = logging.getLogger(__name__)
+
+
+class VmStatus(StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    SUSPENDING = "suspending"
+    SUSPENDED = "suspended"
+    RESUMING = "resuming"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+
+
+S = VmStatus
+TRANSITIONS: dict[VmStatus, frozenset[VmStatus]] = {
+    S.CREATING: frozenset({S.RUNNING, S.TERMINATING, S.FAILED}),
+    S.RUNNING: frozenset({S.SUSPENDING, S.TERMINATING, S.FAILED}),
+    S.SUSPENDING: frozenset({S.SUSPENDED, S.FAILED}),
+    S.SUSPENDED: frozenset({S.RESUMING, S.TERMINATING, S.FAILED}),
+    S.RESUMING: frozenset({S.RUNNING, S.FAILED}),
+    S.TERMINATING: frozenset({S.TERMINATED, S.FAILED}),
+    # A failed VM has no process left; deleting it records that the user is done with it.
+    S.FAILED: frozenset({S.TERMINATING}),
+    S.TERMINATED: frozenset(),
+}
+
+# What GET /v1/vms lists and what the reaper expires (InstaVM's "live").
+LIVE_STATUSES = frozenset({S.CREATING, S.RUNNING, S.SUSPENDED})
+# States in which a VM process exists or is being made or removed: admission counts these.
+RESOURCE_HOLDING_STATUSES = frozenset(
+    {S.CREATING, S.RUNNING, S.SUSPENDING, S.RESUMING, S.TERMINATING}
+)
+ENDED_STATUSES = frozenset({S.TERMINATED, S.FAILED})
+
+CONSOLE_LOG_NAME = "console.log"
+# How much of the console a failure reason quotes.
+FAILURE_CONSOLE_BYTES = 2048
+REAPER_INTERVAL_SECONDS = 1.0
+WATCHDOG_INTERVAL_SECONDS = 2.0
+
+
+class ImageSource(Protocol):
+    """The part of ``kiln.runtime.images.ImageStore`` the VM service uses."""
+
+    def variants(self) -> list[str]: ...
+
+    def get(self, variant: str) -> BootImage | None: ...
+
+
+def can_transition(current: str, target: VmStatus) -> bool:
+    return target in TRANSITIONS[VmStatus(current)]
+
+
+def metadata_contains(metadata: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """True when every key of ``wanted`` is in ``metadata`` with an equal value."""
+    return all(key in metadata and metadata[key] == value for key, value in wanted.items())
+
+
+def new_vm_id() -> str:
+    # Also the guest's hostname, so only characters a hostname may hold.
+    return "vm-" + secrets.token_hex(8)
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class VmService:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        hypervisor: Hypervisor,
+        images: ImageSource,
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._hypervisor = hypervisor
+        self._images = images
+        self._machines: dict[str, Machine] = {}
+        self._boot_tasks: dict[str, asyncio.Task[None]] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        # Check-then-insert of admission must not interleave between two creates.
+        self._admission_lock = asyncio.Lock()
+        # Serialises teardown (terminate / fail) per VM; entries vanish when unused.
+        self._teardown_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    # -- service lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt the VMs an earlier server left running, then start the loops."""
+        await self.recover()
+        self._loops = [
+            self._spawn_loop("vm-reaper", self.reap_expired, REAPER_INTERVAL_SECONDS),
+            self._spawn_loop("vm-watchdog", self.check_machines, WATCHDOG_INTERVAL_SECONDS),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops. Running VMs stay up for the next start to adopt;
+        VMs still booting are failed and torn down (nobody could finish them)."""
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
+        for vm_id, task in list(self._boot_tasks.items()):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await self._fail(vm_id, "the server stopped while the VM was being created")
+
+    # -- user operations -----------------------------------------------------------
+
+    async def create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
+        plan = check_create(request, self._settings, self._images.variants())
+        image = self._images.get(plan.image_variant)
+        if image is None:
+            raise ImageNotBuilt(
+                f"image '{plan.image_variant}' is not built; "
+                f"run kiln images build {plan.image_variant}"
+            )
+        vm = await self._admit(owner_id, plan)
+        spec = MachineSpec(
+            vm_id=vm.id,
+            vcpu_count=vm.vcpu_count,
+            memory_mb=vm.memory_mb,
+            image=image,
+            run_dir=self.run_dir(vm.id),
+        )
+        self._start_boot(spec, plan.env)
+        if not wait:
+            return vm
+        # Shielded: a client that hangs up must not cancel the boot half-way.
+        await asyncio.shield(self._boot_tasks[vm.id])
+        vm = await self._reload(vm.id)
+        if vm.status != S.RUNNING:
+            raise VmStartFailed(vm.id, vm.failure_reason or f"the VM is {vm.status}")
+        return vm
+
+    async def list(
+        self, owner_id: int, live_only: bool, metadata: dict[str, Any] | None = None
+    ) -> list[Vm]:
+        async with self._db.transaction() as session:
+            vms = await VmRepository(session).list(
+                owner_id, LIVE_STATUSES if live_only else None
+            )
+        if metadata:
+            vms = [vm for vm in vms if metadata_contains(vm.labels, metadata)]
+        return vms
+
+    async def get(self, owner_id: int, vm_id: str) -> Vm:
+        async with self._db.transaction() as session:
+            vm = await VmRepository(session).get(owner_id, vm_id)
+        if vm is None:
+            raise NotFound(f"vm {vm_id} not found")
+        return vm
+
+    async def update(self, owner_id: int, vm_id: str, request: VMUpdateRequest) -> Vm:
+        changes = check_update(request, self._settings)
+        async with self._db.transaction() as session:
+            vm = await VmRepository(session).get(owner_id, vm_id)
+            if vm is None:
+                raise NotFound(f"vm {vm_id} not found")
+            if vm.status not in LIVE_STATUSES:
+                raise Conflict(f"vm {vm_id} is {vm.status}")
+            if "vm_lifetime_seconds" in changes:
+                # A new lifetime counts from now: PATCH is how a client extends a VM.
+                vm.expires_at = _now() + timedelta(seconds=changes["vm_lifetime_seconds"])
+            if "metadata" in changes:
+                vm.labels = changes["metadata"]
+            for name in ("snapshot_on_terminate", "snapshot_name", "auto_suspend", "auto_resume"):
+                if name in changes:
+                    setattr(vm, name, changes[name])
+            if "vault_ids" in changes:
+                vm.vault_ids = changes["vault_ids"]
+        return vm
+
+    async def terminate(self, owner_id: int, vm_id: str) -> Vm:
+        """Stop the VM and remove its files. Idempotent: an ended VM answers as it is."""
+        await self.get(owner_id, vm_id)
+        return await self._terminate(vm_id)
+
+    async def console_tail(self, owner_id: int, vm_id: str, max_bytes: int) -> str:
+        await self.get(owner_id, vm_id)
+        return await asyncio.to_thread(self._read_console_tail, vm_id, max_bytes)
+
+    async def running_machine(self, owner_id: int, vm_id: str) -> Machine:
+        """The process of a running VM of this owner, for routes that talk to the guest."""
+        vm = await self.get(owner_id, vm_id)
+        machine = self._machines.get(vm_id)
+        if vm.status != S.RUNNING or machine is None:
+            raise Conflict(f"vm {vm_id} is {vm.status}, not running")
+        return machine
+
+    async def session_vm(self, owner_id: int, session_id: str) -> Vm:
+        """The VM of a session: its live one, else its newest."""
+        async with self._db.transaction() as session:
+            vms = VmRepository(session)
+            vm = await vms.for_session(owner_id, session_id, LIVE_STATUSES)
+            if vm is None:
+                vm = await vms.for_session(owner_id, session_id, list(VmStatus))
+        if vm is None:
+            raise NotFound(f"session {session_id} not found")
+        return vm
+
+    def run_dir(self, vm_id: str) -> Path:
+        return self._settings.vms_dir / vm_id
+
+    # -- background work (one pass each; the loops call them, tests may too) -------
+
+    async def reap_expired(self) -> None:
+        async with self._db.transaction() as session:
+            expired = await VmRepository(session).expired_any_owner(LIVE_STATUSES, _now())
+        for vm_id in expired:
+            log.info("vm %s reached the end of its lifetime", vm_id)
+            await self._terminate(vm_id)
+
+    async def check_machines(self) -> None:
+        """Fail running VMs whose process is gone."""
+        for vm_id, machine in list(self._machines.items()):
+            if vm_id in self._boot_tasks or self._hypervisor.is_running(machine):
+                continue  # a booting VM's own task notices a dead process
+            log.warning("vm %s: its QEMU process exited", vm_id)
+            await self._fail(vm_id, "qemu process exited")
+
+    async def recover(self) -> None:
+        """After a (re)start: adopt VM processes, settle VMs caught mid-transition."""
+        async with self._db.transaction() as session:
+            unsettled = await VmRepository(session).list_any_owner(RESOURCE_HOLDING_STATUSES)
+        for vm in unsettled:
+            if vm.status == S.RUNNING:
+                machine = await self._hypervisor.adopt(vm.id, self.run_dir(vm.id))
+                if machine is not None:
+                    self._machines[vm.id] = machine
+                    log.info("vm %s adopted", vm.id)
+                else:
+                    await self._fail(vm.id, "not running after server restart")
+            elif vm.status == S.TERMINATING:
+                await self._terminate(vm.id)
+            else:
+                # Env values are never stored, so a half-made VM cannot be finished.
+                await self._fail(vm.id, f"the server restarted while the VM was {vm.status}")
+        await self._remove_leftovers()
+
+    async def _remove_leftovers(self) -> None:
+        """Tear down run dirs of ended VMs: a crash between recording a VM as failed
+        and destroying it would otherwise leave its process running forever."""
+        vms_dir = self._settings.vms_dir
+        if not vms_dir.is_dir():
+            return
+        names = [path.name for path in vms_dir.iterdir() if path.name not in self._machines]
+        async with self._db.transaction() as session:
+            ended = await VmRepository(session).ids_in_status_any_owner(names, ENDED_STATUSES)
+        for vm_id in ended:
+            log.info("vm %s: removing what a crash left behind", vm_id)
+            await self._hypervisor.destroy(vm_id, self.run_dir(vm_id))
+
+    # -- internals -----------------------------------------------------------------
+
+    async def _admit(self, owner_id: int, plan: CreatePlan) -> Vm:
+        """Check the host's limits and insert the VM (status creating), atomically."""
+        settings = self._settings
+        async with self._admission_lock, self._db.transaction() as session:
+            vms = VmRepository(session)
+            usage = await vms.usage_any_owner(RESOURCE_HOLDING_STATUSES)
+            if usage.vms + 1 > settings.admission_max_vms:
+                raise CapacityExhausted(
+                    f"the host runs its limit of {settings.admission_max_vms} VMs"
+                )
+            if usage.memory_mb + plan.memory_mb > settings.admission_max_memory_mb:
+                raise CapacityExhausted(
+                    f"not enough memory: {plan.memory_mb} MB asked, "
+                    f"{settings.admission_max_memory_mb - usage.memory_mb} MB free"
+                )
+            if usage.vcpus + plan.vcpu_count > settings.admission_max_vcpus:
+                raise CapacityExhausted(
+                    f"not enough vCPUs: {plan.vcpu_count} asked, "
+                    f"{settings.admission_max_vcpus - usage.vcpus} free"
+                )
+            session_id = plan.session_id or str(uuid.uuid4())
+            await SessionRepository(session).get_or_add(owner_id, session_id)
+            if await vms.for_session(owner_id, session_id, LIVE_STATUSES) is not None:
+                raise Conflict(f"session {session_id} already has a live VM")
+            now = _now()
+            return await vms.add(
+                Vm(
+                    id=new_vm_id(),
+                    owner_id=owner_id,
+                    session_id=session_id,
+                    status=S.CREATING,
+                    vcpu_count=plan.vcpu_count,
+                    memory_mb=plan.memory_mb,
+                    image_variant=plan.image_variant,
+                    labels=plan.metadata,
+                    env_status="pending" if plan.env else "none",
+                    egress_policy=plan.egress_policy,
+                    volumes=[],
+                    vault_ids=[],
+                    snapshot_on_terminate=False,
+                    snapshot_name=plan.snapshot_name,
+                    auto_suspend=False,
+                    auto_resume=False,
+                    created_at=now,
+                    updated_at=now,
+                    expires_at=now + plan.lifetime,
+                )
+            )
+
+    def _start_boot(self, spec: MachineSpec, env: dict[str, str]) -> None:
+        vm_id = spec.vm_id
+        task = asyncio.create_task(self._boot(spec, env), name=f"boot:{vm_id}")
+        self._boot_tasks[vm_id] = task
+        task.add_done_callback(lambda _: self._boot_tasks.pop(vm_id, None))
+
+    async def _boot(self, spec: MachineSpec, env: dict[str, str]) -> None:
+        vm_id = spec.vm_id
+        try:
+            machine = await self._hypervisor.start(spec)
+            self._machines[vm_id] = machine
+            await machine.agent.wait_ready(timeout=self._settings.boot_timeout_seconds)
+            # A restored guest must not share randomness, time or name with its siblings.
+            await machine.agent.call(
+                "post_restore",
+                seed=base64.b64encode(os.urandom(64)).decode(),
+                time_ns=time.time_ns(),
+                hostname=vm_id,
+            )
+            env_status, env_error = "none", None
+            if env:
+                try:
+                    await machine.agent.call("set_env", env=env)
+                    env_status = "applied"
+                except AgentError as error:
+                    env_status, env_error = "failed", _describe(error)
+            # False when a DELETE or the reaper moved the VM on meanwhile; they tear it down.
+            await self._set_status(
+                vm_id, S.CREATING, S.RUNNING, env_status=env_status, env_error=env_error
+            )
+        except asyncio.CancelledError:
+            raise  # whoever cancelled the boot (terminate, stop) cleans up
+        except Exception as error:
+            log.warning("vm %s failed to start: %s", vm_id, _describe(error))
+            await self._fail(vm_id, _describe(error))
+
+    async def _terminate(self, vm_id: str) -> Vm:
+        async with self._teardown_lock(vm_id):
+            # Retried because the boot task may move the VM on between read and write.
+            while True:
+                vm = await self._reload(vm_id)
+                if vm.status == S.TERMINATED:
+                    return vm
+                if vm.status == S.TERMINATING:
+                    break
+                if not can_transition(vm.status, S.TERMINATING):
+                    raise Conflict(f"vm {vm_id} is {vm.status} and cannot be terminated now")
+                if await self._set_status(vm_id, vm.status, S.TERMINATING):
+                    break
+            await self._stop_boot(vm_id)
+            await self._destroy(vm_id)
+            await self._set_status(vm_id, S.TERMINATING, S.TERMINATED, terminated_at=_now())
+            return await self._reload(vm_id)
+
+    async def _fail(self, vm_id: str, reason: str) -> None:
+        """Record the VM as failed (with its console's last words), then tear it down."""
+        async with self._teardown_lock(vm_id):
+            vm = await self._reload(vm_id)
+            if vm.status in ENDED_STATUSES:
+                return
+            console = await asyncio.to_thread(
+                self._read_console_tail, vm_id, FAILURE_CONSOLE_BYTES
+            )
+            if console.strip():
+                reason = f"{reason}\n--- console (last {FAILURE_CONSOLE_BYTES} bytes) ---\n{console}"
+            if not await self._set_status(vm_id, vm.status, S.FAILED, failure_reason=reason):
+                return
+            await self._destroy(vm_id)
+
+    async def _stop_boot(self, vm_id: str) -> None:
+        task = self._boot_tasks.get(vm_id)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _destroy(self, vm_id: str) -> None:
+        self._machines.pop(vm_id, None)
+        await self._hypervisor.destroy(vm_id, self.run_dir(vm_id))
+
+    async def _set_status(
+        self, vm_id: str, current: str, target: VmStatus, **fields: Any
+    ) -> bool:
+        """Persist one transition; False if the VM is no longer in ``current``."""
+        if not can_transition(current, target):
+            return False
+        async with self._db.transaction() as session:
+            return await VmRepository(session).compare_and_set_status(
+                vm_id, current, target, **fields
+            )
+
+    async def _reload(self, vm_id: str) -> Vm:
+        async with self._db.transaction() as session:
+            vm = await VmRepository(session).get_any_owner(vm_id)
+        if vm is None:
+            raise NotFound(f"vm {vm_id} not found")
+        return vm
+
+    def _teardown_lock(self, vm_id: str) -> asyncio.Lock:
+        lock = self._teardown_locks.get(vm_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._teardown_locks[vm_id] = lock
+        return lock
+
+    def _read_console_tail(self, vm_id: str, max_bytes: int) -> str:
+        path = self.run_dir(vm_id) / CONSOLE_LOG_NAME
+        try:
+            with path.open("rb") as console:
+                size = console.seek(0, os.SEEK_END)
+                console.seek(max(size - max_bytes, 0))
+                return console.read(max_bytes).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _spawn_loop(
+        self, name: str, one_pass: Callable[[], Coroutine[Any, Any, None]], interval: float
+    ) -> asyncio.Task[None]:
+        async def run() -> None:
+            while True:
+                try:
+                    await one_pass()
+                except Exception:
+                    # A bad pass (e.g. the database briefly locked) must not end the loop.
+                    log.exception("%s pass failed", name)
+                await asyncio.sleep(interval)
+
+        return asyncio.create_task(run(), name=name)

@@ -1,0 +1,127 @@
+"""Tables. Every row that belongs to a user carries ``owner_id``.
+
+The schema itself is created by the Alembic migrations in ``migrations/``; these
+classes must describe the same tables (tests/unit/test_store.py compares them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC when read back.
+
+    SQLite has no time zones: it would hand back naive datetimes, PostgreSQL
+    aware ones. Normalising here keeps comparisons and JSON output identical.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UtcDateTime column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    # None: the user can only authenticate with API keys (e.g. the bootstrap admin).
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    # The first characters of the key, shown in listings so a user can tell keys apart.
+    prefix: Mapped[str] = mapped_column(String(16))
+    # SHA-256 hex of the whole key; the key itself is never stored.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class SandboxSession(Base):
+    """A session id names the VM a client works with; ids are per-owner namespaces."""
+
+    __tablename__ = "sessions"
+
+    owner_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class Vm(Base):
+    __tablename__ = "vms"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["owner_id", "session_id"], ["sessions.owner_id", "sessions.id"], ondelete="CASCADE"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    session_id: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    vcpu_count: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    image_variant: Mapped[str] = mapped_column(String(64))
+    # "metadata" is reserved by SQLAlchemy's declarative base, hence the attribute name.
+    labels: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    env_status: Mapped[str] = mapped_column(String(16), default="none")
+    env_error: Mapped[str | None] = mapped_column(Text)
+    egress_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    share: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    custom_domain: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    volumes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    vault_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    snapshot_on_terminate: Mapped[bool] = mapped_column(Boolean, default=False)
+    snapshot_name: Mapped[str | None] = mapped_column(String(255))
+    auto_suspend: Mapped[bool] = mapped_column(Boolean, default=False)
+    auto_resume: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now, onupdate=utc_now)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    terminated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

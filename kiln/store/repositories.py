@@ -1,0 +1,173 @@
+"""Queries, one repository per table, each bound to one ``AsyncSession``.
+
+Every method that serves a user takes ``owner_id`` and filters on it. The few
+owner-blind methods exist for authentication and for the VM service's own
+background loops (reaper, watchdog, adoption, admission); their names say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kiln.store.models import ApiKey, SandboxSession, User, Vm
+
+
+class UserRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, username: str, password_hash: str | None) -> User:
+        user = User(username=username, password_hash=password_hash)
+        self.session.add(user)
+        await self.session.flush()
+        return user
+
+    async def by_id(self, user_id: int) -> User | None:
+        return await self.session.get(User, user_id)
+
+    async def by_username(self, username: str) -> User | None:
+        return await self.session.scalar(select(User).where(User.username == username))
+
+
+class ApiKeyRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, owner_id: int, name: str, prefix: str, key_hash: str) -> ApiKey:
+        key = ApiKey(owner_id=owner_id, name=name, prefix=prefix, key_hash=key_hash)
+        self.session.add(key)
+        await self.session.flush()
+        return key
+
+    async def by_hash_any_owner(self, key_hash: str) -> ApiKey | None:
+        """Authentication: the key itself is what tells who the owner is."""
+        return await self.session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+
+    async def list(self, owner_id: int) -> list[ApiKey]:
+        rows = await self.session.scalars(
+            select(ApiKey).where(ApiKey.owner_id == owner_id).order_by(ApiKey.id)
+        )
+        return list(rows)
+
+    async def get(self, owner_id: int, key_id: int) -> ApiKey | None:
+        return await self.session.scalar(
+            select(ApiKey).where(ApiKey.owner_id == owner_id, ApiKey.id == key_id)
+        )
+
+    async def delete(self, key: ApiKey) -> None:
+        await self.session.delete(key)
+        await self.session.flush()
+
+
+class SessionRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, owner_id: int, session_id: str) -> SandboxSession | None:
+        return await self.session.get(SandboxSession, (owner_id, session_id))
+
+    async def get_or_add(self, owner_id: int, session_id: str) -> SandboxSession:
+        existing = await self.get(owner_id, session_id)
+        if existing is not None:
+            return existing
+        created = SandboxSession(owner_id=owner_id, id=session_id)
+        self.session.add(created)
+        await self.session.flush()
+        return created
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    vms: int
+    memory_mb: int
+    vcpus: int
+
+
+class VmRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, vm: Vm) -> Vm:
+        self.session.add(vm)
+        await self.session.flush()
+        return vm
+
+    async def get(self, owner_id: int, vm_id: str) -> Vm | None:
+        return await self.session.scalar(
+            select(Vm).where(Vm.owner_id == owner_id, Vm.id == vm_id)
+        )
+
+    async def list(self, owner_id: int, statuses: Collection[str] | None = None) -> list[Vm]:
+        query = select(Vm).where(Vm.owner_id == owner_id)
+        if statuses is not None:
+            query = query.where(Vm.status.in_(statuses))
+        rows = await self.session.scalars(query.order_by(Vm.created_at, Vm.id))
+        return list(rows)
+
+    async def for_session(
+        self, owner_id: int, session_id: str, statuses: Collection[str]
+    ) -> Vm | None:
+        return await self.session.scalar(
+            select(Vm)
+            .where(Vm.owner_id == owner_id, Vm.session_id == session_id, Vm.status.in_(statuses))
+            .order_by(Vm.created_at.desc())
+            .limit(1)
+        )
+
+    async def get_any_owner(self, vm_id: str) -> Vm | None:
+        return await self.session.get(Vm, vm_id)
+
+    async def list_any_owner(self, statuses: Collection[str]) -> list[Vm]:
+        rows = await self.session.scalars(
+            select(Vm).where(Vm.status.in_(statuses)).order_by(Vm.created_at)
+        )
+        return list(rows)
+
+    async def ids_in_status_any_owner(
+        self, vm_ids: Collection[str], statuses: Collection[str]
+    ) -> list[str]:
+        rows = await self.session.scalars(
+            select(Vm.id).where(Vm.id.in_(vm_ids), Vm.status.in_(statuses))
+        )
+        return list(rows)
+
+    async def expired_any_owner(self, statuses: Collection[str], now: datetime) -> list[str]:
+        rows = await self.session.scalars(
+            select(Vm.id).where(Vm.status.in_(statuses), Vm.expires_at <= now)
+        )
+        return list(rows)
+
+    async def usage_any_owner(self, statuses: Collection[str]) -> ResourceUsage:
+        row = (
+            await self.session.execute(
+                select(
+                    func.count(Vm.id),
+                    func.coalesce(func.sum(Vm.memory_mb), 0),
+                    func.coalesce(func.sum(Vm.vcpu_count), 0),
+                ).where(Vm.status.in_(statuses))
+            )
+        ).one()
+        return ResourceUsage(vms=int(row[0]), memory_mb=int(row[1]), vcpus=int(row[2]))
+
+    async def compare_and_set_status(
+        self, vm_id: str, expected: str, status: str, **fields: Any
+    ) -> bool:
+        """Set ``status`` (and ``fields``) only if the VM is still in ``expected``.
+
+        The VM service resolves ownership before it calls this; the check on the
+        old status is what makes concurrent transitions (a DELETE racing the boot
+        task or the reaper) safe: exactly one of them wins.
+        """
+        result = await self.session.execute(
+            update(Vm)
+            .where(Vm.id == vm_id, Vm.status == expected)
+            .values(status=status, **fields)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1

@@ -1,0 +1,8 @@
+from unit.harness import AppRunner
+
+
+async def test_health_needs_no_auth(run_app: AppRunner) -> None:
+    async with run_app() as client:
+        response = await client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
