@@ -183,6 +183,8 @@ def build_argv(
         "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
         "-device", "virtio-serial-device",
         "-device", "virtserialport,chardev=agent,name=kiln.agent",
+        # Entropy from the host's RNG, so the guest's pool is ready early at boot.
+        "-device", "virtio-rng-device",
         # Volumes are hot-plugged here later: microvm has no PCI hotplug.
         "-device", "virtio-scsi-device,id=scsi0",
         *network_arguments(spec.extra.get("network")),

@@ -82,6 +82,7 @@ def test_agent_port_qmp_console_and_pidfile() -> None:
     assert "virtio-serial-device" in devices
     assert "virtserialport,chardev=agent,name=kiln.agent" in devices
     assert "virtio-scsi-device,id=scsi0" in devices
+    assert "virtio-rng-device" in devices
     assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert option_values(argv, "-serial") == [f"file:{RUN_DIR}/console.log"]
     assert option_values(argv, "-pidfile") == [f"{RUN_DIR}/qemu.pid"]
