@@ -156,6 +156,9 @@ class VmService:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await self._fail(vm_id, "the server stopped while the VM was being created")
+        for machine in self._machines.values():
+            await machine.close_connections()
+        self._machines.clear()
 
     # -- user operations -----------------------------------------------------------
 
@@ -269,7 +272,13 @@ class VmService:
             if vm_id in self._boot_tasks or self._hypervisor.is_running(machine):
                 continue  # a booting VM's own task notices a dead process
             log.warning("vm %s: its QEMU process exited", vm_id)
-            await self._fail(vm_id, "qemu process exited")
+            reason = "qemu process exited"
+            console = await asyncio.to_thread(
+                self._read_console_tail, vm_id, FAILURE_CONSOLE_BYTES
+            )
+            if console.strip():
+                reason += f"\n--- console (last {FAILURE_CONSOLE_BYTES} bytes) ---\n{console}"
+            await self._fail(vm_id, reason)
 
     async def recover(self) -> None:
         """After a (re)start: adopt VM processes, settle VMs caught mid-transition."""
@@ -365,7 +374,8 @@ class VmService:
         try:
             machine = await self._hypervisor.start(spec)
             self._machines[vm_id] = machine
-            await machine.agent.wait_ready(timeout=self._settings.boot_timeout_seconds)
+            # Raises BootError quoting the console if the guest never answers or QEMU dies.
+            await machine.wait_ready(self._settings.boot_timeout_seconds)
             # A restored guest must not share randomness, time or name with its siblings.
             await machine.agent.call(
                 "post_restore",
@@ -409,16 +419,11 @@ class VmService:
             return await self._reload(vm_id)
 
     async def _fail(self, vm_id: str, reason: str) -> None:
-        """Record the VM as failed (with its console's last words), then tear it down."""
+        """Record the VM as failed, then tear it down."""
         async with self._teardown_lock(vm_id):
             vm = await self._reload(vm_id)
             if vm.status in ENDED_STATUSES:
                 return
-            console = await asyncio.to_thread(
-                self._read_console_tail, vm_id, FAILURE_CONSOLE_BYTES
-            )
-            if console.strip():
-                reason = f"{reason}\n--- console (last {FAILURE_CONSOLE_BYTES} bytes) ---\n{console}"
             if not await self._set_status(vm_id, vm.status, S.FAILED, failure_reason=reason):
                 return
             await self._destroy(vm_id)

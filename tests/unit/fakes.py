@@ -23,15 +23,6 @@ class FakeAgent:
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     # op name -> exception that call raises
     failures: dict[str, Exception] = field(default_factory=dict)
-    # When set, wait_ready blocks until it is set (to observe the creating state).
-    ready_gate: asyncio.Event | None = None
-
-    async def wait_ready(self, timeout: float) -> dict[str, Any]:
-        if self.ready_gate is not None:
-            await asyncio.wait_for(self.ready_gate.wait(), timeout)
-        if "ping" in self.failures:
-            raise self.failures["ping"]
-        return {}
 
     async def call(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         self.calls.append((op, args))
@@ -47,11 +38,26 @@ class FakeMachine:
     run_dir: Path
     spec: MachineSpec
     fake_agent: FakeAgent
+    # When set, wait_ready blocks until it is set (to observe the creating state).
+    ready_gate: asyncio.Event | None = None
+    # Raised by wait_ready, as QemuMachine raises BootError for a guest that never answers.
+    ready_error: Exception | None = None
     alive: bool = True
+    connections_closed: bool = False
 
     @property
     def agent(self) -> FakeAgent:
         return self.fake_agent
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        if self.ready_gate is not None:
+            await asyncio.wait_for(self.ready_gate.wait(), timeout)
+        if self.ready_error is not None:
+            raise self.ready_error
+        return {}
+
+    async def close_connections(self) -> None:
+        self.connections_closed = True
 
 
 class FakeHypervisor:
@@ -61,9 +67,10 @@ class FakeHypervisor:
         self.machines: dict[str, FakeMachine] = {}
         self.destroyed: list[str] = []
         self.start_error: Exception | None = None
-        # Agent behaviour for the next machines started.
+        # Behaviour of the next machines started.
         self.agent_failures: dict[str, Exception] = {}
         self.ready_gate: asyncio.Event | None = None
+        self.ready_error: Exception | None = None
         self._pids = itertools.count(1000)
 
     async def start(self, spec: MachineSpec) -> FakeMachine:
@@ -76,7 +83,9 @@ class FakeHypervisor:
             pid=next(self._pids),
             run_dir=spec.run_dir,
             spec=spec,
-            fake_agent=FakeAgent(failures=dict(self.agent_failures), ready_gate=self.ready_gate),
+            fake_agent=FakeAgent(failures=dict(self.agent_failures)),
+            ready_gate=self.ready_gate,
+            ready_error=self.ready_error,
         )
         self.machines[spec.vm_id] = machine
         return machine
