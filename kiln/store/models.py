@@ -13,6 +13,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Integer,
@@ -125,3 +126,27 @@ class Vm(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now, onupdate=utc_now)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     terminated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ExecutionTask(Base):
+    """A code run started by ``POST /execute_async``; its result is kept after it ends."""
+
+    __tablename__ = "execution_tasks"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    session_id: Mapped[str] = mapped_column(String(128))
+    vm_id: Mapped[str] = mapped_column(String(64))
+    language: Mapped[str] = mapped_column(String(16))
+    command: Mapped[str] = mapped_column(Text)
+    # running, then complete (it ran, whatever its exit code) or failed (it could not run
+    # to its end: the VM or the server went away); see kiln.services.execution.
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stdout: Mapped[str] = mapped_column(Text, default="")
+    stderr: Mapped[str] = mapped_column(Text, default="")
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    cpu_time: Mapped[float | None] = mapped_column(Float)
+    execution_time: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

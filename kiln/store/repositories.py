@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kiln.store.models import ApiKey, SandboxSession, User, Vm
+from kiln.store.models import ApiKey, ExecutionTask, SandboxSession, User, Vm
 
 
 class UserRepository:
@@ -171,3 +171,40 @@ class VmRepository:
             .execution_options(synchronize_session=False)
         )
         return result.rowcount == 1
+
+
+class ExecutionTaskRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, task: ExecutionTask) -> ExecutionTask:
+        self.session.add(task)
+        await self.session.flush()
+        return task
+
+    async def get(self, owner_id: int, task_id: str) -> ExecutionTask | None:
+        return await self.session.scalar(
+            select(ExecutionTask).where(
+                ExecutionTask.owner_id == owner_id, ExecutionTask.id == task_id
+            )
+        )
+
+    async def finish_any_owner(self, task_id: str, expected: str, **fields: Any) -> bool:
+        """Record the end of a task still in ``expected`` status (the runner owns its task)."""
+        result = await self.session.execute(
+            update(ExecutionTask)
+            .where(ExecutionTask.id == task_id, ExecutionTask.status == expected)
+            .values(**fields)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1
+
+    async def finish_all_in_status_any_owner(self, status: str, **fields: Any) -> int:
+        """Settle every task left in ``status`` (after a server restart nobody runs them)."""
+        result = await self.session.execute(
+            update(ExecutionTask)
+            .where(ExecutionTask.status == status)
+            .values(**fields)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount
