@@ -17,10 +17,13 @@ from kiln.schemas.errors import ValidationError
 from kiln.services.errors import (
     CapacityExhausted,
     Conflict,
+    GuestRefused,
+    GuestUnavailable,
     ImageNotBuilt,
     InvalidRequest,
     NotFound,
     ServiceError,
+    TooLarge,
     Unauthenticated,
     VmStartFailed,
 )
@@ -34,6 +37,9 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     # The VM is recorded as failed; 503 says "the host could not give you one",
     # which is what a client retrying later needs to know (500 would blame Kiln's code).
     VmStartFailed: status.HTTP_503_SERVICE_UNAVAILABLE,
+    GuestUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
+    GuestRefused: status.HTTP_400_BAD_REQUEST,
+    TooLarge: status.HTTP_413_CONTENT_TOO_LARGE,
 }
 
 # RFC 6750: a 401 names the scheme the client should use.

@@ -62,3 +62,15 @@ class VmStartFailed(ServiceError):
         super().__init__(f"vm {vm_id} failed to start: {reason}")
         self.vm_id = vm_id
         self.reason = reason
+
+
+class GuestUnavailable(ServiceError):
+    """The VM's guest agent did not answer (503): the VM is gone or failing."""
+
+
+class GuestRefused(ServiceError):
+    """The guest refused an operation because of what was asked (400), e.g. a bad path."""
+
+
+class TooLarge(ServiceError):
+    """The request or the data it asks for is over a size limit (413)."""
