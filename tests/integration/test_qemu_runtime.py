@@ -113,6 +113,19 @@ async def test_bad_kernel_fails_and_leaves_nothing_running(
         kernel_path.unlink(missing_ok=True)
 
 
+async def test_guest_dying_during_boot_fails_fast_with_its_console(
+    start_vm, boot_image: BootImage
+) -> None:
+    # No init in the initramfs: the kernel panics, and with -no-reboot QEMU exits.
+    broken = replace(boot_image, cmdline=f"{boot_image.cmdline} rdinit=/no-such-init panic=-1")
+    machine = await start_vm(image=broken, ready=False)
+    started = time.monotonic()
+    with pytest.raises(BootError, match="QEMU exited") as raised:
+        await machine.wait_ready(timeout=120)
+    assert time.monotonic() - started < 60
+    assert "rdinit" in str(raised.value) or "panic" in str(raised.value).lower()
+
+
 async def test_killed_qemu_is_seen_as_not_running(start_vm, hypervisor: QemuHypervisor) -> None:
     machine = await start_vm(ready=False)
     assert hypervisor.is_running(machine)
