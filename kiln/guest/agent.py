@@ -572,11 +572,15 @@ class Agent:
     # ---- ops
 
     def op_ping(self, args: dict, emit: Callable[[dict], None]) -> dict:
-        """{} -> {"uptime": seconds since boot, "pid", "agent_uptime"}"""
+        """{} -> {"uptime": seconds since boot, "pid", "agent_uptime", "workdir"}
+
+        ``workdir`` (null when unset) is where exec and python start; the host
+        resolves relative file paths against it."""
         return {
             "uptime": time.clock_gettime(time.CLOCK_BOOTTIME),
             "pid": os.getpid(),
             "agent_uptime": time.monotonic() - self.started,
+            "workdir": self.workdir,
         }
 
     def op_exec(self, args: dict, emit: Callable[[dict], None]) -> dict:
