@@ -25,6 +25,7 @@ from kiln.services.errors import (
     ServiceError,
     TooLarge,
     Unauthenticated,
+    Unsupported,
     VmStartFailed,
 )
 
@@ -40,6 +41,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     GuestUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
     GuestRefused: status.HTTP_400_BAD_REQUEST,
     TooLarge: status.HTTP_413_CONTENT_TOO_LARGE,
+    Unsupported: status.HTTP_400_BAD_REQUEST,
 }
 
 # RFC 6750: a 401 names the scheme the client should use.

@@ -74,3 +74,7 @@ class GuestRefused(ServiceError):
 
 class TooLarge(ServiceError):
     """The request or the data it asks for is over a size limit (413)."""
+
+
+class Unsupported(ServiceError):
+    """A feature this server does not have yet (400); the message names it."""
