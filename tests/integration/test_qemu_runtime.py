@@ -171,3 +171,21 @@ async def test_adopt_after_a_server_restart(
 
 async def test_adopt_of_an_unknown_vm_is_none(hypervisor: QemuHypervisor, vm_settings: Settings) -> None:
     assert await hypervisor.adopt("nobody", vm_settings.vms_dir / "nobody") is None
+
+
+async def test_forced_kvm_boots_or_fails_clearly(boot_image: BootImage, vm_settings: Settings) -> None:
+    hypervisor = QemuHypervisor(vm_settings.model_copy(update={"accel": "kvm"}))
+    run_dir = vm_settings.vms_dir / "forced-kvm"
+    spec = MachineSpec("forced-kvm", 1, 256, boot_image, run_dir)
+    try:
+        try:
+            machine = await hypervisor.start(spec)
+        except BootError as error:
+            assert "KILN_ACCEL=kvm" in str(error)
+            assert qemu_pids_using(run_dir) == []
+            assert not (run_dir / "overlay.qcow2").exists()
+        else:
+            assert machine.accel == "kvm"
+            await machine.wait_ready(vm_settings.boot_timeout_seconds)
+    finally:
+        await hypervisor.destroy(spec.vm_id, run_dir)
