@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
 
-# TCG translation-block cache per VM. QEMU's default under TCG is 1 GiB of
-# address space, of which an idle guest touches only part; a small fixed cache
-# bounds what a busy guest can grow to.
+# TCG translation-block cache per VM. QEMU's default is 1 GiB, which a guest
+# fills as it runs new code; 64 MiB bounds it (measured here: a 256 MB guest
+# after boot and a few python starts, 275 MB RSS instead of 329 MB) at no
+# measurable cost in boot or exec time.
 TCG_TB_SIZE_MB = 64
 # A KVM boot that has not reached a ready agent in this time is not going to:
 # on hosts where KVM works, the probe VM is ready in well under a second.
