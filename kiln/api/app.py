@@ -20,11 +20,14 @@ from fastapi import FastAPI
 
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
-from kiln.api.routers import api_keys, auth, health, users, vms
+from kiln.api.routers import api_keys, auth, execution, files, health, sessions, users, vms
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import AuthService, load_or_create_secret
+from kiln.services.execution import ExecutionService
+from kiln.services.files import FileService
+from kiln.services.sessions import SessionService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource, VmService
 from kiln.store.db import Database
@@ -102,10 +105,20 @@ def create_app(
             )
             vm_service = VmService(settings, db, *runtime)
             await vm_service.start()
-            app.state.services = Services(auth=auth_service, users=user_service, vms=vm_service)
+            execution_service = ExecutionService(vm_service, db)
+            await execution_service.start()
+            app.state.services = Services(
+                auth=auth_service,
+                users=user_service,
+                vms=vm_service,
+                sessions=SessionService(vm_service),
+                execution=execution_service,
+                files=FileService(vm_service),
+            )
             try:
                 yield
             finally:
+                await execution_service.stop()
                 await vm_service.stop()
         finally:
             await db.close()
@@ -119,7 +132,7 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
-    for module in (health, auth, users, api_keys, vms):
+    for module in (health, auth, users, api_keys, vms, sessions, execution, files):
         app.include_router(module.router)
     return app
 

@@ -14,6 +14,9 @@ from fastapi import Depends, Header, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from kiln.services.auth import AuthService
+from kiln.services.execution import ExecutionService
+from kiln.services.files import FileService
+from kiln.services.sessions import SessionService
 from kiln.services.errors import Unauthenticated
 from kiln.services.users import UserService
 from kiln.services.vms import VmService
@@ -33,6 +36,9 @@ class Services:
     auth: AuthService
     users: UserService
     vms: VmService
+    sessions: SessionService
+    execution: ExecutionService
+    files: FileService
 
 
 def get_services(request: Request) -> Services:
@@ -58,13 +64,34 @@ async def current_user(
 ) -> User:
     # Either header may carry either credential: the instavm SDK sends its API key
     # as X-API-Key, curl users often send it as a bearer token.
-    credential = x_api_key or token
-    if not credential:
+    return await user_from_credentials(auth, x_api_key, token)
+
+
+async def user_from_credentials(auth: AuthService, *candidates: str | None) -> User:
+    """The user of the first credential given, for routes that also take one outside
+    the headers: the body of POST /v1/sessions/session, a WebSocket's ?api_key=."""
+    credential = next((candidate for candidate in candidates if candidate), None)
+    if credential is None:
         raise Unauthenticated("not authenticated: send X-API-Key or Authorization: Bearer")
     return await auth.authenticate(credential)
 
 
+def get_session_service(request: Request) -> SessionService:
+    return get_services(request).sessions
+
+
+def get_execution_service(request: Request) -> ExecutionService:
+    return get_services(request).execution
+
+
+def get_file_service(request: Request) -> FileService:
+    return get_services(request).files
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
+Sessions = Annotated[SessionService, Depends(get_session_service)]
+Execution = Annotated[ExecutionService, Depends(get_execution_service)]
+Files = Annotated[FileService, Depends(get_file_service)]
 Vms = Annotated[VmService, Depends(get_vm_service)]
 Users = Annotated[UserService, Depends(get_user_service)]
 Auth = Annotated[AuthService, Depends(get_auth_service)]

@@ -199,11 +199,11 @@ class ExecutionTaskRepository:
         )
         return result.rowcount == 1
 
-    async def finish_all_in_status_any_owner(self, status: str, **fields: Any) -> int:
-        """Settle every task left in ``status`` (after a server restart nobody runs them)."""
+    async def finish_all_in_status_any_owner(self, current: str, **fields: Any) -> int:
+        """Settle every task left in ``current`` status (after a restart nobody runs them)."""
         result = await self.session.execute(
             update(ExecutionTask)
-            .where(ExecutionTask.status == status)
+            .where(ExecutionTask.status == current)
             .values(**fields)
             .execution_options(synchronize_session=False)
         )

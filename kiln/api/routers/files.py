@@ -1,0 +1,55 @@
+"""File transfer routes (API.md, "Sessions and execution").
+
+``POST /upload`` (multipart: ``file``, ``remote_path``, ``session_id``,
+``recursive``) writes the file at ``remote_path`` in the session's VM; with
+``recursive=true`` the file is a tar archive unpacked under ``remote_path``.
+``POST /download`` (form: ``filename``, ``session_id``) answers the file
+base64-encoded. Relative paths are relative to the image's working directory.
+Errors: a missing file or parent directory 404, a directory where a file is
+expected 409, a file over the size limit 413, a malformed body 400/422.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from kiln.api.deps import CurrentUser, Files
+from kiln.schemas.errors import ErrorMessage
+from kiln.schemas.files import DownloadResponse, UploadResponse
+
+router = APIRouter(tags=["files"], responses={401: {"model": ErrorMessage}})
+
+FILE_ERRORS = {
+    status: {"model": ErrorMessage} for status in (400, 404, 409, 413, 503)
+}
+
+
+@router.post("/upload", responses=FILE_ERRORS)
+async def upload(
+    file: Annotated[UploadFile, File()],
+    remote_path: Annotated[str, Form()],
+    session_id: Annotated[str, Form()],
+    user: CurrentUser,
+    files: Files,
+    recursive: Annotated[bool, Form()] = False,
+) -> UploadResponse:
+    uploaded = await files.upload(user.id, session_id, remote_path, file, recursive)
+    return UploadResponse(success=True, path=uploaded.path, size=uploaded.size)
+
+
+@router.post("/download", responses=FILE_ERRORS)
+async def download(
+    filename: Annotated[str, Form()],
+    session_id: Annotated[str, Form()],
+    user: CurrentUser,
+    files: Files,
+) -> DownloadResponse:
+    downloaded = await files.download(user.id, session_id, filename)
+    return DownloadResponse(
+        filename=filename,
+        content=base64.b64encode(downloaded.data).decode("ascii"),
+        size=len(downloaded.data),
+    )

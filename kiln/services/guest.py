@@ -1,0 +1,73 @@
+"""What the services that talk to a guest share: finding the VM, translating agent errors.
+
+Sessions, execution, files and PTYs all address a running VM either by session
+id (InstaVM's routes) or by VM id (Kiln's own routes); ``GuestTarget`` is that
+VM with its process. Agent failures become service errors here, in one place,
+so no route ever answers 500 because a guest said no.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from kiln.runtime.agent_client import AgentClient, AgentError, AgentTimeout, AgentUnavailable
+from kiln.runtime.driver import Machine
+from kiln.services.errors import Conflict, GuestRefused, GuestUnavailable, NotFound
+from kiln.services.vms import VmService
+from kiln.store.models import Vm
+
+# The agent's error codes (kiln.guest.agent.ERRNO_CODES and its own) by what they mean here.
+NOT_FOUND_CODES = frozenset({"ENOENT"})
+CONFLICT_CODES = frozenset({"EISDIR", "ENOTDIR", "EEXIST"})
+
+
+@dataclass(frozen=True)
+class GuestTarget:
+    vm: Vm
+    machine: Machine
+
+    @property
+    def agent(self) -> AgentClient:
+        return self.machine.agent
+
+    @property
+    def session_id(self) -> str:
+        return self.vm.session_id
+
+
+async def session_target(vms: VmService, owner_id: int, session_id: str) -> GuestTarget:
+    """The running VM of a session: 404 for an unknown session, 409 if it is not running."""
+    vm = await vms.session_vm(owner_id, session_id)
+    return GuestTarget(vm, await vms.running_machine(owner_id, vm.id))
+
+
+async def vm_target(vms: VmService, owner_id: int, vm_id: str) -> GuestTarget:
+    """A running VM by id: 404 for an unknown VM, 409 if it is not running."""
+    vm = await vms.get(owner_id, vm_id)
+    return GuestTarget(vm, await vms.running_machine(owner_id, vm_id))
+
+
+@contextmanager
+def agent_errors(vm_id: str) -> Iterator[None]:
+    """Turn agent failures inside the block into service errors (4xx/503)."""
+    try:
+        yield
+    except AgentError as error:
+        if error.code in NOT_FOUND_CODES:
+            raise NotFound(error.message) from error
+        if error.code in CONFLICT_CODES:
+            raise Conflict(error.message) from error
+        if error.code == "EUNKNOWNOP":
+            raise GuestUnavailable(
+                f"vm {vm_id}: its guest agent is older than this server ({error.message}); "
+                "rebuild the image (kiln images build) and start a new VM"
+            ) from error
+        if error.code == "EINTERNAL":
+            raise GuestUnavailable(f"vm {vm_id}: the guest agent failed: {error.message}") from error
+        raise GuestRefused(error.message or error.code) from error
+    except AgentTimeout as error:
+        raise GuestUnavailable(f"vm {vm_id}: the guest agent did not answer in time") from error
+    except AgentUnavailable as error:
+        raise GuestUnavailable(f"vm {vm_id}: the guest agent is unreachable ({error})") from error
