@@ -1,0 +1,281 @@
+"""The ``kiln`` command (CONTRACT.md, "CLI").
+
+``serve`` runs the API. ``users`` and ``keys`` work on the database directly
+(migrating it first), so they work before the first start and next to a running
+server. ``images`` drives the image store. ``vm`` is an HTTP client of a running
+server (``KILN_URL``, ``KILN_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kiln.config import get_settings
+from kiln.services.errors import ServiceError
+from kiln.services.users import UserService
+from kiln.store.db import Database
+
+T = TypeVar("T")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+CLIENT_TIMEOUT_SECONDS = 600.0
+
+app = typer.Typer(no_args_is_help=True, help="Kiln: self-hosted microVM sandboxes.")
+users_app = typer.Typer(no_args_is_help=True, help="Manage users (works on the database).")
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (works on the database).")
+images_app = typer.Typer(no_args_is_help=True, help="Build and list image variants.")
+vm_app = typer.Typer(no_args_is_help=True, help="VMs, through a running server's API.")
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.add_typer(images_app, name="images")
+app.add_typer(vm_app, name="vm")
+
+err = Console(stderr=True)
+
+
+def fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (KILN_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (KILN_PORT).")] = None,
+) -> None:
+    """Run the API server in the foreground. SIGTERM stops it and leaves VMs running."""
+    import uvicorn
+
+    from kiln.api.app import create_app
+
+    settings = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        # Connections still open after this are cut; the VMs themselves keep running.
+        timeout_graceful_shutdown=10,
+    )
+
+
+# -- users and keys -----------------------------------------------------------------
+
+
+def on_database(work: Callable[[UserService], Awaitable[T]]) -> T:
+    """Run ``work`` against the migrated database; service errors end the command."""
+
+    async def run() -> T:
+        db = Database(get_settings().database)
+        try:
+            await db.migrate()
+            return await work(UserService(db))
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(run())
+    except ServiceError as error:
+        fail(str(error))
+
+
+@users_app.command("create")
+def create_user(
+    name: str,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read a password from the first line of stdin.")
+    ] = False,
+) -> None:
+    """Create a user and print its id."""
+    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
+    if password_stdin and not password:
+        fail("no password on stdin")
+    user = on_database(lambda users: users.create_user(name, password))
+    print(user.id)
+
+
+@keys_app.command("create")
+def create_key(
+    user: Annotated[str, typer.Option("--user", help="The user the key belongs to.")],
+    name: Annotated[str, typer.Option(help="A label to tell keys apart.")] = "cli",
+) -> None:
+    """Create an API key; the key is the last line printed (and is shown only now)."""
+
+    async def work(users: UserService) -> str:
+        owner = await users.get_user_by_name(user)
+        return (await users.create_api_key(owner.id, name)).key
+
+    key = on_database(work)
+    err.print(f"API key for {user!r} (it is not shown again):")
+    print(key)
+
+
+# -- images --------------------------------------------------------------------------
+
+
+@images_app.command("build")
+def build_images(
+    variant: Annotated[str | None, typer.Argument(help="A variant; all of them if omitted.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the cache has it.")] = False,
+) -> None:
+    """Build image variants (cached; fast when nothing changed)."""
+    from kiln.runtime.images import ImageStore, UnknownVariant
+
+    store = ImageStore(get_settings())
+    variants = [variant] if variant else store.variants()
+    with Progress(
+        TextColumn("[bold]{task.fields[variant]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        for name in variants:
+            task = progress.add_task("starting", variant=name, total=None)
+
+            def report(step: str, done: int, total: int, task: Any = task) -> None:
+                progress.update(task, description=step, completed=done, total=total)
+
+            try:
+                image = store.build(name, force=force, progress=report)
+            except UnknownVariant:
+                fail(f"unknown image variant {name!r} (known: {', '.join(store.variants())})")
+            progress.update(task, description=f"ready: {image.rootfs.parent}")
+
+
+@images_app.command("ls")
+def list_images() -> None:
+    """List image variants and their builds."""
+    from kiln.runtime.images import ImageStore
+
+    rows = ImageStore(get_settings()).describe()
+    table = Table("variant", "built", "stale", "size", "built at", "path")
+    for row in rows:
+        size = f"{row['size'] / 2**20:.0f} MiB" if row.get("size") else ""
+        table.add_row(
+            row["variant"],
+            "yes" if row.get("built") else "no",
+            {True: "yes", False: "no"}.get(row.get("stale"), ""),
+            size,
+            str(row.get("built_at") or ""),
+            str(row.get("path") or ""),
+        )
+    Console().print(table)
+
+
+# -- vm: a client of a running server ----------------------------------------------------
+
+
+def api_request(method: str, path: str, **kwargs: Any) -> Any:
+    url = os.environ.get("KILN_URL", DEFAULT_URL).rstrip("/")
+    key = os.environ.get("KILN_API_KEY")
+    if not key:
+        fail("set KILN_API_KEY (the admin's is in $KILN_DATA_DIR/admin-api-key)")
+    try:
+        response = httpx.request(
+            method,
+            url + path,
+            headers={"X-API-Key": key},
+            timeout=CLIENT_TIMEOUT_SECONDS,
+            **kwargs,
+        )
+    except httpx.HTTPError as error:
+        fail(f"cannot reach {url}: {error}")
+    if response.is_error:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        fail(f"{response.status_code}: {json.dumps(detail) if not isinstance(detail, str) else detail}")
+    return response.json()
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator:
+            fail(f"--env takes NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+@vm_app.command("create")
+def create_vm(
+    memory_mb: Annotated[int | None, typer.Option("--memory", help="Memory in MB.")] = None,
+    vcpus: Annotated[int | None, typer.Option(help="Number of vCPUs.")] = None,
+    lifetime: Annotated[int | None, typer.Option(help="Lifetime in seconds.")] = None,
+    image: Annotated[str | None, typer.Option(help="Image variant.")] = None,
+    session: Annotated[str | None, typer.Option(help="Session id to bind the VM to.")] = None,
+    env: Annotated[list[str], typer.Option(help="NAME=VALUE, repeatable.")] = [],  # noqa: B006
+    metadata: Annotated[str | None, typer.Option(help="A JSON object.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the VM runs.")] = True,
+) -> None:
+    """Create a VM and print the answer."""
+    body: dict[str, Any] = {
+        "memory_mb": memory_mb,
+        "vcpu_count": vcpus,
+        "vm_lifetime_seconds": lifetime,
+        "image_variant": image,
+        "session_id": session,
+        "env": parse_env(env) or None,
+        "metadata": json.loads(metadata) if metadata else None,
+    }
+    body = {key: value for key, value in body.items() if value is not None}
+    print_json(api_request("POST", "/v1/vms", params={"wait": str(wait).lower()}, json=body))
+
+
+@vm_app.command("ls")
+def list_vms(
+    all_: Annotated[bool, typer.Option("--all", help="Include ended VMs.")] = False,
+) -> None:
+    """List VMs (live ones unless --all)."""
+    vms = api_request("GET", "/v1/vms/" if all_ else "/v1/vms")
+    table = Table("vm_id", "status", "session_id", "vcpus", "memory", "image", "expires_at")
+    for vm in vms:
+        table.add_row(
+            vm["vm_id"],
+            vm["status"],
+            vm["session_id"],
+            str(vm["vcpu_count"]),
+            f"{vm['memory_mb']} MB",
+            vm["image_variant"],
+            vm["expires_at"],
+        )
+    Console().print(table)
+
+
+@vm_app.command("get")
+def get_vm(vm_id: str) -> None:
+    """Print a VM's record."""
+    print_json(api_request("GET", f"/v1/vms/{vm_id}"))
+
+
+@vm_app.command("rm")
+def remove_vm(vm_id: str) -> None:
+    """Terminate a VM."""
+    print_json(api_request("DELETE", f"/v1/vms/{vm_id}"))
+
+
+if __name__ == "__main__":
+    app()
