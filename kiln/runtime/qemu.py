@@ -433,9 +433,6 @@ class QemuHypervisor:
             return "tcg"
         return _accel_decision or self.settings.accel
 
-    def run_dir_for(self, vm_id: str) -> Path:
-        return (self.settings.vms_dir / vm_id).resolve()
-
     # -- start
 
     async def start(self, spec: MachineSpec) -> QemuMachine:
