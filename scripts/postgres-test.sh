@@ -9,7 +9,7 @@ if [[ -z $cluster ]]; then
   cluster="15 main"
 fi
 # shellcheck disable=SC2086
-pg_ctlcluster $cluster start 2>/dev/null || true
+pg_ctlcluster $cluster start >/dev/null 2>&1 || true
 for _ in $(seq 50); do
   pg_isready -q -h 127.0.0.1 && break
   sleep 0.2
