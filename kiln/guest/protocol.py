@@ -54,6 +54,13 @@ OPS = (
     "post_restore",
     "python_exec",
     "shutdown",
+    "pty_open",
+    "pty_attach",
+    "pty_detach",
+    "pty_write",
+    "pty_resize",
+    "pty_kill",
+    "pty_list",
 )
 
 
