@@ -755,26 +755,18 @@ class Agent:
             log("host disconnected")
 
     def serve_connection(self, connection: Connection) -> None:
-        buffer = bytearray()
+        # A fresh decoder per connection; within one, it also recovers from a
+        # torn frame left by a host that reconnected before we saw it leave.
+        decoder = protocol.FrameDecoder()
         while True:
             data = connection.read()
             if not data:
                 return
-            buffer += data
-            while len(buffer) >= protocol.HEADER.size:
-                try:
-                    length = protocol.frame_length(bytes(buffer[: protocol.HEADER.size]))
-                except protocol.FrameError as exc:
-                    # The length itself is garbage, so frame boundaries are lost:
-                    # drop what we have and resynchronise on the next write.
-                    log(f"bad frame: {exc}; dropping {len(buffer)} buffered bytes")
-                    buffer.clear()
-                    break
-                end = protocol.HEADER.size + length
-                if len(buffer) < end:
-                    break
-                body = bytes(buffer[protocol.HEADER.size : end])
-                del buffer[:end]
+            discarded = decoder.discarded
+            bodies = decoder.feed(data)
+            if decoder.discarded != discarded:
+                log(f"skipped {decoder.discarded - discarded} bytes of a torn frame")
+            for body in bodies:
                 self.dispatch(body, connection)
 
     def dispatch(self, body: bytes, connection: Connection) -> None:

@@ -87,3 +87,53 @@ def decode_body(body: bytes) -> dict:
     if not isinstance(message, dict):
         raise FrameError("frame is not a JSON object")
     return message
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies, recovering from a torn frame.
+
+    A peer that goes away mid-frame (a host that disconnects and reconnects
+    faster than the guest notices, a guest that was writing when the host left)
+    leaves a partial frame in front of the next whole one. Recovery needs no
+    change to the format: a header (length < 16 MiB) always begins with a zero
+    byte and its body with ``{``, while a JSON body never holds a raw zero byte
+    (JSON escapes control characters). So a zero byte inside a body marks a torn
+    frame, and the stream resumes at the next zero byte that starts a header.
+
+    Receivers should also ignore frames whose ``id`` they do not know: a reply to
+    a request sent over an earlier connection may still arrive."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._checked = HEADER.size  # body bytes before this are known zero-free
+        self.discarded = 0  # bytes skipped while resynchronising, for logs
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; returns the bodies of the frames now complete."""
+        self._buffer += data
+        bodies = []
+        buffer = self._buffer
+        while len(buffer) > HEADER.size:
+            (length,) = HEADER.unpack_from(buffer)
+            if buffer[0] != 0 or buffer[HEADER.size] != ord("{") or not 0 < length <= MAX_FRAME_BYTES:
+                self._skip_to_next_header()
+                continue
+            end = HEADER.size + length
+            available = min(end, len(buffer))
+            if buffer.find(0, self._checked, available) != -1:
+                self._skip_to_next_header()
+                continue
+            if len(buffer) < end:
+                self._checked = available
+                break
+            bodies.append(bytes(buffer[HEADER.size : end]))
+            del buffer[:end]
+            self._checked = HEADER.size
+        return bodies
+
+    def _skip_to_next_header(self) -> None:
+        next_zero = self._buffer.find(0, 1)
+        dropped = len(self._buffer) if next_zero == -1 else next_zero
+        del self._buffer[:dropped]
+        self.discarded += dropped
+        self._checked = HEADER.size

@@ -317,3 +317,25 @@ def test_listening_socket_serves_the_next_connection(tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def test_frame_decoder_splits_a_stream_fed_byte_by_byte() -> None:
+    frames = [protocol.encode_frame({"id": i, "op": "ping", "pad": "x" * i * 300}) for i in range(3)]
+    decoder = protocol.FrameDecoder()
+    bodies = [body for byte in b"".join(frames) for body in decoder.feed(bytes([byte]))]
+    assert [protocol.decode_body(body)["id"] for body in bodies] == [0, 1, 2]
+    assert decoder.discarded == 0
+
+
+def test_frame_decoder_recovers_from_a_torn_frame_and_garbage() -> None:
+    torn = protocol.encode_frame({"id": 1, "op": "exec", "shell": "x" * 1000})[:700]
+    whole = [protocol.encode_frame({"id": i, "op": "ping"}) for i in (2, 3)]
+    decoder = protocol.FrameDecoder()
+    bodies = decoder.feed(b"garbage" + torn) + decoder.feed(whole[0]) + decoder.feed(whole[1])
+    assert [protocol.decode_body(body)["id"] for body in bodies] == [2, 3]
+    assert decoder.discarded == len(b"garbage") + len(torn)
+
+
+def test_agent_recovers_from_a_torn_request(agent: AgentConnection) -> None:
+    agent.sock.sendall(protocol.encode_frame({"id": 999, "op": "exec", "shell": "echo"})[:9])
+    assert agent.call("ping")["pid"] == agent.process.pid
