@@ -20,13 +20,14 @@ from fastapi import FastAPI
 
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
-from kiln.api.routers import api_keys, auth, execution, files, health, sessions, users, vms
+from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, users, vms
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import AuthService, load_or_create_secret
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
+from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource, VmService
@@ -114,6 +115,7 @@ def create_app(
                 sessions=SessionService(vm_service),
                 execution=execution_service,
                 files=FileService(vm_service),
+                pty=PtyService(),
             )
             try:
                 yield
@@ -132,7 +134,7 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
-    for module in (health, auth, users, api_keys, vms, sessions, execution, files):
+    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
         app.include_router(module.router)
     return app
 

@@ -16,6 +16,8 @@ from fastapi.security import OAuth2PasswordBearer
 from kiln.services.auth import AuthService
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
+from kiln.services.guest import GuestTarget, session_target, vm_target
+from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.errors import Unauthenticated
 from kiln.services.users import UserService
@@ -39,6 +41,7 @@ class Services:
     sessions: SessionService
     execution: ExecutionService
     files: FileService
+    pty: PtyService
 
 
 def get_services(request: Request) -> Services:
@@ -88,10 +91,30 @@ def get_file_service(request: Request) -> FileService:
     return get_services(request).files
 
 
+def get_pty_service(request: Request) -> PtyService:
+    return get_services(request).pty
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]
 Files = Annotated[FileService, Depends(get_file_service)]
+Ptys = Annotated[PtyService, Depends(get_pty_service)]
+
 Vms = Annotated[VmService, Depends(get_vm_service)]
 Users = Annotated[UserService, Depends(get_user_service)]
 Auth = Annotated[AuthService, Depends(get_auth_service)]
+
+
+async def session_guest(session_id: str, user: CurrentUser, vms: Vms) -> GuestTarget:
+    """The running VM of the route's ``{session_id}`` (404 unknown, 409 not running)."""
+    return await session_target(vms, user.id, session_id)
+
+
+async def vm_guest(vm_id: str, user: CurrentUser, vms: Vms) -> GuestTarget:
+    """The running VM ``{vm_id}`` of the route (404 unknown, 409 not running)."""
+    return await vm_target(vms, user.id, vm_id)
+
+
+SessionGuest = Annotated[GuestTarget, Depends(session_guest)]
+VmGuest = Annotated[GuestTarget, Depends(vm_guest)]

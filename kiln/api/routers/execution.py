@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from kiln.api.deps import CurrentUser, Execution, Vms
+from kiln.api.deps import CurrentUser, Execution, SessionGuest, VmGuest, Vms
 from kiln.schemas.errors import ErrorMessage
 from kiln.schemas.execution import (
     CommandRequest,
@@ -40,7 +40,7 @@ from kiln.schemas.execution import (
 )
 from kiln.services.errors import ServiceError
 from kiln.services.execution import ExecutionService, OutputChunk, TaskStatus
-from kiln.services.guest import GuestTarget, session_target, vm_target
+from kiln.services.guest import GuestTarget, session_target
 from kiln.store.models import ExecutionTask
 
 router = APIRouter(tags=["execution"], responses={401: {"model": ErrorMessage}})
@@ -91,17 +91,15 @@ async def get_execution(
     "/v1/sessions/{session_id}/execute/stream", responses={**GUEST_ERRORS, **SSE_RESPONSE}
 )
 async def execute_stream_in_session(
-    session_id: str, body: CommandRequest, user: CurrentUser, execution: Execution, vms: Vms
+    body: CommandRequest, target: SessionGuest, execution: Execution
 ) -> StreamingResponse:
-    target = await session_target(vms, user.id, session_id)
     return _event_stream(execution, target, body)
 
 
 @router.post("/v1/vms/{vm_id}/execute/stream", responses={**GUEST_ERRORS, **SSE_RESPONSE})
 async def execute_stream_in_vm(
-    vm_id: str, body: CommandRequest, user: CurrentUser, execution: Execution, vms: Vms
+    body: CommandRequest, target: VmGuest, execution: Execution
 ) -> StreamingResponse:
-    target = await vm_target(vms, user.id, vm_id)
     return _event_stream(execution, target, body)
 
 
