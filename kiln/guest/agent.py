@@ -1193,7 +1193,7 @@ def main(argv: list[str] | None = None) -> None:
         transport = ListeningSocket(options.socket)
     else:
         transport = VirtioPort()
-    log(f"serving (pid {os.getpid()})")
+    log(f"serving (pid {os.getpid()}, uptime {time.clock_gettime(time.CLOCK_BOOTTIME):.2f})")
     agent.serve(transport)
 
 
