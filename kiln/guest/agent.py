@@ -54,6 +54,7 @@ MAX_READ_BYTES = 8 * 1024 * 1024  # base64 of this still fits a frame
 RECONNECT_POLL_SECONDS = 0.5
 
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): reseed the kernel generator now
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 ERRNO_CODES = {
@@ -1163,10 +1164,16 @@ def credit_entropy(seed: bytes) -> None:
         try:
             request = struct.pack("ii", len(seed) * 8, len(seed)) + seed
             fcntl.ioctl(pool.fileno(), RNDADDENTROPY, request)
-            return
         except OSError:
-            pass  # not CAP_SYS_ADMIN: mixing it in uncredited is still worth it
-        pool.write(seed)
+            # not CAP_SYS_ADMIN: mixing it in uncredited is still worth it
+            pool.write(seed)
+        # The kernel reseeds its generator from the pool only every so often, so
+        # until then VMs restored from one snapshot would read the same bytes
+        # from /dev/urandom (seen under Linux 6.1): reseed it now.
+        try:
+            fcntl.ioctl(pool.fileno(), RNDRESEEDCRNG)
+        except OSError:
+            pass  # not CAP_SYS_ADMIN (a developer host): nothing more to do
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
