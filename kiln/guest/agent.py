@@ -235,29 +235,36 @@ class VirtioPort(Transport):
     """The virtio-serial port. It stays open across host disconnects.
 
     While no host is connected, reads return EOF at once and poll() reports HUP;
-    the kernel sends SIGIO when a host connects, which wakes the wait below."""
+    the kernel sends SIGIO when a host connects, which wakes the wait below.
+    SIGIO is only asked for while waiting: it also fires on every arriving byte."""
 
     def __init__(self) -> None:
         self.fd = os.open(find_virtio_port(), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGIO, lambda *_: None)
-        signal.set_wakeup_fd(wakeup_write)
+        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
         fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_ASYNC)
 
     def _host_connected(self) -> bool:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN | select.POLLOUT)
         return not any(events & select.POLLHUP for _, events in poller.poll(0))
 
+    def _signal_on_io(self, enabled: bool) -> None:
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_ASYNC if enabled else flags & ~os.O_ASYNC)
+
     def connections(self) -> Iterator[Connection]:
         while True:
+            # Enabled before the first check, so a connect in between still wakes us.
+            self._signal_on_io(True)
             while not self._host_connected():
                 select.select([self._wakeup_read], [], [], RECONNECT_POLL_SECONDS)
                 try:
                     os.read(self._wakeup_read, 4096)
                 except BlockingIOError:
                     pass
+            self._signal_on_io(False)
             yield Connection(self.fd)
 
     def release(self, connection: Connection) -> None:
