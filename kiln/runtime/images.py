@@ -247,14 +247,18 @@ class ImageStore:
         busybox = self._unpacked(busybox_deb) / "bin" / "busybox"
         step(2)
         base_tar = self._base_system(manifest, force)
-        key = digest_of(
+        inputs = [
             self._local_inputs_digest(manifest).encode(),
             kernel.package.encode(),
             busybox_deb.name.encode(),
             base_tar.name.encode(),
-        )[:16]
-        final_dir = self.images_dir / f"{variant}-{key}"
-        if final_dir.is_dir() and not force:
+        ]
+        if force:
+            # A new directory, never the old one rewritten: running VMs and
+            # snapshots may use the old rootfs.ext4 as their backing file.
+            inputs.append(str(time.time_ns()).encode())
+        final_dir = self.images_dir / f"{variant}-{digest_of(*inputs)[:16]}"
+        if final_dir.is_dir():
             step(5)
             self._point_current(variant, final_dir.name)
             report("done", len(steps), len(steps))
@@ -283,8 +287,6 @@ class ImageStore:
                 "modules": modules,
                 "local_inputs": self._local_inputs_digest(manifest),
             }, indent=2) + "\n")
-            if final_dir.exists():  # force: the old build is replaced
-                shutil.rmtree(final_dir)
             work_dir.rename(final_dir)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
