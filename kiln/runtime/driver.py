@@ -22,6 +22,16 @@ class BootError(RuntimeFailure):
     """The VM could not be started or its agent never answered."""
 
 
+class SaveError(RuntimeFailure):
+    """A save failed. ``disk_in_use``: the VM already runs on a new overlay whose
+    backing file is the saved disk in the save's directory, so that directory
+    must be kept for as long as the VM lives (everything else in it is gone)."""
+
+    def __init__(self, message: str, *, disk_in_use: bool) -> None:
+        super().__init__(message)
+        self.disk_in_use = disk_in_use
+
+
 @dataclass(frozen=True)
 class BootImage:
     """A built image variant: what a cold boot needs."""
@@ -35,11 +45,20 @@ class BootImage:
 
 @dataclass(frozen=True)
 class SavedState:
-    """A saved VM (snapshot): guest memory/device state plus the disk it belongs to."""
+    """A saved VM (snapshot): guest memory/device state plus the disk it belongs to.
+
+    The files in ``directory`` are immutable once saved; any number of VMs may be
+    restored from them at once, each writing to its own overlay."""
 
     directory: Path
     memory_mb: int
     vcpu_count: int
+    # The guest RAM as a plain file, when it was saved that way: restored VMs map
+    # it copy-on-write, so pages none of them wrote are shared between them.
+    # None: the memory is inside the device-state stream.
+    memory_file: Path | None = None
+    # The frozen disk: restored VMs get an overlay on top of it.
+    disk: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,10 @@ class MachineSpec:
     run_dir: Path
     # When set, the VM continues from this saved state instead of booting.
     restore_from: SavedState | None = None
+    # Keep guest RAM in a shared file in the run dir, so a final save
+    # (``keep_running=False``) takes that file as the snapshot's memory without
+    # streaming it; used for VMs booted to make a base snapshot.
+    memory_in_file: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -94,4 +117,16 @@ class Hypervisor(Protocol):
 
     async def destroy(self, vm_id: str, run_dir: Path) -> None:
         """Stop the VM's process if any and remove its run dir. Idempotent."""
+        ...
+
+    async def save(self, machine: Machine, directory: Path, *, keep_running: bool = True) -> SavedState:
+        """Save the VM's memory, device state and disk into ``directory`` (made here).
+
+        The guest is paused meanwhile. With ``keep_running`` it then continues on a
+        new overlay on top of the saved disk; without, its process is stopped (the
+        run dir stays, for the caller to destroy). The saved files are read-only."""
+        ...
+
+    def saved_state(self, directory: Path) -> SavedState:
+        """The SavedState that ``save`` wrote into ``directory``; RuntimeFailure if none."""
         ...

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -37,7 +38,14 @@ from qemu.qmp import QMPClient, QMPError, Runstate
 
 from kiln.config import Settings
 from kiln.runtime.agent_client import AgentClient, AgentTimeout, AgentUnavailable
-from kiln.runtime.driver import BootError, BootImage, MachineSpec, RuntimeFailure
+from kiln.runtime.driver import (
+    BootError,
+    BootImage,
+    MachineSpec,
+    RuntimeFailure,
+    SavedState,
+    SaveError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,9 @@ POLL_SECONDS = 0.05
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 LOG_TAIL_BYTES = 3000
+# A save pauses the guest; poll its progress often so the pause stays short.
+MIGRATION_POLL_SECONDS = 0.005
+MIGRATION_BANDWIDTH = 1 << 40  # bytes/s: no limit, in effect
 
 
 class QemuError(RuntimeFailure):
@@ -100,8 +111,14 @@ class RunPaths:
     def machine_file(self) -> Path:
         return self.root / "machine.json"
 
+    @property
+    def memory_file(self) -> Path:
+        """Guest RAM, for a VM started with ``memory_in_file``."""
+        return self.root / "memory.ram"
+
     def everything_but_the_console(self) -> list[Path]:
         return [
+            self.memory_file,
             self.overlay,
             self.agent_socket,
             self.qmp_socket,
@@ -157,6 +174,33 @@ def network_arguments(network: dict | None) -> list[str]:
     return ["-netdev", netdev, "-device", device]
 
 
+# Every VM's RAM is this one memory backend, whatever its kind: migration matches
+# RAM blocks by name, so a VM saved with one kind restores into another.
+GUEST_RAM_ID = "guest-ram"
+
+
+def memory_arguments(spec: MachineSpec, paths: RunPaths) -> list[str]:
+    """Guest RAM: anonymous; or a shared file in the run dir (``memory_in_file``),
+    which a final save takes as the snapshot's memory; or, restoring a snapshot
+    whose memory is a file, that file mapped privately (copy-on-write), so every
+    page no VM has written stays shared in the host's page cache."""
+    size = f"size={spec.memory_mb}M"
+    saved = spec.restore_from
+    if saved is not None and saved.memory_file is not None:
+        backend = f"memory-backend-file,id={GUEST_RAM_ID},{size},mem-path={saved.memory_file},share=off"
+    elif spec.memory_in_file:
+        backend = f"memory-backend-file,id={GUEST_RAM_ID},{size},mem-path={paths.memory_file},share=on"
+    else:
+        backend = f"memory-backend-ram,id={GUEST_RAM_ID},{size}"
+    return ["-object", backend, "-machine", f"memory-backend={GUEST_RAM_ID}"]
+
+
+def incoming_arguments(spec: MachineSpec) -> list[str]:
+    """A restore waits for ``migrate-incoming``, sent once its migration
+    capabilities are set over QMP (they must match the saving side's)."""
+    return ["-incoming", "defer"] if spec.restore_from is not None else []
+
+
 def build_argv(
     spec: MachineSpec,
     accel: str,
@@ -176,10 +220,13 @@ def build_argv(
         *accel_arguments(accel),
         "-smp", str(spec.vcpu_count),
         "-m", str(spec.memory_mb),
+        *memory_arguments(spec, paths),
+        *incoming_arguments(spec),
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
         "-append", kernel_command_line(image, accel, tcg_arguments),
-        "-drive", f"id=root,if=none,format=qcow2,file={paths.overlay},discard=unmap",
+        # No file locking: see switch_to_overlay.
+        "-drive", f"id=root,if=none,format=qcow2,file={paths.overlay},discard=unmap,file.locking=off",
         "-device", "virtio-blk-device,drive=root",
         "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
         "-device", "virtio-serial-device",
@@ -349,9 +396,208 @@ class QmpConnection:
                 return
             if status in ("failed", "cancelled"):
                 raise QemuError(f"migration to {path} {status}: {info.get('error-desc', '')}")
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(MIGRATION_POLL_SECONDS)
         await self.execute("migrate_cancel")
         raise QemuError(f"migration to {path} did not finish within {timeout:g}s")
+
+    async def prepare_migration(self, *, ignore_shared_memory: bool) -> None:
+        """Set what a save and its restore must agree on.
+
+        ``x-ignore-shared`` leaves RAM in a shared memory-backend-file out of the
+        stream (the file is the memory); both ends must set it alike. The
+        bandwidth limit (32 MiB/s by default) is for live migration over a
+        network; a save to a local file wants none."""
+        await self.execute(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared_memory}],
+        )
+        await self.execute("migrate-set-parameters", **{"max-bandwidth": MIGRATION_BANDWIDTH})
+
+    async def migrate_from_file(self, path: Path, timeout: float = 120.0) -> None:
+        """Load the state saved in ``path`` into a QEMU started with ``-incoming
+        defer``; returns once the guest runs."""
+        await self.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(path))}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = await self.status()
+            if status == "running":
+                return
+            if status == "paused":
+                # Saved while paused (as every save is): QEMU keeps it so.
+                await self.resume()
+                return
+            if status not in ("inmigrate", "prelaunch"):
+                raise QemuError(f"loading {path} ended with the VM {status}")
+            await asyncio.sleep(MIGRATION_POLL_SECONDS)
+        raise QemuError(f"loading {path} did not finish within {timeout:g}s")
+
+
+# ---- saved states (snapshots, suspended VMs)
+#
+# A save's directory holds, all read-only once written:
+#
+#     state.json    what a restore must match (shape, accelerator) and where things are
+#     vmstate       QEMU's migration stream: device state, plus the guest RAM
+#                   unless the RAM is memory.ram
+#     memory.ram    the guest RAM as a flat file (saves of VMs started with memory_in_file)
+#     disk.qcow2    the frozen disk; its backing file is the image's rootfs or an
+#                   earlier save's disk
+#
+# Saving pauses the guest, freezes the disk, streams the state to a file with
+# QEMU's ``migrate`` to ``exec:cat > file`` (QEMU 7.2 has no ``file:`` URI), and
+# then either resumes the guest on a new overlay or stops QEMU. Restoring starts
+# QEMU with ``-incoming defer`` over a new overlay on the frozen disk and loads
+# the stream with ``migrate-incoming``; QEMU starts the guest when it is loaded.
+
+SAVED_STATE_FORMAT = 1
+READ_ONLY_FILE_MODE = 0o444
+
+
+@dataclass(frozen=True)
+class SavedPaths:
+    """The files of one save's directory."""
+
+    root: Path
+
+    @property
+    def description(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def vmstate(self) -> Path:
+        return self.root / "vmstate"
+
+    @property
+    def memory(self) -> Path:
+        return self.root / "memory.ram"
+
+    @property
+    def disk(self) -> Path:
+        return self.root / "disk.qcow2"
+
+
+def read_saved_description(directory: Path) -> dict:
+    try:
+        description = json.loads(SavedPaths(directory).description.read_text())
+    except (OSError, ValueError) as error:
+        raise RuntimeFailure(f"no saved VM state in {directory}: {error}") from error
+    if description.get("format") != SAVED_STATE_FORMAT:
+        raise RuntimeFailure(f"{directory} holds a saved state of another format")
+    return description
+
+
+def saved_state_from(directory: Path, description: dict) -> SavedState:
+    paths = SavedPaths(directory)
+    return SavedState(
+        directory=directory,
+        memory_mb=description["memory_mb"],
+        vcpu_count=description["vcpu_count"],
+        memory_file=paths.memory if description["memory"] == "file" else None,
+        disk=paths.disk,
+    )
+
+
+def check_restorable(spec: MachineSpec, accel: str, description: dict) -> None:
+    """A saved VM continues only on the machine it was saved from: same memory
+    size, vCPUs and accelerator (the CPU model differs between TCG and KVM)."""
+    mismatches = [
+        f"{name} {description[name]} (asked: {wanted})"
+        for name, wanted in (
+            ("memory_mb", spec.memory_mb),
+            ("vcpu_count", spec.vcpu_count),
+            ("accel", accel),
+        )
+        if description[name] != wanted
+    ]
+    if mismatches:
+        raise BootError(f"the saved VM cannot be restored as asked: it was saved with {', '.join(mismatches)}")
+
+
+async def create_overlay_on_saved_disk(saved: SavedState, overlay: Path) -> None:
+    description = read_saved_description(saved.directory)
+    disk = SavedPaths(saved.directory).disk
+    await create_overlay(overlay, disk, int(description["disk_size"]))
+
+
+async def create_overlay(overlay: Path, backing: Path, size: int) -> None:
+    """A qcow2 overlay on a qcow2 disk. ``-u`` with the size given: qemu-img
+    need not open the backing file, which a running QEMU may hold locked."""
+    overlay.unlink(missing_ok=True)
+    await run_tool(
+        QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), "-u",
+        str(overlay), str(size),
+    )  # fmt: skip
+
+
+async def load_saved_state(machine: QemuMachine, saved: SavedState) -> None:
+    await machine.qmp.prepare_migration(ignore_shared_memory=saved.memory_file is not None)
+    loading = asyncio.create_task(machine.qmp.migrate_from_file(SavedPaths(saved.directory).vmstate))
+    try:
+        # QEMU exits when a load fails; notice that instead of waiting out the timeout.
+        while not loading.done():
+            await asyncio.wait({loading}, timeout=0.1)
+            if not loading.done() and not machine.is_alive():
+                raise BootError(f"QEMU exited while loading {saved.directory}\n{machine.failure_output()}")
+        loading.result()
+    except QemuError as error:
+        raise BootError(f"cannot load {saved.directory}: {error}\n{machine.failure_output()}") from error
+    finally:
+        if not loading.done():
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loading
+
+
+async def switch_to_overlay(qmp: QmpConnection, overlay: Path) -> None:
+    """Put ``overlay`` (whose backing file is the current top's file) on top of
+    the root disk's chain; the old top becomes its read-only backing node.
+
+    File locking is off on every node a VM writes through (see ``build_argv``):
+    QEMU 7.2 fails to take back the write lock of a former top node when a
+    migration hands the disks back (``cont`` says 'Failed to get "write" lock').
+    Nothing else ever opens a VM's overlay, so the lock protects nothing here."""
+    top = await root_disk_node(qmp)
+    node = f"overlay-{uuid.uuid4().hex[:12]}"
+    await qmp.execute(
+        "blockdev-add",
+        **{
+            "driver": "qcow2",
+            "node-name": node,
+            "file": {"driver": "file", "filename": str(overlay), "locking": "off"},
+            "discard": "unmap",
+            "backing": None,
+        },
+    )
+    await qmp.execute("blockdev-snapshot", node=top, overlay=node)
+
+
+async def root_disk(qmp: QmpConnection) -> dict:
+    """``query-block``'s description of the VM's root disk as it is now."""
+    for block in await qmp.execute("query-block"):  # type: ignore[union-attr]
+        if block.get("device") == "root" and "inserted" in block:
+            return dict(block["inserted"])
+    raise QemuError("the VM has no root disk")
+
+
+async def root_disk_node(qmp: QmpConnection) -> str:
+    return str((await root_disk(qmp))["node-name"])
+
+
+def make_read_only(paths: SavedPaths) -> None:
+    for path in (paths.vmstate, paths.memory, paths.disk, paths.description):
+        with contextlib.suppress(FileNotFoundError):
+            path.chmod(READ_ONLY_FILE_MODE)
+
+
+def move_file(source: Path, target: Path) -> None:
+    """Rename, or copy (keeping holes) when the two are on different file systems."""
+    try:
+        os.replace(source, target)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
+        source.unlink()
 
 
 # ---- machines
@@ -371,6 +617,8 @@ class QemuMachine:
     qmp: QmpConnection
     # Set when this server started the process (then it is our child to reap).
     process: subprocess.Popen | None = field(default=None, repr=False)
+    # Guest RAM is the shared file ``paths.memory_file`` (see ``memory_arguments``).
+    memory_in_file: bool = False
 
     @property
     def paths(self) -> RunPaths:
@@ -436,9 +684,9 @@ class QemuHypervisor:
     # -- start
 
     async def start(self, spec: MachineSpec) -> QemuMachine:
-        if spec.restore_from is not None:
-            raise BootError("restoring from a saved state is not implemented by the QEMU driver yet")
         accel = await self.decide_accel(spec.image)
+        if spec.restore_from is not None:
+            check_restorable(spec, accel, read_saved_description(spec.restore_from.directory))
         return await self._launch(spec, accel)
 
     async def _launch(self, spec: MachineSpec, accel: str) -> QemuMachine:
@@ -448,7 +696,10 @@ class QemuHypervisor:
         process: subprocess.Popen | None = None
         machine: QemuMachine | None = None
         try:
-            await self._create_overlay(spec.image, paths)
+            if spec.restore_from is not None:
+                await create_overlay_on_saved_disk(spec.restore_from, paths.overlay)
+            else:
+                await self._create_overlay(spec.image, paths)
             self._write_machine_file(spec, accel, paths)
             argv = build_argv(
                 spec, accel, paths, binary=self.binary, tcg_arguments=self._tcg_arguments
@@ -473,8 +724,11 @@ class QemuHypervisor:
                 agent=AgentClient(paths.agent_socket),
                 qmp=QmpConnection(paths.qmp_socket, f"qmp-{spec.vm_id}"),
                 process=process,
+                memory_in_file=spec.memory_in_file,
             )
             await self._wait_for_qmp(machine)
+            if spec.restore_from is not None:
+                await load_saved_state(machine, spec.restore_from)
         except BaseException as error:
             # Nothing half-made: no process, no disk, no sockets; the console log stays.
             reason = machine.failure_output() if machine else log_tail(paths.qemu_log)
@@ -523,6 +777,8 @@ class QemuHypervisor:
                 "cmdline": spec.image.cmdline,
             },
             "extra": spec.extra,
+            "memory_in_file": spec.memory_in_file,
+            "restored_from": str(spec.restore_from.directory) if spec.restore_from else None,
             "started_at": time.time(),
         }
         paths.machine_file.write_text(json.dumps(description, indent=2) + "\n")
@@ -606,6 +862,7 @@ class QemuHypervisor:
             memory_mb=description["memory_mb"],
             agent=AgentClient(paths.agent_socket),
             qmp=QmpConnection(paths.qmp_socket, f"qmp-{vm_id}"),
+            memory_in_file=bool(description.get("memory_in_file", False)),
         )
         try:
             await machine.qmp.connect()
@@ -631,3 +888,87 @@ class QemuHypervisor:
         if pid is not None and process_runs_in(pid, paths.root):
             await signal_and_wait(pid, STOP_GRACE_SECONDS)
         shutil.rmtree(paths.root, ignore_errors=True)
+
+    # -- save (snapshots, suspend)
+
+    async def save(
+        self, machine: QemuMachine, directory: Path, *, keep_running: bool = True
+    ) -> SavedState:  # type: ignore[override]
+        saved = SavedPaths(directory.resolve())
+        saved.root.mkdir(parents=True)
+        started = time.monotonic()
+        await machine.qmp.pause()
+        try:
+            disk_size = int((await root_disk(machine.qmp))["image"]["virtual-size"])
+            if keep_running:
+                await self._save_and_continue(machine, saved, disk_size)
+            else:
+                await self._save_and_stop(machine, saved)
+        except BaseException:
+            if keep_running or machine.is_alive():
+                with contextlib.suppress(QemuError):
+                    await machine.qmp.resume()
+            raise
+        memory_in_file = machine.memory_in_file and not keep_running
+        description = {
+            "format": SAVED_STATE_FORMAT,
+            "vm_id": machine.vm_id,
+            "memory_mb": machine.memory_mb,
+            "vcpu_count": machine.vcpu_count,
+            "accel": machine.accel,
+            "memory": "file" if memory_in_file else "stream",
+            "disk_size": disk_size,
+            "saved_at": time.time(),
+        }
+        saved.description.write_text(json.dumps(description, indent=2) + "\n")
+        make_read_only(saved)
+        log.info(
+            "VM %s saved to %s in %.3fs (%s)",
+            machine.vm_id, saved.root, time.monotonic() - started,
+            "running on" if keep_running else "stopped",
+        )  # fmt: skip
+        return saved_state_from(saved.root, description)
+
+    def saved_state(self, directory: Path) -> SavedState:
+        return saved_state_from(directory, read_saved_description(directory))
+
+    async def _save_and_continue(self, machine: QemuMachine, saved: SavedPaths, disk_size: int) -> None:
+        """Freeze the disk by making the current overlay the save's disk and
+        switching the paused guest to a new, empty overlay on top of it (constant
+        time, whatever the disk holds); then stream memory and devices."""
+        overlay = machine.paths.overlay
+        # QEMU keeps writing through its open file, so the rename is invisible to it.
+        os.replace(overlay, saved.disk)
+        try:
+            await create_overlay(overlay, saved.disk, disk_size)
+            await switch_to_overlay(machine.qmp, overlay)
+        except BaseException as error:
+            overlay.unlink(missing_ok=True)
+            os.replace(saved.disk, overlay)
+            shutil.rmtree(saved.root, ignore_errors=True)
+            raise SaveError(f"cannot freeze the disk of VM {machine.vm_id}: {error}", disk_in_use=False) from error
+        try:
+            await machine.qmp.prepare_migration(ignore_shared_memory=False)
+            await machine.qmp.migrate_to_file(saved.vmstate)
+        except BaseException as error:
+            saved.vmstate.unlink(missing_ok=True)
+            raise SaveError(f"cannot save VM {machine.vm_id}: {error}", disk_in_use=True) from error
+        await machine.qmp.resume()
+
+    async def _save_and_stop(self, machine: QemuMachine, saved: SavedPaths) -> None:
+        """Stream memory (none of it when it already is a file) and devices, stop
+        QEMU, and move its overlay (and RAM file) into the save."""
+        try:
+            await machine.qmp.prepare_migration(ignore_shared_memory=machine.memory_in_file)
+            await machine.qmp.migrate_to_file(saved.vmstate)
+        except BaseException as error:
+            shutil.rmtree(saved.root, ignore_errors=True)
+            raise SaveError(f"cannot save VM {machine.vm_id}: {error}", disk_in_use=False) from error
+        await machine.close_connections()
+        # SIGTERM: QEMU exits cleanly; the disk was flushed when the migration ended.
+        await signal_and_wait(machine.pid, STOP_GRACE_SECONDS)
+        if machine.process is not None:
+            machine.process.wait()
+        move_file(machine.paths.overlay, saved.disk)
+        if machine.memory_in_file:
+            move_file(machine.paths.memory_file, saved.memory)

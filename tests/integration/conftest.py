@@ -6,6 +6,9 @@
 - ``hypervisor``: a ``QemuHypervisor`` for the test.
 - ``start_vm``: starts VMs and destroys every one of them when the test ends.
 - ``ready_vm``: one started VM whose agent answers.
+- ``base_snapshot``: the default image saved right after boot (cached with the image).
+- ``restore_vm`` / ``restored_vm``: VMs restored from a saved state, identity reset,
+  destroyed when the test ends: the fast way to get a VM (prefer it to a cold boot).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from kiln.config import Settings
-from kiln.runtime.driver import BootImage, MachineSpec
+from kiln.runtime.driver import BootImage, MachineSpec, SavedState
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor, QemuMachine
+from kiln.runtime.snapshots import BaseSnapshots, Shape, reset_identity
 
 StartVm = Callable[..., Awaitable[QemuMachine]]
 
@@ -102,3 +106,68 @@ async def start_vm(
 @pytest.fixture
 async def ready_vm(start_vm: StartVm) -> QemuMachine:
     return await start_vm()
+
+
+# ---- restored VMs: how most tests should get a VM (well under a second, not a boot)
+
+RestoreVm = Callable[..., Awaitable[QemuMachine]]
+BASE_SHAPE = Shape(memory_mb=256, vcpu_count=1)  # start_vm's default shape
+
+
+@pytest.fixture(scope="session")
+def base_snapshot(vm_settings: Settings, boot_image: BootImage) -> SavedState:
+    """The default image's base snapshot for 256 MB / 1 vCPU: cached with the image
+    (``KILN_CACHE_DIR``), so only the first run on a host pays its cold boot."""
+
+    async def ensure() -> SavedState:
+        return await BaseSnapshots(vm_settings, QemuHypervisor(vm_settings)).ensure(
+            boot_image, BASE_SHAPE
+        )
+
+    return asyncio.run(ensure())
+
+
+@pytest.fixture
+async def restore_vm(
+    hypervisor: QemuHypervisor,
+    boot_image: BootImage,
+    base_snapshot: SavedState,
+    vm_settings: Settings,
+) -> AsyncIterator[RestoreVm]:
+    """``await restore_vm(saved=None, identity=True)``: a VM restored from ``saved``
+    (default: the base snapshot), its agent ready and, with ``identity``, its
+    randomness, clock and hostname (its vm_id) reset as the VM service does.
+
+    Every VM restored through it is destroyed at the end of the test."""
+    started: list[str] = []
+
+    async def restore(*, saved: SavedState | None = None, identity: bool = True) -> QemuMachine:
+        saved = saved or base_snapshot
+        vm_id = f"r{uuid.uuid4().hex[:10]}"
+        started.append(vm_id)
+        machine = await hypervisor.start(
+            MachineSpec(
+                vm_id=vm_id,
+                vcpu_count=saved.vcpu_count,
+                memory_mb=saved.memory_mb,
+                image=boot_image,
+                run_dir=vm_settings.vms_dir / vm_id,
+                restore_from=saved,
+            )
+        )
+        await machine.wait_ready(vm_settings.boot_timeout_seconds)
+        if identity:
+            await reset_identity(machine, vm_id)
+        return machine
+
+    try:
+        yield restore
+    finally:
+        for vm_id in started:
+            await hypervisor.destroy(vm_id, vm_settings.vms_dir / vm_id)
+
+
+@pytest.fixture
+async def restored_vm(restore_vm: RestoreVm) -> QemuMachine:
+    """One VM restored from the base snapshot, ready, with its own identity."""
+    return await restore_vm()

@@ -1,0 +1,212 @@
+"""Saved VMs on disk, hypervisor-neutral: base snapshots and file housekeeping.
+
+A *base snapshot* is an image booted once (cold) and saved the moment its agent
+answers. Restoring it is how VMs are made quickly: a new process loads the saved
+memory and continues, instead of booting a kernel. A saved VM only restores with
+the memory size and vCPU count it was saved with, so there is one base snapshot
+per image build, shape and accelerator, cached under
+``settings.cache_dir/base-snapshots/<key>/`` where the key names all of them
+(the image part is a digest of the build's files, so a rebuilt image gets new
+base snapshots and restarts or CI runs reuse the old ones while it is the same).
+
+What is inside a saved directory belongs to the hypervisor driver (see the
+"saved states" section of ``qemu.py``); this module only names, finds, sizes
+and removes such directories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.config import Settings
+from kiln.runtime.driver import (
+    BootImage,
+    Hypervisor,
+    Machine,
+    MachineSpec,
+    RuntimeFailure,
+    SavedState,
+)
+
+log = logging.getLogger(__name__)
+
+BASE_SNAPSHOTS_DIR_NAME = "base-snapshots"
+# Where a base snapshot is made before it is renamed into place: a crash leaves
+# only such directories, which the next build removes.
+BUILD_DIR_PREFIX = ".build-"
+IDENTITY_SEED_BYTES = 64
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a saved VM must be restored as."""
+
+    memory_mb: int
+    vcpu_count: int
+
+    def __str__(self) -> str:
+        return f"{self.memory_mb}MB/{self.vcpu_count}vcpu"
+
+
+def image_digest(image: BootImage) -> str:
+    """Names one build of an image: its files (path, size, mtime) and command line."""
+    parts = [image.variant, image.cmdline]
+    for path in (image.kernel, image.initrd, image.rootfs):
+        resolved = Path(path).resolve()
+        stat = resolved.stat()
+        parts += [str(resolved), str(stat.st_size), str(stat.st_mtime_ns)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def directory_size(directory: Path) -> int:
+    """Bytes a saved directory takes on disk (files are sparse: blocks, not lengths)."""
+    total = 0
+    for path in directory.rglob("*"):
+        if path.is_file():
+            total += path.stat().st_blocks * 512
+    return total
+
+
+def remove_saved(directory: Path) -> None:
+    """Remove a saved directory. Its files are read-only, its directory is not,
+    so removing them needs no change of mode."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class BaseSnapshots:
+    """Finds and makes base snapshots; one build per key at a time in this process."""
+
+    def __init__(self, settings: Settings, hypervisor: Hypervisor) -> None:
+        self._settings = settings
+        self._hypervisor = hypervisor
+        self.root = settings.cache_dir / BASE_SNAPSHOTS_DIR_NAME
+        self._build_locks: dict[str, asyncio.Lock] = {}
+
+    def key(self, image: BootImage, shape: Shape) -> str | None:
+        """None while the accelerator is not decided yet (KILN_ACCEL=auto before
+        the first boot): a snapshot made under TCG does not restore under KVM."""
+        accel = self._hypervisor.accel
+        if accel not in ("kvm", "tcg"):
+            return None
+        return f"{image.variant}-{image_digest(image)}-{shape.memory_mb}m-{shape.vcpu_count}c-{accel}"
+
+    def find(self, image: BootImage, shape: Shape) -> SavedState | None:
+        key = self.key(image, shape)
+        if key is None or not (self.root / key).is_dir():
+            return None
+        try:
+            return self._hypervisor.saved_state(self.root / key)
+        except RuntimeFailure as error:
+            log.warning("base snapshot %s is unusable (%s); it will be made again", key, error)
+            return None
+
+    async def ensure(self, image: BootImage, shape: Shape) -> SavedState:
+        """The base snapshot of this image and shape, made now (a cold boot, some
+        seconds under TCG) if it is not cached yet."""
+        found = self.find(image, shape)
+        if found is not None:
+            return found
+        lock = self._build_locks.setdefault(f"{image.variant}/{shape}", asyncio.Lock())
+        async with lock:
+            found = self.find(image, shape)
+            if found is not None:
+                return found
+            return await self._build(image, shape)
+
+    def describe(self) -> list[dict]:
+        """One row per cached base snapshot, for ``kiln images ls``."""
+        rows = []
+        if not self.root.is_dir():
+            return rows
+        for directory in sorted(self.root.iterdir()):
+            if directory.name.startswith(BUILD_DIR_PREFIX) or not directory.is_dir():
+                continue
+            try:
+                saved = self._hypervisor.saved_state(directory)
+            except RuntimeFailure:
+                continue
+            rows.append(
+                {
+                    "key": directory.name,
+                    "variant": directory.name.split("-", 1)[0],
+                    "memory_mb": saved.memory_mb,
+                    "vcpu_count": saved.vcpu_count,
+                    "size": directory_size(directory),
+                    "path": str(directory),
+                    "created_at": directory.stat().st_mtime,
+                }
+            )
+        return rows
+
+    async def _build(self, image: BootImage, shape: Shape) -> SavedState:
+        self.root.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(4)
+        work = self.root / f"{BUILD_DIR_PREFIX}{token}"
+        vm_id = f"base-{token}"
+        run_dir = work / "vm"
+        started = time.monotonic()
+        try:
+            machine = await self._hypervisor.start(
+                MachineSpec(
+                    vm_id=vm_id,
+                    vcpu_count=shape.vcpu_count,
+                    memory_mb=shape.memory_mb,
+                    image=image,
+                    run_dir=run_dir,
+                    # The RAM file becomes the snapshot's memory, which VMs restored
+                    # from it map copy-on-write: untouched pages stay shared.
+                    memory_in_file=True,
+                )
+            )
+            await machine.wait_ready(self._settings.boot_timeout_seconds)
+            await self._hypervisor.save(machine, work / "saved", keep_running=False)
+            # Known only now under KILN_ACCEL=auto: the boot decided the accelerator.
+            key = self.key(image, shape)
+            assert key is not None, "a VM ran, so the accelerator is decided"
+            try:
+                os.rename(work / "saved", self.root / key)
+            except OSError:
+                # Another process made the same snapshot meanwhile: use theirs.
+                if not (self.root / key).is_dir():
+                    raise
+        finally:
+            await self._hypervisor.destroy(vm_id, run_dir)
+            remove_saved(work)
+        log.info(
+            "base snapshot %s made in %.1fs (cold boot and save)", key, time.monotonic() - started
+        )
+        return self._hypervisor.saved_state(self.root / key)
+
+    async def remove_unfinished_builds(self, older_than_seconds: float = 3600.0) -> None:
+        """Build directories (and their VMs) left by a crashed process. Only old
+        ones: a younger one may be another process's build in progress."""
+        if not self.root.is_dir():
+            return
+        for directory in self.root.glob(f"{BUILD_DIR_PREFIX}*"):
+            if time.time() - directory.stat().st_mtime < older_than_seconds:
+                continue
+            token = directory.name.removeprefix(BUILD_DIR_PREFIX)
+            await self._hypervisor.destroy(f"base-{token}", directory / "vm")
+            remove_saved(directory)
+
+
+async def reset_identity(machine: Machine, hostname: str) -> None:
+    """Make a restored guest its own: fresh kernel entropy and random state, the
+    host's time (the saved clock is stale), its own hostname. Two VMs restored
+    from one snapshot must never share randomness, identity or time."""
+    await machine.agent.call(
+        "post_restore",
+        seed=base64.b64encode(os.urandom(IDENTITY_SEED_BYTES)).decode(),
+        time_ns=time.time_ns(),
+        hostname=hostname,
+    )
