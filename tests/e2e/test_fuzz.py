@@ -33,7 +33,7 @@ from kiln.config import Settings
 from unit.fakes import FakeHypervisor, FakeImageStore
 from unit.harness import add_user
 
-FUZZ_EXAMPLES_PER_OPERATION = 25
+FUZZ_EXAMPLES_PER_OPERATION = 15
 FUZZ_PASSWORD = "fuzz password"
 
 
@@ -103,14 +103,23 @@ def api_schema(server_url: str) -> schemathesis.BaseSchema:
 schema = schemathesis.from_pytest_fixture("api_schema")
 
 
+POSITIVE_CHECKS = (not_a_server_error, response_schema_conformance, content_type_conformance)
+# Malformed requests may be refused by uvicorn itself (a plain-text 400) before the
+# app sees them; what matters for them is that nothing answers 5xx.
+NEGATIVE_CHECKS = (not_a_server_error,)
+
+
 @schema.parametrize()
 @settings(
     max_examples=FUZZ_EXAMPLES_PER_OPERATION,
     deadline=None,
+    # Reproducible in CI: the same examples every run.
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 def test_api_conforms_to_its_openapi(case: schemathesis.Case, fuzz_token: str) -> None:
+    positive = case.data_generation_method == DataGenerationMethod.positive
     case.call_and_validate(
         headers={"X-API-Key": fuzz_token},
-        checks=(not_a_server_error, response_schema_conformance, content_type_conformance),
+        checks=POSITIVE_CHECKS if positive else NEGATIVE_CHECKS,
     )
