@@ -12,15 +12,52 @@ expected 409, a file over the size limit 413, a malformed body 400/422.
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.routing import APIRoute
+from starlette.types import Message
 
 from kiln.api.deps import CurrentUser, Files
 from kiln.schemas.errors import ErrorMessage
 from kiln.schemas.files import DownloadResponse, UploadResponse
 
-router = APIRouter(tags=["files"], responses={401: {"model": ErrorMessage}})
+
+
+class BodyDrainingRoute(APIRoute):
+    """Reads the rest of a request body before an error answer goes out.
+
+    A multipart parser that fails half-way leaves the rest of the body unread;
+    the server would then close the connection with data still in the socket,
+    which the client sees as a reset instead of the 400 it was sent.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        answer = super().get_route_handler()
+
+        async def answer_after_the_body(request: Request) -> Response:
+            body_ended = False
+
+            async def receive() -> Message:
+                nonlocal body_ended
+                message = await request.receive()
+                body_ended = message["type"] != "http.request" or not message.get("more_body")
+                return message
+
+            try:
+                return await answer(Request(request.scope, receive, request._send))
+            except Exception:
+                while not body_ended:
+                    await receive()
+                raise
+
+        return answer_after_the_body
+
+
+router = APIRouter(
+    tags=["files"], responses={401: {"model": ErrorMessage}}, route_class=BodyDrainingRoute
+)
 
 FILE_ERRORS = {
     status: {"model": ErrorMessage} for status in (400, 404, 409, 413, 503)
