@@ -12,8 +12,9 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import httpx
@@ -182,11 +183,25 @@ def list_images() -> None:
 # -- vm: a client of a running server ----------------------------------------------------
 
 
-def api_request(method: str, path: str, **kwargs: Any) -> Any:
+def api_endpoint() -> tuple[str, str]:
+    """The server's URL and the API key, from KILN_URL and KILN_API_KEY."""
     url = os.environ.get("KILN_URL", DEFAULT_URL).rstrip("/")
     key = os.environ.get("KILN_API_KEY")
     if not key:
         fail("set KILN_API_KEY (the admin's is in $KILN_DATA_DIR/admin-api-key)")
+    return url, key
+
+
+def error_detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    return detail if isinstance(detail, str) else json.dumps(detail)
+
+
+def api_request(method: str, path: str, **kwargs: Any) -> Any:
+    url, key = api_endpoint()
     try:
         response = httpx.request(
             method,
@@ -198,11 +213,7 @@ def api_request(method: str, path: str, **kwargs: Any) -> Any:
     except httpx.HTTPError as error:
         fail(f"cannot reach {url}: {error}")
     if response.is_error:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        fail(f"{response.status_code}: {json.dumps(detail) if not isinstance(detail, str) else detail}")
+        fail(f"{response.status_code}: {error_detail(response)}")
     return response.json()
 
 
@@ -275,6 +286,68 @@ def get_vm(vm_id: str) -> None:
 def remove_vm(vm_id: str) -> None:
     """Terminate a VM."""
     print_json(api_request("DELETE", f"/v1/vms/{vm_id}"))
+
+
+def server_sent_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream, one per blank-line-ended block."""
+    event, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[len("event:") :].strip()
+        elif line.startswith("data:"):
+            data.append(line[len("data:") :].removeprefix(" "))
+
+
+@vm_app.command(
+    "exec", context_settings={"allow_interspersed_args": False}
+)
+def exec_in_vm(
+    vm_id: str,
+    command: Annotated[list[str], typer.Argument(help="After --: the command and its arguments.")],
+    language: Annotated[str, typer.Option(help="bash or python.")] = "bash",
+    timeout: Annotated[float | None, typer.Option(help="Seconds before it is killed.")] = None,
+) -> None:
+    """Run a command in a VM, printing its output as it comes; exits with its exit code.
+
+    One argument is a shell command line (kiln vm exec VM -- 'ls | wc -l'); several
+    are quoted as separate words (kiln vm exec VM -- ls -l /app).
+    """
+    url, key = api_endpoint()
+    body = {
+        "command": command[0] if len(command) == 1 else shlex.join(command),
+        "language": language,
+        "timeout": timeout,
+    }
+    exit_code = 1
+    try:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/vms/{vm_id}/execute/stream",
+            headers={"X-API-Key": key},
+            json=body,
+            timeout=httpx.Timeout(CLIENT_TIMEOUT_SECONDS, read=None),
+        ) as response:
+            if response.is_error:
+                response.read()
+                fail(f"{response.status_code}: {error_detail(response)}")
+            for event, data in server_sent_events(response.iter_lines()):
+                if event in ("stdout", "stderr"):
+                    stream = sys.stdout if event == "stdout" else sys.stderr
+                    stream.write(json.loads(data))
+                    stream.flush()
+                elif event == "exit":
+                    code = json.loads(data)["exit_code"]
+                    # A signal's death (-9) as a shell reports it (137).
+                    exit_code = code if code >= 0 else 128 - code
+                elif event == "error":
+                    fail(json.loads(data)["detail"])
+    except httpx.HTTPError as error:
+        fail(f"cannot reach {url}: {error}")
+    raise typer.Exit(exit_code)
 
 
 if __name__ == "__main__":
