@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ READY_PING_SECONDS = 2.0
 CONNECT_RETRY_SECONDS = 0.05
 # An implicit reconnect (a call after the connection dropped) tries this long.
 RECONNECT_SECONDS = 2.0
+# How much of the agent stream one read takes; frames span reads freely.
+READ_BYTES = 256 * 1024
 
 
 class AgentError(RuntimeFailure):
@@ -91,7 +94,9 @@ class AgentClient:
         self._connection: _Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
-        self._request_ids = itertools.count(1)
+        # Start at a random id so replies meant for an earlier server's requests
+        # (still in the guest's queue after a restart) match nothing here.
+        self._request_ids = itertools.count(secrets.randbelow(1 << 30) + 1)
 
     def __repr__(self) -> str:
         return f"AgentClient({str(self.socket_path)!r}, connected={self.connected})"
@@ -236,25 +241,25 @@ class AgentClient:
 
     async def _read_frames(self, connection: _Connection) -> None:
         reason = "the agent closed the connection"
+        # The decoder resynchronises past a frame the guest was half-way through
+        # writing when an earlier host connection went away.
+        decoder = protocol.FrameDecoder()
         try:
-            while True:
-                header = await connection.reader.readexactly(protocol.HEADER.size)
-                body = await connection.reader.readexactly(protocol.frame_length(header))
-                frame = protocol.decode_body(body)
-                queue = connection.pending.get(frame.get("id"))  # type: ignore[arg-type]
-                if queue is None:
-                    # A late answer to a request that gave up (e.g. a retried ping).
-                    log.debug("dropping agent frame for unknown request %r", frame.get("id"))
-                    continue
-                queue.put_nowait(frame)
-        except asyncio.IncompleteReadError:
-            pass
+            while data := await connection.reader.read(READ_BYTES):
+                for body in decoder.feed(data):
+                    frame = protocol.decode_body(body)
+                    queue = connection.pending.get(frame.get("id"))  # type: ignore[arg-type]
+                    if queue is None:
+                        # A late answer to a request that gave up (a retried ping), or
+                        # to one sent over an earlier connection.
+                        log.debug("dropping agent frame for unknown request %r", frame.get("id"))
+                        continue
+                    queue.put_nowait(frame)
         except asyncio.CancelledError:
             reason = "the client was closed"
             raise
         except (OSError, ValueError) as error:
-            # ValueError covers FrameError and undecodable JSON: the stream cannot
-            # be resynchronised, so the connection is given up.
+            # ValueError: a whole frame whose body is not a JSON object.
             reason = f"unreadable agent stream: {error}"
         finally:
             connection.lose(reason)
