@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import httpx
@@ -302,9 +303,7 @@ def server_sent_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
             data.append(line[len("data:") :].removeprefix(" "))
 
 
-@vm_app.command(
-    "exec", context_settings={"allow_interspersed_args": False}
-)
+@vm_app.command("exec")
 def exec_in_vm(
     vm_id: str,
     command: Annotated[list[str], typer.Argument(help="After --: the command and its arguments.")],
@@ -348,6 +347,28 @@ def exec_in_vm(
     except httpx.HTTPError as error:
         fail(f"cannot reach {url}: {error}")
     raise typer.Exit(exit_code)
+
+
+# -- bench ------------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="Few samples; finishes in under 3 minutes.")] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the figures as JSON to this file.")
+    ] = None,
+) -> None:
+    """Benchmark kiln against raw QEMU in the same run (see bench/README.md)."""
+    # The suite lives in the checkout's bench/ (next to kiln/), not in the
+    # installed package: put the checkout on the path to import it.
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / "suite.py").is_file():
+        fail(f"no bench/ next to {checkout / 'kiln'}: kiln bench runs from a source checkout")
+    sys.path.insert(0, str(checkout))
+    from bench.suite import main as run_bench
+
+    raise typer.Exit(run_bench(quick, json_file))
 
 
 if __name__ == "__main__":

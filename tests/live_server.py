@@ -1,0 +1,131 @@
+"""A real Kiln server in a subprocess, for tests that drive it over HTTP with real VMs.
+
+``kiln serve`` runs with its own data dir on a free port; the test talks to it
+like any client (the instavm SDK, httpx, websockets, the CLI). ``stop()`` ends
+it the way an operator does (SIGTERM: VMs keep running for the next start) or
+the way a crash does (SIGKILL). ``destroy_leftover_vms`` is the safety net that
+kills any VM process a test left behind, whatever happened to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kiln.config import Settings
+from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor
+
+STARTUP_SECONDS = 60.0
+KILN = Path(sys.executable).with_name("kiln")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def short_data_dir(prefix: str) -> Path:
+    # Unix socket paths (QMP, agent) under it must stay within 107 bytes.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def server_settings(data_dir: Path) -> Settings:
+    """What the server subprocess reads from its environment (KILN_CACHE_DIR,
+    KILN_ACCEL pass through), with the test's data dir."""
+    return Settings(data_dir=data_dir)
+
+
+def ensure_default_image(settings: Settings) -> None:
+    """Build (or find cached) the default image from the agent in this tree.
+
+    Always asked for, not only when missing: a cached image made from an older
+    agent would lack the ops these tests use. A cache hit takes seconds."""
+    if shutil.which(QEMU_BINARY) is None:
+        pytest.skip(f"{QEMU_BINARY} is not installed")
+    from kiln.runtime.images import ImageStore
+
+    ImageStore(settings).build("default")
+
+
+@dataclass
+class LiveServer:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def admin_key(self) -> str:
+        return (self.data_dir / "admin-api-key").read_text().strip()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, crash: bool = False) -> None:
+        """SIGTERM (a clean stop; VMs keep running) or SIGKILL (a crash)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if crash else signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+def start_server(data_dir: Path, port: int | None = None) -> LiveServer:
+    port = port or free_port()
+    log_path = data_dir.with_name(data_dir.name + ".log")
+    env = {**os.environ, "KILN_DATA_DIR": str(data_dir)}
+    env.pop("KILN_DATABASE_URL", None)  # the test's own SQLite file, never a shared database
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [str(KILN), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", data_dir, process, log_path)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"kiln serve exited at start:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop(crash=True)
+            raise RuntimeError(f"kiln serve did not answer in time:\n{server.log_tail()}")
+        time.sleep(0.1)
+
+
+def terminate_live_vms(url: str, keys: list[str]) -> None:
+    """DELETE every live VM of these users through the API."""
+    for key in keys:
+        headers = {"X-API-Key": key}
+        for vm in httpx.get(f"{url}/v1/vms", headers=headers, timeout=30).json():
+            httpx.delete(f"{url}/v1/vms/{vm['vm_id']}", headers=headers, timeout=60)
+
+
+def destroy_leftover_vms(settings: Settings) -> None:
+    """Kill every VM process still holding a run dir under the data dir."""
+    vms_dir = settings.vms_dir
+    if not vms_dir.is_dir():
+        return
+    hypervisor = QemuHypervisor(settings)
+
+    async def destroy_all() -> None:
+        for run_dir in vms_dir.iterdir():
+            await hypervisor.destroy(run_dir.name, run_dir)
+
+    asyncio.run(destroy_all())
