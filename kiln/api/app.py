@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, users, vms
+from kiln.api.routers import snapshots
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
@@ -29,6 +30,7 @@ from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
+from kiln.services.snapshots import SnapshotService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource, VmService
 from kiln.store.db import Database
@@ -105,7 +107,10 @@ def create_app(
                 settings.token_ttl_seconds,
             )
             vm_service = VmService(settings, db, *runtime)
+            snapshot_service = SnapshotService(settings, db, runtime[0], vm_service)
+            vm_service.snapshots = snapshot_service
             await vm_service.start()
+            await snapshot_service.start()
             execution_service = ExecutionService(vm_service, db)
             await execution_service.start()
             app.state.services = Services(
@@ -116,11 +121,13 @@ def create_app(
                 execution=execution_service,
                 files=FileService(vm_service),
                 pty=PtyService(),
+                snapshots=snapshot_service,
             )
             try:
                 yield
             finally:
                 await execution_service.stop()
+                await snapshot_service.stop()
                 await vm_service.stop()
         finally:
             await db.close()
@@ -136,6 +143,7 @@ def create_app(
     install_error_handlers(app)
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
         app.include_router(module.router)
+    app.include_router(snapshots.router)
     return app
 
 

@@ -19,6 +19,7 @@ from kiln.services.files import FileService
 from kiln.services.guest import GuestTarget, session_target, vm_target
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
+from kiln.services.snapshots import SnapshotService
 from kiln.services.errors import Unauthenticated
 from kiln.services.users import UserService
 from kiln.services.vms import VmService
@@ -42,6 +43,8 @@ class Services:
     execution: ExecutionService
     files: FileService
     pty: PtyService
+    # None where snapshots are not wired in (their routes then answer 400).
+    snapshots: SnapshotService | None = None
 
 
 def get_services(request: Request) -> Services:

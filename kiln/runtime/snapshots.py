@@ -93,12 +93,17 @@ class BaseSnapshots:
         self._build_locks: dict[str, asyncio.Lock] = {}
 
     def key(self, image: BootImage, shape: Shape) -> str | None:
-        """None while the accelerator is not decided yet (KILN_ACCEL=auto before
-        the first boot): a snapshot made under TCG does not restore under KVM."""
+        """The cache key; None while the accelerator is not decided yet
+        (KILN_ACCEL=auto before the first boot: a snapshot made under TCG does
+        not restore under KVM) or when the image's files cannot be read."""
         accel = self._hypervisor.accel
         if accel not in ("kvm", "tcg"):
             return None
-        return f"{image.variant}-{image_digest(image)}-{shape.memory_mb}m-{shape.vcpu_count}c-{accel}"
+        try:
+            digest = image_digest(image)
+        except OSError:
+            return None  # the image's files are gone (or never were): nothing to boot
+        return f"{image.variant}-{digest}-{shape.memory_mb}m-{shape.vcpu_count}c-{accel}"
 
     def find(self, image: BootImage, shape: Shape) -> SavedState | None:
         key = self.key(image, shape)

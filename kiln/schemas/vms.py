@@ -112,6 +112,8 @@ class VmRow(Protocol):
     failure_reason: str | None
     auto_suspend: bool
     auto_resume: bool
+    snapshot_id: str | None
+    terminate_snapshot_id: str | None
 
 
 class VMRecord(BaseModel):
@@ -135,6 +137,10 @@ class VMRecord(BaseModel):
     failure_reason: str | None
     auto_suspend: bool
     auto_resume: bool
+    # The snapshot the VM was created from (create's snapshot_id), if any.
+    snapshot_id: str | None = None
+    # The snapshot taken when it was terminated (snapshot_on_terminate), if any.
+    terminate_snapshot_id: str | None = None
 
     @classmethod
     def from_row(cls, vm: VmRow) -> VMRecord:
@@ -159,12 +165,16 @@ class VMRecord(BaseModel):
             failure_reason=vm.failure_reason,
             auto_suspend=vm.auto_suspend,
             auto_resume=vm.auto_resume,
+            snapshot_id=vm.snapshot_id,
+            terminate_snapshot_id=vm.terminate_snapshot_id,
         )
 
 
 class VMDeleteResponse(BaseModel):
     vm_id: str
     status: str
+    # The snapshot taken before it went (snapshot_on_terminate), if any.
+    snapshot_id: str | None = None
 
 
 class VMConsoleResponse(BaseModel):

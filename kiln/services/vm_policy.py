@@ -50,6 +50,7 @@ class CreatePlan:
     env: dict[str, str]
     egress_policy: dict[str, Any] | None
     snapshot_name: str | None
+    snapshot_on_terminate: bool = False
 
 
 def check_create(
@@ -107,6 +108,7 @@ def check_create(
         env=env,
         egress_policy=request.egress_policy,
         snapshot_name=request.snapshot_name,
+        snapshot_on_terminate=bool(request.snapshot_on_terminate),
     )
 
 
@@ -154,14 +156,8 @@ def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProb
         refuse("vault_ids", "vault credential injection")
     if "egress_policy" in given and not _is_deny_all(given["egress_policy"]):
         refuse("egress_policy", "an egress policy other than deny-all")
-    if "snapshot_id" in given:
-        refuse("snapshot_id", "creating a VM from a snapshot")
-    if given.get("snapshot_on_terminate"):
-        refuse("snapshot_on_terminate", "snapshotting on terminate")
     if given.get("auto_suspend"):
         refuse("auto_suspend", "auto-suspend")
-    if given.get("auto_resume"):
-        refuse("auto_resume", "auto-resume")
     return problems
 
 

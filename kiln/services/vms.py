@@ -23,23 +23,29 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kiln.config import Settings
 from kiln.runtime.agent_client import AgentError
-from kiln.runtime.driver import BootImage, Hypervisor, Machine, MachineSpec
+from kiln.runtime.driver import BootImage, Hypervisor, Machine, MachineSpec, SavedState
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.errors import (
     CapacityExhausted,
     Conflict,
     ImageNotBuilt,
+    InvalidRequest,
     NotFound,
+    Unsupported,
     VmStartFailed,
 )
+from kiln.services.snapshots import SnapshotType
 from kiln.services.vm_policy import CreatePlan, check_create, check_update
 from kiln.store.db import Database
 from kiln.store.models import Vm
 from kiln.store.repositories import SessionRepository, VmRepository
+
+if TYPE_CHECKING:
+    from kiln.services.snapshots import SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,13 @@ class VmService:
         self._images = images
         self._machines: dict[str, Machine] = {}
         self._boot_tasks: dict[str, asyncio.Task[None]] = {}
+        # Set by the app factory (it needs this service too); None: no snapshots,
+        # every VM boots cold.
+        self.snapshots: SnapshotService | None = None
+        # One save of a VM at a time; terminate waits for a save in progress.
+        self._save_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._loops: list[asyncio.Task[None]] = []
         # Check-then-insert of admission must not interleave between two creates.
         self._admission_lock = asyncio.Lock()
@@ -164,19 +177,36 @@ class VmService:
 
     async def create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
         plan = check_create(request, self._settings, self._images.variants())
+        source = None
+        if self.snapshots is not None:
+            # snapshot_id: the snapshot's shape and image (404 / 422 when it cannot be).
+            plan, source = await self.snapshots.plan_source(owner_id, request, plan)
+        elif request.snapshot_id is not None:
+            raise InvalidRequest.single(("snapshot_id",), "this server has no snapshots")
         image = self._images.get(plan.image_variant)
         if image is None:
             raise ImageNotBuilt(
                 f"image '{plan.image_variant}' is not built; "
                 f"run kiln images build {plan.image_variant}"
             )
-        vm = await self._admit(owner_id, plan)
+        # Fastest first: restore a saved VM (its snapshot, else the image's base
+        # snapshot); cold boot only when there is none yet.
+        restore = None
+        if self.snapshots is not None:
+            restore = await self.snapshots.plan_restore(plan, image, source)
+        vm = await self._admit(
+            owner_id,
+            plan,
+            snapshot_id=restore.snapshot_id if restore else None,
+            disk_snapshot_id=restore.disk_snapshot_id if restore else None,
+        )
         spec = MachineSpec(
             vm_id=vm.id,
             vcpu_count=vm.vcpu_count,
             memory_mb=vm.memory_mb,
             image=image,
             run_dir=self.run_dir(vm.id),
+            restore_from=restore.saved if restore else None,
         )
         self._start_boot(spec, plan.env)
         if not wait:
@@ -238,10 +268,116 @@ class VmService:
     async def running_machine(self, owner_id: int, vm_id: str) -> Machine:
         """The process of a running VM of this owner, for routes that talk to the guest."""
         vm = await self.get(owner_id, vm_id)
+        if vm.auto_resume and vm.status in (S.SUSPENDED, S.RESUMING):
+            vm = await self.resume(owner_id, vm_id, wait=True)
         machine = self._machines.get(vm_id)
         if vm.status != S.RUNNING or machine is None:
             raise Conflict(f"vm {vm_id} is {vm.status}, not running")
         return machine
+
+    # -- snapshots, suspend and resume (the saving itself: kiln.services.snapshots) --
+
+    async def suspend(self, owner_id: int, vm_id: str) -> Vm:
+        """Save the VM's memory and disk and stop its process (status suspended)."""
+        vm = await self.get(owner_id, vm_id)
+        snapshots = self._snapshot_service()
+        if vm.status == S.SUSPENDED:
+            return vm
+        if vm.status != S.RUNNING or not await self._set_status(vm_id, S.RUNNING, S.SUSPENDING):
+            raise Conflict(f"vm {vm_id} is {vm.status}; only a running VM can be suspended")
+        try:
+            await snapshots.save_before_teardown(vm, SnapshotType.SUSPEND, None)
+        except Exception as error:
+            await self._fail(vm_id, f"suspending failed: {_describe(error)}")
+            return await self._reload(vm_id)
+        self._machines.pop(vm_id, None)
+        await self._set_status(vm_id, S.SUSPENDING, S.SUSPENDED)
+        return await self._reload(vm_id)
+
+    async def resume(self, owner_id: int, vm_id: str, wait: bool) -> Vm:
+        """Restore a suspended VM from its saved state; it keeps its vm_id."""
+        vm = await self.get(owner_id, vm_id)
+        snapshots = self._snapshot_service()
+        if vm.status == S.SUSPENDED:
+            image = self._images.get(vm.image_variant)
+            if image is None:
+                raise ImageNotBuilt(f"image '{vm.image_variant}' is not built")
+            if not await self._set_status(vm_id, S.SUSPENDED, S.RESUMING):
+                raise Conflict(f"vm {vm_id} changed state meanwhile; try again")
+            assert vm.disk_snapshot_id is not None, "a suspended VM has its saved state"
+            spec = MachineSpec(
+                vm_id=vm.id,
+                vcpu_count=vm.vcpu_count,
+                memory_mb=vm.memory_mb,
+                image=image,
+                run_dir=self.run_dir(vm.id),
+                restore_from=await snapshots.saved_state_of(vm.disk_snapshot_id),
+            )
+            self._start_boot(spec, {}, current=S.RESUMING)
+        elif vm.status not in (S.RESUMING, S.RUNNING):
+            raise Conflict(f"vm {vm_id} is {vm.status}; only a suspended VM can be resumed")
+        task = self._boot_tasks.get(vm_id)
+        if not wait or task is None:
+            return await self._reload(vm_id)
+        await asyncio.shield(task)
+        vm = await self._reload(vm_id)
+        if vm.status != S.RUNNING:
+            raise VmStartFailed(vm.id, vm.failure_reason or f"the VM is {vm.status}")
+        return vm
+
+    async def save_machine(
+        self, vm_id: str, directory: Path, *, keep_running: bool
+    ) -> tuple[SavedState, str | None]:
+        """Save the VM's process into ``directory`` (``Hypervisor.save``), one save
+        of a VM at a time. Returns the saved state and the snapshot the VM's disk
+        was written on until now (the new snapshot's parent)."""
+        # The states a VM is in for each kind of save (the caller moved it there).
+        allowed = (S.RUNNING,) if keep_running else (S.SUSPENDING, S.TERMINATING)
+        async with self._save_lock(vm_id):
+            vm = await self._reload(vm_id)
+            machine = self._machines.get(vm_id)
+            if machine is None or vm.status not in allowed:
+                raise Conflict(f"vm {vm_id} is {vm.status}; there is no running VM to save")
+            saved = await self._hypervisor.save(machine, directory, keep_running=keep_running)
+            return saved, vm.disk_snapshot_id
+
+    async def _snapshot_before_terminate(self, vm: Vm) -> str | None:
+        """``snapshot_on_terminate``: save a running VM (type auto) before it goes;
+        a suspended VM's saved state becomes that snapshot. A failed save does not
+        stop the termination (the snapshot is recorded as failed)."""
+        # ``vm`` is the record as it was before it moved to terminating.
+        if not vm.snapshot_on_terminate or self.snapshots is None:
+            return None
+        async with self._save_lock(vm.id):
+            pass  # a snapshot being taken finishes first
+        try:
+            if vm.status == S.SUSPENDED and vm.disk_snapshot_id is not None:
+                snapshot = await self.snapshots.adopt_suspend_state(
+                    vm.disk_snapshot_id, vm.snapshot_name
+                )
+            elif vm.status == S.RUNNING and vm.id in self._machines:
+                snapshot = await self.snapshots.save_before_teardown(
+                    vm, SnapshotType.AUTO, vm.snapshot_name
+                )
+            else:
+                return None
+        except Exception as error:
+            log.warning("vm %s: the snapshot before terminating failed: %s", vm.id, error)
+            return None
+        log.info("vm %s saved as snapshot %s before terminating", vm.id, snapshot.id)
+        return snapshot.id
+
+    def _snapshot_service(self) -> SnapshotService:
+        if self.snapshots is None:
+            raise Unsupported("snapshots are not available on this server")
+        return self.snapshots
+
+    def _save_lock(self, vm_id: str) -> asyncio.Lock:
+        lock = self._save_locks.get(vm_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._save_locks[vm_id] = lock
+        return lock
 
     async def session_vm(self, owner_id: int, session_id: str) -> Vm:
         """The VM of a session: its live one, else its newest."""
@@ -314,7 +450,14 @@ class VmService:
 
     # -- internals -----------------------------------------------------------------
 
-    async def _admit(self, owner_id: int, plan: CreatePlan) -> Vm:
+    async def _admit(
+        self,
+        owner_id: int,
+        plan: CreatePlan,
+        *,
+        snapshot_id: str | None = None,
+        disk_snapshot_id: str | None = None,
+    ) -> Vm:
         """Check the host's limits and insert the VM (status creating), atomically."""
         settings = self._settings
         async with self._admission_lock, self._db.transaction() as session:
@@ -353,8 +496,10 @@ class VmService:
                     egress_policy=plan.egress_policy,
                     volumes=[],
                     vault_ids=[],
-                    snapshot_on_terminate=False,
+                    snapshot_on_terminate=plan.snapshot_on_terminate,
                     snapshot_name=plan.snapshot_name,
+                    snapshot_id=snapshot_id,
+                    disk_snapshot_id=disk_snapshot_id,
                     auto_suspend=False,
                     auto_resume=False,
                     created_at=now,
@@ -363,13 +508,19 @@ class VmService:
                 )
             )
 
-    def _start_boot(self, spec: MachineSpec, env: dict[str, str]) -> None:
+    def _start_boot(
+        self, spec: MachineSpec, env: dict[str, str], current: VmStatus = S.CREATING
+    ) -> None:
         vm_id = spec.vm_id
-        task = asyncio.create_task(self._boot(spec, env), name=f"boot:{vm_id}")
+        task = asyncio.create_task(self._boot(spec, env, current), name=f"boot:{vm_id}")
         self._boot_tasks[vm_id] = task
         task.add_done_callback(lambda _: self._boot_tasks.pop(vm_id, None))
 
-    async def _boot(self, spec: MachineSpec, env: dict[str, str]) -> None:
+    async def _boot(
+        self, spec: MachineSpec, env: dict[str, str], current: VmStatus = S.CREATING
+    ) -> None:
+        """Start the VM's process and make it running; ``current`` is creating,
+        or resuming for a suspended VM (whose env is already in its memory)."""
         vm_id = spec.vm_id
         try:
             machine = await self._hypervisor.start(spec)
@@ -390,9 +541,10 @@ class VmService:
                     env_status = "applied"
                 except AgentError as error:
                     env_status, env_error = "failed", _describe(error)
+            env_fields = {"env_status": env_status, "env_error": env_error}
             # False when a DELETE or the reaper moved the VM on meanwhile; they tear it down.
             await self._set_status(
-                vm_id, S.CREATING, S.RUNNING, env_status=env_status, env_error=env_error
+                vm_id, current, S.RUNNING, **(env_fields if current == S.CREATING else {})
             )
         except asyncio.CancelledError:
             raise  # whoever cancelled the boot (terminate, stop) cleans up
@@ -414,8 +566,15 @@ class VmService:
                 if await self._set_status(vm_id, vm.status, S.TERMINATING):
                     break
             await self._stop_boot(vm_id)
+            snapshot_id = await self._snapshot_before_terminate(vm)
             await self._destroy(vm_id)
-            await self._set_status(vm_id, S.TERMINATING, S.TERMINATED, terminated_at=_now())
+            await self._set_status(
+                vm_id,
+                S.TERMINATING,
+                S.TERMINATED,
+                terminated_at=_now(),
+                terminate_snapshot_id=snapshot_id,
+            )
             return await self._reload(vm_id)
 
     async def _fail(self, vm_id: str, reason: str) -> None:

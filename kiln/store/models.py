@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -126,6 +127,13 @@ class Vm(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now, onupdate=utc_now)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     terminated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Snapshots (migration 0003). The snapshot the VM was created from, if any.
+    snapshot_id: Mapped[str | None] = mapped_column(String(64))
+    # The snapshot whose disk the VM's own overlay is written on top of: while the
+    # VM lives, that snapshot (and so its ancestors) cannot be deleted.
+    disk_snapshot_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # The snapshot taken when the VM was terminated (snapshot_on_terminate).
+    terminate_snapshot_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class ExecutionTask(Base):
@@ -150,3 +158,32 @@ class ExecutionTask(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
     completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Snapshot(Base):
+    """A saved VM: memory, device state and disk, in ``directory``.
+
+    ``type`` is ``user`` (POST /v1/vms/{id}/snapshot), ``auto`` (taken at
+    terminate), ``base`` (an image booted once, shared by every user: no owner)
+    or ``suspend`` (a suspended VM's state; never listed, removed with its VM).
+    """
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str | None] = mapped_column(String(255))
+    type: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    vcpu_count: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    image_variant: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    source_vm_id: Mapped[str | None] = mapped_column(String(64))
+    # The snapshot whose disk this one's disk is written on top of.
+    parent_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    directory: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)

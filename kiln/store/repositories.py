@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kiln.store.models import ApiKey, ExecutionTask, SandboxSession, User, Vm
+from kiln.store.models import ApiKey, ExecutionTask, SandboxSession, Snapshot, User, Vm
 
 
 class UserRepository:
@@ -155,6 +155,15 @@ class VmRepository:
         ).one()
         return ResourceUsage(vms=int(row[0]), memory_mb=int(row[1]), vcpus=int(row[2]))
 
+    async def set_disk_snapshot_any_owner(self, vm_id: str, snapshot_id: str) -> None:
+        """The VM's disk is now written on top of this snapshot's (a save froze it)."""
+        await self.session.execute(
+            update(Vm)
+            .where(Vm.id == vm_id)
+            .values(disk_snapshot_id=snapshot_id)
+            .execution_options(synchronize_session=False)
+        )
+
     async def compare_and_set_status(
         self, vm_id: str, expected: str, status: str, **fields: Any
     ) -> bool:
@@ -208,3 +217,71 @@ class ExecutionTaskRepository:
             .execution_options(synchronize_session=False)
         )
         return result.rowcount
+
+
+class SnapshotRepository:
+    """Snapshots of one owner, plus the base snapshots (no owner) everyone sees."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, snapshot: Snapshot) -> Snapshot:
+        self.session.add(snapshot)
+        await self.session.flush()
+        return snapshot
+
+    async def get(self, owner_id: int, snapshot_id: str) -> Snapshot | None:
+        """The owner's snapshot, or a base snapshot; never another user's."""
+        return await self.session.scalar(
+            select(Snapshot).where(
+                Snapshot.id == snapshot_id,
+                or_(Snapshot.owner_id == owner_id, Snapshot.type == "base"),
+            )
+        )
+
+    async def list(self, owner_id: int, types: Collection[str]) -> list[Snapshot]:
+        rows = await self.session.scalars(
+            select(Snapshot)
+            .where(
+                Snapshot.type.in_(types),
+                or_(Snapshot.owner_id == owner_id, Snapshot.type == "base"),
+            )
+            .order_by(Snapshot.created_at, Snapshot.id)
+        )
+        return list(rows)
+
+    async def get_any_owner(self, snapshot_id: str) -> Snapshot | None:
+        return await self.session.get(Snapshot, snapshot_id)
+
+    async def list_any_owner(self, types: Collection[str] | None = None) -> list[Snapshot]:
+        query = select(Snapshot)
+        if types is not None:
+            query = query.where(Snapshot.type.in_(types))
+        return list(await self.session.scalars(query.order_by(Snapshot.created_at)))
+
+    async def children_any_owner(self, snapshot_id: str) -> list[str]:
+        rows = await self.session.scalars(
+            select(Snapshot.id).where(Snapshot.parent_id == snapshot_id)
+        )
+        return list(rows)
+
+    async def vms_on_disk_any_owner(
+        self, snapshot_id: str, statuses: Collection[str]
+    ) -> list[str]:
+        """VMs (in ``statuses``) whose disk is written on top of this snapshot's."""
+        rows = await self.session.scalars(
+            select(Vm.id).where(Vm.disk_snapshot_id == snapshot_id, Vm.status.in_(statuses))
+        )
+        return list(rows)
+
+    async def update_any_owner(self, snapshot_id: str, **fields: Any) -> None:
+        await self.session.execute(
+            update(Snapshot)
+            .where(Snapshot.id == snapshot_id)
+            .values(**fields)
+            .execution_options(synchronize_session=False)
+        )
+
+    async def delete(self, snapshot: Snapshot) -> None:
+        await self.session.delete(snapshot)
+        await self.session.flush()

@@ -16,7 +16,7 @@ RECORD_FIELDS = {
     "vm_id", "session_id", "status", "vcpu_count", "memory_mb", "image_variant", "metadata",
     "created_at", "expires_at", "share", "custom_domain", "volumes", "vault_ids", "env_status",
     "env_error", "snapshot_on_terminate", "snapshot_name", "failure_reason", "auto_suspend",
-    "auto_resume",
+    "auto_resume", "snapshot_id", "terminate_snapshot_id",
 }  # fmt: skip
 
 
@@ -46,7 +46,7 @@ async def test_create_get_list_delete(run_app: AppRunner, admin_key: Callable[[]
         assert filtered.json() == []
 
         deleted = await client.delete(f"/v1/vms/{vm_id}", headers=auth)
-        assert deleted.json() == {"vm_id": vm_id, "status": "terminated"}
+        assert deleted.json() == {"vm_id": vm_id, "status": "terminated", "snapshot_id": None}
         again = await client.delete(f"/v1/vms/{vm_id}", headers=auth)
         assert again.json() == deleted.json()
 

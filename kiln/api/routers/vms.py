@@ -96,7 +96,7 @@ async def update_vm(
 @router.delete("/{vm_id}", responses={**NOT_FOUND, 409: {"model": ErrorMessage}})
 async def delete_vm(vm_id: str, user: CurrentUser, vms: Vms) -> VMDeleteResponse:
     vm = await vms.terminate(user.id, vm_id)
-    return VMDeleteResponse(vm_id=vm.id, status=vm.status)
+    return VMDeleteResponse(vm_id=vm.id, status=vm.status, snapshot_id=vm.terminate_snapshot_id)
 
 
 @router.get("/{vm_id}/console", responses=NOT_FOUND)

@@ -1,0 +1,112 @@
+"""Snapshot routes, and the VM routes that save or restore VMs (API.md).
+
+``POST /v1/vms/{vm_id}/snapshot`` saves a running VM, which keeps running; with
+``wait=false`` the record comes back ``creating``. ``clone`` snapshots the VM and
+creates a new VM from that snapshot (the body takes create fields; its
+``snapshot_name`` names the snapshot). ``suspend`` saves the VM and stops its
+process; ``resume`` restores it under the same ``vm_id``.
+
+Snapshots are per user (another user's is a 404); base snapshots (one per image
+and shape, what new VMs are restored from) are listed for everyone and cannot be
+deleted here. Deleting a snapshot that a VM or another snapshot still builds on
+is a 409.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from kiln.api.deps import CurrentUser, Vms
+from kiln.schemas.errors import ErrorMessage
+from kiln.schemas.snapshots import (
+    SnapshotImportRequest,
+    SnapshotRecord,
+    SuccessResponse,
+    VMSnapshotRequest,
+)
+from kiln.schemas.vms import VMCreateRequest, VMCreateResponse, VMRecord
+from kiln.services.errors import Unsupported
+from kiln.services.snapshots import SnapshotService
+
+router = APIRouter(tags=["snapshots"])
+
+NOT_FOUND = {404: {"model": ErrorMessage}}
+NOT_FOUND_OR_CONFLICT = {**NOT_FOUND, 409: {"model": ErrorMessage}}
+Wait = Annotated[bool, Query(description="Wait until it is done")]
+
+
+def snapshot_service(request: Request) -> SnapshotService:
+    service = request.app.state.services.snapshots
+    if service is None:
+        raise Unsupported("snapshots are not available on this server")
+    return service
+
+
+@router.post("/v1/vms/{vm_id}/snapshot", responses=NOT_FOUND_OR_CONFLICT)
+async def snapshot_vm(
+    vm_id: str,
+    user: CurrentUser,
+    request: Request,
+    body: VMSnapshotRequest | None = None,
+    wait: Wait = True,
+) -> SnapshotRecord:
+    name = body.name if body else None
+    snapshot = await snapshot_service(request).snapshot_vm(user.id, vm_id, name, wait)
+    return SnapshotRecord.from_row(snapshot)
+
+
+@router.post("/v1/vms/{vm_id}/clone", responses=NOT_FOUND_OR_CONFLICT)
+async def clone_vm(
+    vm_id: str,
+    user: CurrentUser,
+    request: Request,
+    body: VMCreateRequest | None = None,
+    wait: Wait = True,
+) -> VMCreateResponse:
+    vm = await snapshot_service(request).clone_vm(
+        user.id, vm_id, body or VMCreateRequest(), wait
+    )
+    return VMCreateResponse.from_row(vm)
+
+
+@router.post("/v1/vms/{vm_id}/suspend", responses=NOT_FOUND_OR_CONFLICT)
+async def suspend_vm(vm_id: str, user: CurrentUser, vms: Vms) -> VMRecord:
+    return VMRecord.from_row(await vms.suspend(user.id, vm_id))
+
+
+@router.post("/v1/vms/{vm_id}/resume", responses=NOT_FOUND_OR_CONFLICT)
+async def resume_vm(vm_id: str, user: CurrentUser, vms: Vms, wait: Wait = True) -> VMRecord:
+    return VMRecord.from_row(await vms.resume(user.id, vm_id, wait))
+
+
+@router.get("/v1/snapshots")
+async def list_snapshots(
+    user: CurrentUser,
+    request: Request,
+    type: Annotated[str | None, Query(description="user, base or auto")] = None,
+) -> list[SnapshotRecord]:
+    snapshots = await snapshot_service(request).list(user.id, type)
+    return [SnapshotRecord.from_row(snapshot) for snapshot in snapshots]
+
+
+@router.post("/v1/snapshots", responses={400: {"model": ErrorMessage}})
+async def import_snapshot(body: SnapshotImportRequest, user: CurrentUser) -> SnapshotRecord:
+    raise Unsupported(
+        "building a snapshot from an OCI image is not built yet; "
+        "snapshot a running VM with POST /v1/vms/{vm_id}/snapshot instead"
+    )
+
+
+@router.get("/v1/snapshots/{snapshot_id}", responses=NOT_FOUND)
+async def get_snapshot(snapshot_id: str, user: CurrentUser, request: Request) -> SnapshotRecord:
+    return SnapshotRecord.from_row(await snapshot_service(request).get(user.id, snapshot_id))
+
+
+@router.delete("/v1/snapshots/{snapshot_id}", responses=NOT_FOUND_OR_CONFLICT)
+async def delete_snapshot(
+    snapshot_id: str, user: CurrentUser, request: Request
+) -> SuccessResponse:
+    await snapshot_service(request).delete(user.id, snapshot_id)
+    return SuccessResponse()

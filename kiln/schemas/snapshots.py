@@ -1,0 +1,80 @@
+"""Wire models of the snapshot routes (API.md, "Snapshots" and the VM routes
+snapshot / clone / suspend / resume)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+
+class SnapshotRow(Protocol):
+    """What a snapshot record is built from (``kiln.store.models.Snapshot``)."""
+
+    id: str
+    name: str | None
+    status: str
+    type: str
+    vcpu_count: int
+    memory_mb: int
+    size_bytes: int
+    source_vm_id: str | None
+    parent_id: str | None
+    failure_reason: str | None
+    created_at: datetime
+
+
+class SnapshotRecord(BaseModel):
+    # Both names of the id, as InstaVM answers.
+    snapshot_id: str
+    id: str
+    name: str | None
+    status: str  # creating, ready, failed
+    type: str  # user, base, auto
+    vcpu_count: int
+    memory_mb: int
+    size_bytes: int
+    source_vm_id: str | None
+    # The snapshot whose disk this one's is written on top of (it cannot go first).
+    parent_id: str | None
+    failure_reason: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, snapshot: SnapshotRow) -> SnapshotRecord:
+        return cls(
+            snapshot_id=snapshot.id,
+            id=snapshot.id,
+            name=snapshot.name,
+            status=snapshot.status,
+            type=snapshot.type,
+            vcpu_count=snapshot.vcpu_count,
+            memory_mb=snapshot.memory_mb,
+            size_bytes=snapshot.size_bytes,
+            source_vm_id=snapshot.source_vm_id,
+            parent_id=snapshot.parent_id,
+            failure_reason=snapshot.failure_reason,
+            created_at=snapshot.created_at,
+        )
+
+
+class VMSnapshotRequest(BaseModel):
+    """POST /v1/vms/{vm_id}/snapshot."""
+
+    name: str | None = None
+
+
+class SnapshotImportRequest(BaseModel):
+    """POST /v1/snapshots: a snapshot built from an OCI image (not built yet)."""
+
+    oci_image: str
+    name: str | None = None
+    vcpu_count: int | None = None
+    memory_mb: int | None = None
+    build_args: dict[str, Any] | None = None
+    type: str | None = None
+
+
+class SuccessResponse(BaseModel):
+    success: bool = True

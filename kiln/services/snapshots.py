@@ -1,0 +1,456 @@
+"""Snapshots: saving VMs, restoring VMs from them, and their housekeeping.
+
+A snapshot is a row (``kiln.store.models.Snapshot``) plus a directory the
+runtime saved a VM into. Types:
+
+- ``user``: ``POST /v1/vms/{id}/snapshot`` (and clones); the VM keeps running.
+- ``auto``: taken when a VM with ``snapshot_on_terminate`` is terminated.
+- ``base``: an image booted once and saved (``kiln.runtime.snapshots``); no
+  owner, visible to every user, deletable by none through the API. New VMs are
+  restored from these instead of booting.
+- ``suspend``: a suspended VM's saved state. Never listed; removed with its VM.
+
+Disks form chains: a saved disk is written on top of its parent snapshot's disk
+(``parent_id``), and a VM's own overlay on top of ``Vm.disk_snapshot_id``. So a
+snapshot can be deleted only when no snapshot has it as parent and no VM that
+still has a disk writes on top of it (409 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kiln.config import Settings
+from kiln.runtime.driver import BootImage, Hypervisor, SavedState, SaveError
+from kiln.runtime.snapshots import BaseSnapshots, Shape, directory_size, remove_saved
+from kiln.schemas.vms import VMCreateRequest
+from kiln.services.errors import Conflict, FieldProblem, InvalidRequest, NotFound
+from kiln.services.vm_policy import CreatePlan
+from kiln.store.db import Database
+from kiln.store.models import Snapshot, Vm
+from kiln.store.repositories import SnapshotRepository, VmRepository
+
+if TYPE_CHECKING:
+    from kiln.services.vms import VmService
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotType(StrEnum):
+    USER = "user"
+    AUTO = "auto"
+    BASE = "base"
+    SUSPEND = "suspend"
+
+
+class SnapshotStatus(StrEnum):
+    CREATING = "creating"
+    READY = "ready"
+    FAILED = "failed"
+
+
+# What GET /v1/snapshots shows and ?type= accepts.
+LISTED_TYPES = (SnapshotType.USER, SnapshotType.BASE, SnapshotType.AUTO)
+# VM states in which a VM still has a disk (on top of its disk_snapshot_id).
+VM_STATES_WITH_A_DISK = ("creating", "running", "suspending", "suspended", "resuming", "terminating")
+VM_ENDED_STATES = ("terminated", "failed")
+GC_INTERVAL_SECONDS = 60.0
+
+
+def new_snapshot_id() -> str:
+    return "snap-" + secrets.token_hex(8)
+
+
+def base_snapshot_id(key: str) -> str:
+    return "base-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """How a new VM starts from a saved state instead of booting."""
+
+    saved: SavedState
+    disk_snapshot_id: str  # the snapshot its overlay is written on
+    snapshot_id: str | None  # the user's snapshot it was asked to start from, if any
+
+
+class SnapshotService:
+    def __init__(
+        self, settings: Settings, db: Database, hypervisor: Hypervisor, vms: VmService
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._hypervisor = hypervisor
+        self._vms = vms
+        self.base = BaseSnapshots(settings, hypervisor)
+        self._background: set[asyncio.Task[None]] = set()
+        self._gc_loop: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Settle snapshots a stopped server left half-made, then collect garbage."""
+        async with self._db.transaction() as session:
+            repository = SnapshotRepository(session)
+            for snapshot in await repository.list_any_owner():
+                if snapshot.status == SnapshotStatus.CREATING:
+                    await repository.update_any_owner(
+                        snapshot.id,
+                        status=SnapshotStatus.FAILED,
+                        failure_reason="the server stopped while the snapshot was being made",
+                    )
+        await self.collect_garbage()
+        await self.base.remove_unfinished_builds()
+        self._gc_loop = asyncio.create_task(self._collect_garbage_forever(), name="snapshot-gc")
+
+    async def stop(self) -> None:
+        tasks = [*self._background, *([self._gc_loop] if self._gc_loop else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._background.clear()
+        self._gc_loop = None
+
+    # -- user operations -------------------------------------------------------------
+
+    async def snapshot_vm(
+        self, owner_id: int, vm_id: str, name: str | None, wait: bool
+    ) -> Snapshot:
+        """Save a running VM, which keeps running (POST /v1/vms/{id}/snapshot)."""
+        vm = await self._vms.get(owner_id, vm_id)
+        if vm.status != "running":
+            raise Conflict(f"vm {vm_id} is {vm.status}; only a running VM can be snapshotted")
+        snapshot = await self._add(vm, SnapshotType.USER, name)
+        task = self._in_background(self._save(vm.id, snapshot.id, keep_running=True))
+        if wait:
+            # Shielded: a client that hangs up must not cut a save short. A failure
+            # is recorded on the snapshot (status failed, failure_reason).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+        return await self._reload(snapshot.id)
+
+    async def clone_vm(
+        self, owner_id: int, vm_id: str, request: VMCreateRequest, wait: bool
+    ) -> Vm:
+        """Snapshot the VM (named ``request.snapshot_name``) and create a new VM
+        from that snapshot with the other create fields of ``request``."""
+        if request.snapshot_id is not None:
+            raise InvalidRequest.single(
+                ("snapshot_id",), "a clone starts from the VM itself; leave snapshot_id out"
+            )
+        snapshot = await self.snapshot_vm(owner_id, vm_id, request.snapshot_name, wait=True)
+        if snapshot.status != SnapshotStatus.READY:
+            raise Conflict(f"vm {vm_id} could not be snapshotted: {snapshot.failure_reason}")
+        create = request.model_copy(update={"snapshot_id": snapshot.id, "snapshot_name": None})
+        return await self._vms.create(owner_id, create, wait)
+
+    async def list(self, owner_id: int, snapshot_type: str | None) -> list[Snapshot]:
+        if snapshot_type is not None and snapshot_type not in LISTED_TYPES:
+            raise InvalidRequest.single(
+                ("type",), f"must be one of {', '.join(LISTED_TYPES)}"
+            )
+        types = [snapshot_type] if snapshot_type else list(LISTED_TYPES)
+        async with self._db.transaction() as session:
+            return await SnapshotRepository(session).list(owner_id, types)
+
+    async def get(self, owner_id: int, snapshot_id: str) -> Snapshot:
+        async with self._db.transaction() as session:
+            snapshot = await SnapshotRepository(session).get(owner_id, snapshot_id)
+        if snapshot is None or snapshot.type not in LISTED_TYPES:
+            raise NotFound(f"snapshot {snapshot_id} not found")
+        return snapshot
+
+    async def delete(self, owner_id: int, snapshot_id: str) -> None:
+        snapshot = await self.get(owner_id, snapshot_id)
+        if snapshot.type == SnapshotType.BASE:
+            raise Conflict(
+                f"snapshot {snapshot_id} is a base snapshot: it belongs to its image, "
+                "and VMs are made from it; it cannot be deleted through the API"
+            )
+        if snapshot.status == SnapshotStatus.CREATING:
+            raise Conflict(f"snapshot {snapshot_id} is still being made")
+        # Suspended states of ended VMs may be all that still hangs off it.
+        await self.collect_garbage()
+        async with self._db.transaction() as session:
+            users = await self._dependents(SnapshotRepository(session), snapshot_id)
+            if users:
+                raise Conflict(f"snapshot {snapshot_id} is in use by {', '.join(users)}")
+            await SnapshotRepository(session).delete(snapshot)
+        await asyncio.to_thread(remove_saved, Path(snapshot.directory))
+
+    # -- for the VM service ----------------------------------------------------------
+
+    async def plan_source(
+        self, owner_id: int, request: VMCreateRequest, plan: CreatePlan
+    ) -> tuple[CreatePlan, Snapshot | None]:
+        """Apply ``snapshot_id`` of a create request: the VM takes the snapshot's
+        shape and image (memory and vCPUs default to the snapshot's; asking for
+        others is a 422, since a saved VM only continues on the machine it ran on)."""
+        if request.snapshot_id is None:
+            return plan, None
+        async with self._db.transaction() as session:
+            snapshot = await SnapshotRepository(session).get(owner_id, request.snapshot_id)
+        if snapshot is None or snapshot.type not in LISTED_TYPES:
+            raise NotFound(f"snapshot_id: snapshot {request.snapshot_id} not found")
+        if snapshot.status != SnapshotStatus.READY:
+            raise Conflict(f"snapshot_id: snapshot {snapshot.id} is {snapshot.status}, not ready")
+        problems = [
+            FieldProblem(
+                (field,),
+                f"must be {wanted} (or left out): snapshot {snapshot.id} was saved with "
+                f"{wanted} and a saved VM continues only with the {what} it had",
+            )
+            for field, asked, wanted, what in (
+                ("memory_mb", request.memory_mb, snapshot.memory_mb, "memory"),
+                ("vcpu_count", request.vcpu_count, snapshot.vcpu_count, "vCPUs"),
+            )
+            if asked is not None and asked != wanted
+        ]
+        if request.image_variant is not None and request.image_variant != snapshot.image_variant:
+            problems.append(
+                FieldProblem(
+                    ("image_variant",),
+                    f"must be {snapshot.image_variant!r} (or left out): the image of snapshot "
+                    f"{snapshot.id}",
+                )
+            )
+        if problems:
+            raise InvalidRequest(problems)
+        plan = dataclasses.replace(
+            plan,
+            memory_mb=snapshot.memory_mb,
+            vcpu_count=snapshot.vcpu_count,
+            image_variant=snapshot.image_variant,
+        )
+        return plan, snapshot
+
+    async def plan_restore(
+        self, plan: CreatePlan, image: BootImage, source: Snapshot | None
+    ) -> RestorePlan | None:
+        """The saved state a new VM continues from: its source snapshot, else the
+        base snapshot of its image and shape. None: it must boot cold (no base
+        snapshot of that shape yet; one is made in the background for next time)."""
+        if source is not None:
+            return RestorePlan(
+                saved=self._hypervisor.saved_state(Path(source.directory)),
+                disk_snapshot_id=source.id,
+                snapshot_id=source.id,
+            )
+        shape = Shape(plan.memory_mb, plan.vcpu_count)
+        base = await self.base_snapshot(image, shape)
+        if base is None:
+            later = self.make_base_snapshot_later(image, shape)
+            log.warning(
+                "no base snapshot of image %s for %s: this VM boots cold (slow)%s",
+                image.variant,
+                shape,
+                "; one is being made for the next" if later else "",
+            )
+            return None
+        snapshot_id, saved = base
+        return RestorePlan(saved=saved, disk_snapshot_id=snapshot_id, snapshot_id=None)
+
+    async def base_snapshot(self, image: BootImage, shape: Shape) -> tuple[str, SavedState] | None:
+        """The cached base snapshot (its row made on first use), or None."""
+        saved = self.base.find(image, shape)
+        key = self.base.key(image, shape)
+        if saved is None or key is None:
+            return None
+        snapshot_id = base_snapshot_id(key)
+        async with self._db.transaction() as session:
+            repository = SnapshotRepository(session)
+            if await repository.get_any_owner(snapshot_id) is None:
+                await repository.add(
+                    Snapshot(
+                        id=snapshot_id,
+                        owner_id=None,
+                        name=f"{image.variant} {shape}",
+                        type=SnapshotType.BASE,
+                        status=SnapshotStatus.READY,
+                        vcpu_count=shape.vcpu_count,
+                        memory_mb=shape.memory_mb,
+                        image_variant=image.variant,
+                        size_bytes=await asyncio.to_thread(directory_size, saved.directory),
+                        directory=str(saved.directory),
+                        created_at=_now(),
+                    )
+                )
+        return snapshot_id, saved
+
+    async def ensure_base_snapshot(self, image: BootImage, shape: Shape) -> tuple[str, SavedState]:
+        """The base snapshot, made now (a cold boot) if it is not cached."""
+        await self.base.ensure(image, shape)
+        found = await self.base_snapshot(image, shape)
+        assert found is not None, "ensure made it"
+        return found
+
+    def make_base_snapshot_later(self, image: BootImage, shape: Shape) -> bool:
+        """Start making the base snapshot in the background; False if it cannot be
+        made (the image's files are missing)."""
+        accel_decided = self._hypervisor.accel in ("kvm", "tcg")
+        if accel_decided and self.base.key(image, shape) is None:
+            return False
+        self._in_background(self._make_base_quietly(image, shape))
+        return True
+
+    async def save_before_teardown(self, vm: Vm, snapshot_type: SnapshotType, name: str | None) -> Snapshot:
+        """Save a VM that is about to stop (terminate with snapshot_on_terminate,
+        suspend): its process stops and its disk moves into the snapshot."""
+        snapshot = await self._add(vm, snapshot_type, name)
+        await self._save(vm.id, snapshot.id, keep_running=False)
+        return await self._reload(snapshot.id)
+
+    async def adopt_suspend_state(self, snapshot_id: str, name: str | None) -> Snapshot:
+        """A suspended VM being terminated with snapshot_on_terminate: its saved
+        state already is the snapshot wanted; it becomes the user's (type auto)."""
+        async with self._db.transaction() as session:
+            await SnapshotRepository(session).update_any_owner(
+                snapshot_id, type=SnapshotType.AUTO, name=name
+            )
+        return await self._reload(snapshot_id)
+
+    async def saved_state_of(self, snapshot_id: str) -> SavedState:
+        snapshot = await self._reload(snapshot_id)
+        return self._hypervisor.saved_state(Path(snapshot.directory))
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    async def collect_garbage(self) -> None:
+        """Remove what nothing needs any more: saved states of suspended VMs that
+        ended (unless a snapshot was taken on top of them), and directories under
+        the snapshots dir that no row names (a crash between the two)."""
+        while await self._remove_one_unneeded_suspend_state():
+            pass
+        snapshots_dir = self._settings.snapshots_dir
+        if not snapshots_dir.is_dir():
+            return
+        async with self._db.transaction() as session:
+            known = {Path(s.directory).name for s in await SnapshotRepository(session).list_any_owner()}
+        for directory in snapshots_dir.iterdir():
+            if directory.name not in known:
+                log.info("removing %s: no snapshot record names it", directory)
+                await asyncio.to_thread(remove_saved, directory)
+
+    async def _remove_one_unneeded_suspend_state(self) -> bool:
+        async with self._db.transaction() as session:
+            snapshots = SnapshotRepository(session)
+            vms = VmRepository(session)
+            for snapshot in await snapshots.list_any_owner([SnapshotType.SUSPEND]):
+                vm = await vms.get_any_owner(snapshot.source_vm_id or "")
+                if vm is not None and vm.status not in VM_ENDED_STATES:
+                    continue
+                if await self._dependents(snapshots, snapshot.id):
+                    continue
+                await snapshots.delete(snapshot)
+                directory = Path(snapshot.directory)
+                break
+            else:
+                return False
+        await asyncio.to_thread(remove_saved, directory)
+        return True
+
+    # -- internals -------------------------------------------------------------------
+
+    async def _add(self, vm: Vm, snapshot_type: SnapshotType, name: str | None) -> Snapshot:
+        snapshot_id = new_snapshot_id()
+        async with self._db.transaction() as session:
+            return await SnapshotRepository(session).add(
+                Snapshot(
+                    id=snapshot_id,
+                    owner_id=vm.owner_id,
+                    name=name,
+                    type=snapshot_type,
+                    status=SnapshotStatus.CREATING,
+                    vcpu_count=vm.vcpu_count,
+                    memory_mb=vm.memory_mb,
+                    image_variant=vm.image_variant,
+                    size_bytes=0,
+                    source_vm_id=vm.id,
+                    parent_id=vm.disk_snapshot_id,
+                    directory=str((self._settings.snapshots_dir / snapshot_id).resolve()),
+                    created_at=_now(),
+                )
+            )
+
+    async def _save(self, vm_id: str, snapshot_id: str, *, keep_running: bool) -> None:
+        """Save the VM into the snapshot's directory and record the outcome.
+
+        Either way the VM's disk may now be written on top of the snapshot's
+        disk (the save froze it); then the VM depends on the snapshot."""
+        snapshot = await self._reload(snapshot_id)
+        try:
+            saved, disk_parent = await self._vms.save_machine(
+                vm_id, Path(snapshot.directory), keep_running=keep_running
+            )
+        except Exception as error:
+            disk_in_use = isinstance(error, SaveError) and error.disk_in_use
+            log.warning("snapshot %s of vm %s failed: %s", snapshot_id, vm_id, error)
+            await self._record(
+                snapshot_id,
+                vm_id if disk_in_use else None,
+                status=SnapshotStatus.FAILED,
+                failure_reason=str(error) or type(error).__name__,
+            )
+            raise
+        size = await asyncio.to_thread(directory_size, saved.directory)
+        await self._record(
+            snapshot_id, vm_id, status=SnapshotStatus.READY, size_bytes=size, parent_id=disk_parent
+        )
+
+    async def _record(self, snapshot_id: str, vm_on_it: str | None, **fields: object) -> None:
+        async with self._db.transaction() as session:
+            await SnapshotRepository(session).update_any_owner(snapshot_id, **fields)
+            if vm_on_it is not None:
+                await VmRepository(session).set_disk_snapshot_any_owner(vm_on_it, snapshot_id)
+
+    async def _dependents(self, snapshots: SnapshotRepository, snapshot_id: str) -> list[str]:
+        children = await snapshots.children_any_owner(snapshot_id)
+        vms = await snapshots.vms_on_disk_any_owner(snapshot_id, VM_STATES_WITH_A_DISK)
+        return [f"vm {vm_id}" for vm_id in vms] + [f"snapshot {child}" for child in children]
+
+    async def _reload(self, snapshot_id: str) -> Snapshot:
+        async with self._db.transaction() as session:
+            snapshot = await SnapshotRepository(session).get_any_owner(snapshot_id)
+        if snapshot is None:
+            raise NotFound(f"snapshot {snapshot_id} not found")
+        return snapshot
+
+    async def _make_base_quietly(self, image: BootImage, shape: Shape) -> None:
+        try:
+            await self.ensure_base_snapshot(image, shape)
+        except Exception as error:
+            log.warning("making the base snapshot of %s for %s failed: %s", image.variant, shape, error)
+
+    def _in_background(self, work: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(work)  # type: ignore[arg-type]
+        self._background.add(task)
+
+        def finished(done: asyncio.Task[None]) -> None:
+            self._background.discard(done)
+            if not done.cancelled() and done.exception() is not None:
+                log.debug("background snapshot work failed: %s", done.exception())
+
+        task.add_done_callback(finished)
+        return task
+
+    async def _collect_garbage_forever(self) -> None:
+        while True:
+            await asyncio.sleep(GC_INTERVAL_SECONDS)
+            try:
+                await self.collect_garbage()
+            except Exception:
+                log.exception("snapshot garbage collection failed")
