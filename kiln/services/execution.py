@@ -130,6 +130,11 @@ def guest_time_limit(timeout: float) -> float:
     return timeout - min(REPLY_MARGIN_SECONDS, timeout / 4)
 
 
+def unfinished_note(reason: str) -> str:
+    """The stderr of a task that could not run to its end."""
+    return f"[kiln: the task did not finish: {reason}]\n"
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -144,11 +149,13 @@ class ExecutionService:
 
     async def start(self) -> None:
         """Settle the tasks an earlier server was running when it stopped or crashed."""
+        reason = "the server restarted while this task ran; its result is lost"
         async with self._db.transaction() as session:
             settled = await ExecutionTaskRepository(session).finish_all_in_status_any_owner(
                 TaskStatus.RUNNING,
                 status=TaskStatus.FAILED,
-                error="the server restarted while this task ran; its result is lost",
+                stderr=unfinished_note(reason),
+                error=reason,
                 completed_at=_now(),
             )
         if settled:
@@ -330,7 +337,7 @@ class ExecutionService:
         await self._finish_task(
             task_id,
             status=TaskStatus.FAILED,
-            stderr=f"[kiln: the task did not finish: {reason}]\n",
+            stderr=unfinished_note(reason),
             error=reason,
         )
 
