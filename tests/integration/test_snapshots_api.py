@@ -1,0 +1,216 @@
+"""Snapshots, clones, suspend/resume and restore-on-create through the HTTP API,
+with the real QEMU runtime and database (the app runs in-process)."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from kiln.api.app import ADMIN_KEY_FILE, create_app
+from kiln.config import Settings
+from kiln.runtime.qemu import QemuHypervisor
+from kiln.services.vms import VmService
+from unit.harness import add_user, key_headers
+
+pytestmark = pytest.mark.vm
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    vms: VmService
+    auth: dict[str, str]
+    other_auth: dict[str, str]
+
+    async def create(self, wait: bool = True, **fields: object) -> dict:
+        response = await self.client.post(
+            "/v1/vms", json=fields, params={"wait": wait}, headers=self.auth
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def shell(self, vm_id: str, command: str) -> str:
+        machine = await self.vms.running_machine(self.owner_id, vm_id)
+        output = b""
+        async for frame in machine.agent.stream("exec", shell=command, timeout=30):
+            if frame["kind"] == "stdout":
+                output += base64.b64decode(frame["data"])
+        return output.decode()
+
+    async def python(self, vm_id: str, code: str) -> str:
+        machine = await self.vms.running_machine(self.owner_id, vm_id)
+        output = b""
+        async for frame in machine.agent.stream("python_exec", session="s", code=code, timeout=30):
+            if frame["kind"] == "stdout":
+                output += base64.b64decode(frame["data"])
+        return output.decode()
+
+    @property
+    def owner_id(self) -> int:
+        return 1  # the bootstrap admin
+
+
+@pytest.fixture
+async def api(vm_settings: Settings, base_snapshot, tmp_path: Path) -> AsyncIterator[Api]:
+    """A started app over a fresh data dir whose default VM shape is the base
+    snapshot's, so creates restore (the cache is the shared KILN_CACHE_DIR)."""
+    data_dir = Path(vm_settings.data_dir) / f"api-{time.monotonic_ns() % 10**8}"
+    settings = Settings(
+        data_dir=data_dir,
+        cache_dir=vm_settings.cache_dir,
+        database_url=f"sqlite+aiosqlite:///{data_dir / 'kiln.db'}",
+        default_memory_mb=base_snapshot.memory_mb,
+        default_vcpu_count=base_snapshot.vcpu_count,
+    )
+    hypervisor = QemuHypervisor(settings)
+    app: FastAPI = create_app(settings, hypervisor=hypervisor)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://kiln", timeout=120
+        ) as client:
+            admin = (data_dir / ADMIN_KEY_FILE).read_text().strip()
+            other = await add_user(settings, "other")
+            services = app.state.services
+            try:
+                yield Api(client, services.vms, key_headers(admin), key_headers(other))
+            finally:
+                for vm in await services.vms.list(1, live_only=True):
+                    await services.vms.terminate(1, vm.id)
+    # Anything a failed test left running goes too.
+    for run_dir in settings.vms_dir.glob("*") if settings.vms_dir.exists() else []:
+        await hypervisor.destroy(run_dir.name, run_dir)
+
+
+async def test_a_create_restores_the_base_snapshot(api: Api) -> None:
+    started = time.monotonic()
+    vm = await api.create()
+    print(f"\ncreate (restore from the base snapshot) to running: {time.monotonic() - started:.2f}s")
+    assert vm["status"] == "running"
+    assert (await api.shell(vm["vm_id"], "hostname")).strip() == vm["vm_id"]
+    bases = (await api.client.get("/v1/snapshots?type=base", headers=api.other_auth)).json()
+    assert [base["type"] for base in bases] == ["base"]
+    # Visible to all, deletable by none.
+    deleted = await api.client.delete(f"/v1/snapshots/{bases[0]['id']}", headers=api.auth)
+    assert deleted.status_code == 409
+
+
+async def test_a_vm_made_from_a_snapshot_continues_where_it_was(api: Api) -> None:
+    source = (await api.create())["vm_id"]
+    await api.shell(source, "echo saved > /root/file; (sleep 1000 &); true")
+    await api.python(source, "answer = 42")
+    response = await api.client.post(
+        f"/v1/vms/{source}/snapshot", json={"name": "mine"}, headers=api.auth
+    )
+    assert response.status_code == 200, response.text
+    snapshot = response.json()
+    assert (snapshot["status"], snapshot["type"], snapshot["name"]) == ("ready", "user", "mine")
+    assert snapshot["source_vm_id"] == source and snapshot["size_bytes"] > 0
+
+    clone = await api.create(snapshot_id=snapshot["id"])
+    vm_id = clone["vm_id"]
+    assert await api.shell(vm_id, "cat /root/file") == "saved\n"
+    assert await api.shell(vm_id, "pgrep -x sleep >/dev/null && echo alive") == "alive\n"
+    assert await api.python(vm_id, "print(answer)") == "42\n"
+    assert (await api.shell(vm_id, "hostname")).strip() == vm_id
+    record = (await api.client.get(f"/v1/vms/{vm_id}", headers=api.auth)).json()
+    assert record["snapshot_id"] == snapshot["id"]
+
+    # In use by two VMs: not deletable; once they are gone, it is.
+    in_use = await api.client.delete(f"/v1/snapshots/{snapshot['id']}", headers=api.auth)
+    assert in_use.status_code == 409 and vm_id in in_use.json()["detail"]
+    for vm in (source, vm_id):
+        await api.client.delete(f"/v1/vms/{vm}", headers=api.auth)
+    gone = await api.client.delete(f"/v1/snapshots/{snapshot['id']}", headers=api.auth)
+    assert gone.status_code == 200, gone.text
+    assert (await api.client.get(f"/v1/snapshots/{snapshot['id']}", headers=api.auth)).status_code == 404
+
+
+async def test_snapshot_id_is_checked(api: Api) -> None:
+    source = (await api.create())["vm_id"]
+    snapshot = (
+        await api.client.post(f"/v1/vms/{source}/snapshot", headers=api.auth)
+    ).json()
+    wrong_shape = await api.client.post(
+        "/v1/vms", json={"snapshot_id": snapshot["id"], "memory_mb": 1024}, headers=api.auth
+    )
+    assert wrong_shape.status_code == 422
+    (problem,) = wrong_shape.json()["detail"]
+    assert problem["loc"] == ["body", "memory_mb"]
+    assert "saved with" in problem["msg"]
+    for auth in (api.auth, api.other_auth):
+        missing = await api.client.post(
+            "/v1/vms",
+            json={"snapshot_id": "snap-nothing" if auth is api.auth else snapshot["id"]},
+            headers=auth,
+        )
+        assert missing.status_code == 404
+        assert "snapshot_id" in missing.json()["detail"]
+    # Another user sees neither the snapshot nor its listing.
+    assert (
+        await api.client.get(f"/v1/snapshots/{snapshot['id']}", headers=api.other_auth)
+    ).status_code == 404
+    assert (await api.client.get("/v1/snapshots?type=user", headers=api.other_auth)).json() == []
+    refused = await api.client.post(
+        "/v1/snapshots", json={"oci_image": "/tmp/layout"}, headers=api.auth
+    )
+    assert refused.status_code == 400 and "not built yet" in refused.json()["detail"]
+
+
+async def test_snapshot_on_terminate_saves_the_vm_first(api: Api) -> None:
+    vm_id = (await api.create(snapshot_on_terminate=True, snapshot_name="last words"))["vm_id"]
+    await api.shell(vm_id, "echo bye > /root/file")
+    deleted = (await api.client.delete(f"/v1/vms/{vm_id}", headers=api.auth)).json()
+    assert deleted["status"] == "terminated" and deleted["snapshot_id"]
+    snapshot = (
+        await api.client.get(f"/v1/snapshots/{deleted['snapshot_id']}", headers=api.auth)
+    ).json()
+    assert (snapshot["type"], snapshot["name"], snapshot["status"]) == ("auto", "last words", "ready")
+    record = (await api.client.get(f"/v1/vms/{vm_id}", headers=api.auth)).json()
+    assert record["terminate_snapshot_id"] == snapshot["id"]
+    revived = await api.create(snapshot_id=snapshot["id"])
+    assert await api.shell(revived["vm_id"], "cat /root/file") == "bye\n"
+
+
+async def test_suspend_and_resume_keep_the_vm(api: Api) -> None:
+    vm_id = (await api.create())["vm_id"]
+    await api.python(vm_id, "kept = 'yes'")
+    suspended = await api.client.post(f"/v1/vms/{vm_id}/suspend", headers=api.auth)
+    assert suspended.status_code == 200, suspended.text
+    assert suspended.json()["status"] == "suspended"
+    live = (await api.client.get("/v1/vms", headers=api.auth)).json()
+    assert [vm["status"] for vm in live if vm["vm_id"] == vm_id] == ["suspended"]
+
+    resumed = await api.client.post(f"/v1/vms/{vm_id}/resume", headers=api.auth)
+    assert resumed.status_code == 200, resumed.text
+    assert (resumed.json()["vm_id"], resumed.json()["status"]) == (vm_id, "running")
+    assert await api.python(vm_id, "print(kept)") == "yes\n"
+
+    # auto_resume: talking to a suspended VM wakes it.
+    await api.client.patch(f"/v1/vms/{vm_id}", json={"auto_resume": True}, headers=api.auth)
+    await api.client.post(f"/v1/vms/{vm_id}/suspend", headers=api.auth)
+    assert await api.python(vm_id, "print(kept)") == "yes\n"
+
+
+async def test_clone_makes_a_second_vm_with_the_same_memory_and_disk(api: Api) -> None:
+    source = (await api.create())["vm_id"]
+    await api.shell(source, "echo original > /root/file")
+    response = await api.client.post(
+        f"/v1/vms/{source}/clone", json={"snapshot_name": "fork"}, headers=api.auth
+    )
+    assert response.status_code == 200, response.text
+    clone = response.json()
+    assert clone["status"] == "running" and clone["vm_id"] != source
+    assert await api.shell(clone["vm_id"], "cat /root/file") == "original\n"
+    # They are two machines now.
+    await api.shell(clone["vm_id"], "echo changed > /root/file")
+    assert await api.shell(source, "cat /root/file") == "original\n"
+    names = [s["name"] for s in (await api.client.get("/v1/snapshots", headers=api.auth)).json()]
+    assert "fork" in names
