@@ -32,7 +32,7 @@ from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.snapshots import SnapshotService
 from kiln.services.users import UserService
-from kiln.services.vms import ImageSource, VmService
+from kiln.services.vms import ImageSource, VmService, new_vm_id
 from kiln.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def create_app(
 
         images = ImageStore(settings)
     runtime: tuple[Hypervisor, ImageSource] = (hypervisor, images)
+    images_source = images
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +112,7 @@ def create_app(
             vm_service.snapshots = snapshot_service
             await vm_service.start()
             await snapshot_service.start()
+            vm_service.pool = await snapshot_service.start_pool(images_source, new_vm_id)
             execution_service = ExecutionService(vm_service, db)
             await execution_service.start()
             app.state.services = Services(
@@ -128,6 +130,8 @@ def create_app(
             finally:
                 await execution_service.stop()
                 await snapshot_service.stop()
+                if vm_service.pool is not None:
+                    await vm_service.pool.stop()
                 await vm_service.stop()
         finally:
             await db.close()

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -32,16 +33,17 @@ from typing import TYPE_CHECKING
 
 from kiln.config import Settings
 from kiln.runtime.driver import BootImage, Hypervisor, SavedState, SaveError
+from kiln.runtime.pool import WarmPool
 from kiln.runtime.snapshots import BaseSnapshots, Shape, directory_size, remove_saved
 from kiln.schemas.vms import VMCreateRequest
 from kiln.services.errors import Conflict, FieldProblem, InvalidRequest, NotFound
-from kiln.services.vm_policy import CreatePlan
+from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT, CreatePlan
 from kiln.store.db import Database
 from kiln.store.models import Snapshot, Vm
 from kiln.store.repositories import SnapshotRepository, VmRepository
 
 if TYPE_CHECKING:
-    from kiln.services.vms import VmService
+    from kiln.services.vms import ImageSource, VmService
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +328,26 @@ class SnapshotService:
     async def saved_state_of(self, snapshot_id: str) -> SavedState:
         snapshot = await self._reload(snapshot_id)
         return self._hypervisor.saved_state(Path(snapshot.directory))
+
+    async def start_pool(
+        self, images: ImageSource, new_vm_id: Callable[[], str]
+    ) -> WarmPool | None:
+        """The warm pool (KILN_POOL_SIZE idle VMs of the default image and shape),
+        started; None when the size is 0. It also clears idle VMs a crashed
+        server left, whatever the size now."""
+        settings = self._settings
+        shape = Shape(settings.default_memory_mb, settings.default_vcpu_count)
+
+        async def default_base() -> tuple[BootImage, SavedState] | None:
+            image = images.get(DEFAULT_IMAGE_VARIANT)
+            if image is None:
+                return None
+            _, saved = await self.ensure_base_snapshot(image, shape)
+            return image, saved
+
+        pool = WarmPool(settings, self._hypervisor, settings.pool_size, default_base, new_vm_id)
+        await pool.start()
+        return pool if settings.pool_size > 0 else None
 
     # -- housekeeping ----------------------------------------------------------------
 

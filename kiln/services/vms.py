@@ -45,6 +45,7 @@ from kiln.store.models import Vm
 from kiln.store.repositories import SessionRepository, VmRepository
 
 if TYPE_CHECKING:
+    from kiln.runtime.pool import WarmPool
     from kiln.services.snapshots import SnapshotService
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class VmService:
         # Set by the app factory (it needs this service too); None: no snapshots,
         # every VM boots cold.
         self.snapshots: SnapshotService | None = None
+        # Set by the app factory when KILN_POOL_SIZE > 0.
+        self.pool: WarmPool | None = None
         # One save of a VM at a time; terminate waits for a save in progress.
         self._save_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
@@ -194,12 +197,22 @@ class VmService:
         restore = None
         if self.snapshots is not None:
             restore = await self.snapshots.plan_restore(plan, image, source)
-        vm = await self._admit(
-            owner_id,
-            plan,
-            snapshot_id=restore.snapshot_id if restore else None,
-            disk_snapshot_id=restore.disk_snapshot_id if restore else None,
-        )
+        # Faster still: a VM of the warm pool, already restored from that base snapshot.
+        claimed = None
+        if self.pool is not None and restore is not None and restore.snapshot_id is None:
+            claimed = self.pool.claim(restore.saved)
+        try:
+            vm = await self._admit(
+                owner_id,
+                plan,
+                vm_id=claimed.vm_id if claimed else None,
+                snapshot_id=restore.snapshot_id if restore else None,
+                disk_snapshot_id=restore.disk_snapshot_id if restore else None,
+            )
+        except BaseException:
+            if claimed is not None:
+                await self._hypervisor.destroy(claimed.vm_id, claimed.run_dir)
+            raise
         spec = MachineSpec(
             vm_id=vm.id,
             vcpu_count=vm.vcpu_count,
@@ -208,7 +221,7 @@ class VmService:
             run_dir=self.run_dir(vm.id),
             restore_from=restore.saved if restore else None,
         )
-        self._start_boot(spec, plan.env)
+        self._start_boot(spec, plan.env, machine=claimed)
         if not wait:
             return vm
         # Shielded: a client that hangs up must not cancel the boot half-way.
@@ -455,6 +468,7 @@ class VmService:
         owner_id: int,
         plan: CreatePlan,
         *,
+        vm_id: str | None = None,
         snapshot_id: str | None = None,
         disk_snapshot_id: str | None = None,
     ) -> Vm:
@@ -484,7 +498,7 @@ class VmService:
             now = _now()
             return await vms.add(
                 Vm(
-                    id=new_vm_id(),
+                    id=vm_id or new_vm_id(),
                     owner_id=owner_id,
                     session_id=session_id,
                     status=S.CREATING,
@@ -509,21 +523,32 @@ class VmService:
             )
 
     def _start_boot(
-        self, spec: MachineSpec, env: dict[str, str], current: VmStatus = S.CREATING
+        self,
+        spec: MachineSpec,
+        env: dict[str, str],
+        current: VmStatus = S.CREATING,
+        machine: Machine | None = None,
     ) -> None:
         vm_id = spec.vm_id
-        task = asyncio.create_task(self._boot(spec, env, current), name=f"boot:{vm_id}")
+        task = asyncio.create_task(
+            self._boot(spec, env, current, machine), name=f"boot:{vm_id}"
+        )
         self._boot_tasks[vm_id] = task
         task.add_done_callback(lambda _: self._boot_tasks.pop(vm_id, None))
 
     async def _boot(
-        self, spec: MachineSpec, env: dict[str, str], current: VmStatus = S.CREATING
+        self,
+        spec: MachineSpec,
+        env: dict[str, str],
+        current: VmStatus = S.CREATING,
+        claimed: Machine | None = None,
     ) -> None:
-        """Start the VM's process and make it running; ``current`` is creating,
-        or resuming for a suspended VM (whose env is already in its memory)."""
+        """Start the VM's process (or take ``claimed``, a warm pool VM already
+        running) and make it running; ``current`` is creating, or resuming for a
+        suspended VM (whose env is already in its memory)."""
         vm_id = spec.vm_id
         try:
-            machine = await self._hypervisor.start(spec)
+            machine = claimed or await self._hypervisor.start(spec)
             self._machines[vm_id] = machine
             # Raises BootError quoting the console if the guest never answers or QEMU dies.
             await machine.wait_ready(self._settings.boot_timeout_seconds)

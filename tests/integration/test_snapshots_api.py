@@ -3,9 +3,11 @@ with the real QEMU runtime and database (the app runs in-process)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from fastapi import FastAPI
 
 from kiln.api.app import ADMIN_KEY_FILE, create_app
 from kiln.config import Settings
+from kiln.runtime.driver import SavedState
 from kiln.runtime.qemu import QemuHypervisor
 from kiln.services.vms import VmService
 from unit.harness import add_user, key_headers
@@ -57,8 +60,10 @@ class Api:
         return 1  # the bootstrap admin
 
 
-@pytest.fixture
-async def api(vm_settings: Settings, base_snapshot, tmp_path: Path) -> AsyncIterator[Api]:
+@asynccontextmanager
+async def running_api(
+    vm_settings: Settings, base_snapshot: SavedState, pool_size: int = 0
+) -> AsyncIterator[Api]:
     """A started app over a fresh data dir whose default VM shape is the base
     snapshot's, so creates restore (the cache is the shared KILN_CACHE_DIR)."""
     data_dir = Path(vm_settings.data_dir) / f"api-{time.monotonic_ns() % 10**8}"
@@ -68,6 +73,7 @@ async def api(vm_settings: Settings, base_snapshot, tmp_path: Path) -> AsyncIter
         database_url=f"sqlite+aiosqlite:///{data_dir / 'kiln.db'}",
         default_memory_mb=base_snapshot.memory_mb,
         default_vcpu_count=base_snapshot.vcpu_count,
+        pool_size=pool_size,
     )
     hypervisor = QemuHypervisor(settings)
     app: FastAPI = create_app(settings, hypervisor=hypervisor)
@@ -87,6 +93,12 @@ async def api(vm_settings: Settings, base_snapshot, tmp_path: Path) -> AsyncIter
     # Anything a failed test left running goes too.
     for run_dir in settings.vms_dir.glob("*") if settings.vms_dir.exists() else []:
         await hypervisor.destroy(run_dir.name, run_dir)
+
+
+@pytest.fixture
+async def api(vm_settings: Settings, base_snapshot: SavedState) -> AsyncIterator[Api]:
+    async with running_api(vm_settings, base_snapshot) as started:
+        yield started
 
 
 async def test_a_create_restores_the_base_snapshot(api: Api) -> None:
@@ -214,3 +226,28 @@ async def test_clone_makes_a_second_vm_with_the_same_memory_and_disk(api: Api) -
     assert await api.shell(source, "cat /root/file") == "original\n"
     names = [s["name"] for s in (await api.client.get("/v1/snapshots", headers=api.auth)).json()]
     assert "fork" in names
+
+
+async def test_the_warm_pool_hands_out_running_vms(
+    vm_settings: Settings, base_snapshot: SavedState
+) -> None:
+    async with running_api(vm_settings, base_snapshot, pool_size=1) as api:
+        pool = api.vms.pool
+        assert pool is not None
+        for _ in range(100):
+            if pool.idle_count:
+                break
+            await asyncio.sleep(0.1)
+        started = time.monotonic()
+        first = await api.create()
+        print(f"\ncreate from the warm pool to running: {time.monotonic() - started:.3f}s")
+        second = await api.create()  # the pool may be empty still: then a restore
+        outputs = [
+            await api.shell(vm["vm_id"], "hostname; head -c 16 /dev/urandom | od -An -tx1")
+            for vm in (first, second)
+        ]
+        for vm, output in zip((first, second), outputs, strict=True):
+            assert output.split()[0] == vm["vm_id"]
+        assert outputs[0].split()[1:] != outputs[1].split()[1:]
+    # Idle pool VMs do not outlive the server.
+    assert not [p for p in Path(vm_settings.data_dir).glob("api-*/vms/*/kiln-pool-idle")]
