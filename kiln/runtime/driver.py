@@ -102,6 +102,10 @@ class Hypervisor(Protocol):
 
     accel: str  # "kvm" or "tcg", after probing
 
+    async def decide_accel(self, image: BootImage) -> str:
+        """Probe (once per process) and return the accelerator VMs will use."""
+        ...
+
     async def start(self, spec: MachineSpec) -> Machine:
         """Start the VM process; returns once it runs (the agent may not answer yet).
 

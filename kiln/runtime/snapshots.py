@@ -118,6 +118,7 @@ class BaseSnapshots:
     async def ensure(self, image: BootImage, shape: Shape) -> SavedState:
         """The base snapshot of this image and shape, made now (a cold boot, some
         seconds under TCG) if it is not cached yet."""
+        await self._hypervisor.decide_accel(image)  # part of the key
         found = self.find(image, shape)
         if found is not None:
             return found

@@ -268,6 +268,8 @@ class SnapshotService:
 
     async def base_snapshot(self, image: BootImage, shape: Shape) -> tuple[str, SavedState] | None:
         """The cached base snapshot (its row made on first use), or None."""
+        if self._hypervisor.accel not in ("kvm", "tcg"):
+            await self._hypervisor.decide_accel(image)  # part of the cache key
         saved = self.base.find(image, shape)
         key = self.base.key(image, shape)
         if saved is None or key is None:
