@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # How long a create may wait for the guest agent before the VM is failed.
     boot_timeout_seconds: float = 60.0
 
+    # Snapshots: a snapshot's disk is written on top of its parent's; past this
+    # many snapshot layers it is flattened (in the background) onto the image.
+    max_disk_chain: int = 8
+
     @property
     def database(self) -> str:
         if self.database_url:

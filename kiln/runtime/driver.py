@@ -134,3 +134,9 @@ class Hypervisor(Protocol):
     def saved_state(self, directory: Path) -> SavedState:
         """The SavedState that ``save`` wrote into ``directory``; RuntimeFailure if none."""
         ...
+
+    async def flatten_saved_disk(self, directory: Path) -> None:
+        """Rewrite the saved disk so that it no longer needs the saved disks under
+        it (only the image's), with the same content. VMs running on the old file
+        keep it (they hold it open); new restores use the new one."""
+        ...

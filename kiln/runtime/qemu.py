@@ -972,3 +972,24 @@ class QemuHypervisor:
         move_file(machine.paths.overlay, saved.disk)
         if machine.memory_in_file:
             move_file(machine.paths.memory_file, saved.memory)
+
+    async def flatten_saved_disk(self, directory: Path) -> None:
+        disk = SavedPaths(directory).disk
+        # -U: VMs may have the chain open; nothing writes to a saved disk.
+        chain = json.loads(
+            await run_tool(QEMU_IMG, "info", "-U", "--backing-chain", "--output=json", str(disk))
+        )
+        if len(chain) <= 2:
+            return  # already on the image itself
+        image = chain[-1]
+        flat = disk.with_name(f".{disk.name}.flat")
+        try:
+            await run_tool(
+                QEMU_IMG, "convert", "-U", "-O", "qcow2", "-B", image["filename"],
+                "-F", image["format"], str(disk), str(flat),
+            )  # fmt: skip
+            flat.chmod(READ_ONLY_FILE_MODE)
+            os.replace(flat, disk)
+        finally:
+            flat.unlink(missing_ok=True)
+        log.info("flattened %s (%d layers) onto %s", disk, len(chain) - 1, image["filename"])

@@ -434,6 +434,32 @@ class SnapshotService:
         await self._record(
             snapshot_id, vm_id, status=SnapshotStatus.READY, size_bytes=size, parent_id=disk_parent
         )
+        if await self._chain_depth(snapshot_id) > self._settings.max_disk_chain:
+            self._in_background(self._flatten(snapshot_id))
+
+    async def _chain_depth(self, snapshot_id: str) -> int:
+        """Snapshot disks under (and including) this one's, down to the image."""
+        depth, current = 0, snapshot_id
+        async with self._db.transaction() as session:
+            repository = SnapshotRepository(session)
+            while current is not None and depth <= self._settings.max_disk_chain + 1:
+                snapshot = await repository.get_any_owner(current)
+                if snapshot is None:
+                    break
+                depth, current = depth + 1, snapshot.parent_id
+        return depth
+
+    async def _flatten(self, snapshot_id: str) -> None:
+        """Make the snapshot's disk stand on the image alone, so that reads do not
+        walk a long chain and its parents become deletable."""
+        snapshot = await self._reload(snapshot_id)
+        try:
+            await self._hypervisor.flatten_saved_disk(Path(snapshot.directory))
+        except Exception as error:
+            log.warning("flattening snapshot %s failed: %s", snapshot_id, error)
+            return
+        size = await asyncio.to_thread(directory_size, Path(snapshot.directory))
+        await self._record(snapshot_id, None, parent_id=None, size_bytes=size)
 
     async def _record(self, snapshot_id: str, vm_on_it: str | None, **fields: object) -> None:
         async with self._db.transaction() as session:

@@ -19,6 +19,7 @@ from kiln.api.app import ADMIN_KEY_FILE, create_app
 from kiln.config import Settings
 from kiln.runtime.driver import SavedState
 from kiln.runtime.qemu import QemuHypervisor
+from kiln.services.snapshots import SnapshotService
 from kiln.services.vms import VmService
 from unit.harness import add_user, key_headers
 
@@ -31,6 +32,8 @@ class Api:
     vms: VmService
     auth: dict[str, str]
     other_auth: dict[str, str]
+    snapshots: SnapshotService
+    settings: Settings
 
     async def create(self, wait: bool = True, **fields: object) -> dict:
         response = await self.client.post(
@@ -62,7 +65,7 @@ class Api:
 
 @asynccontextmanager
 async def running_api(
-    vm_settings: Settings, base_snapshot: SavedState, pool_size: int = 0
+    vm_settings: Settings, base_snapshot: SavedState, pool_size: int = 0, max_disk_chain: int = 8
 ) -> AsyncIterator[Api]:
     """A started app over a fresh data dir whose default VM shape is the base
     snapshot's, so creates restore (the cache is the shared KILN_CACHE_DIR)."""
@@ -74,6 +77,7 @@ async def running_api(
         default_memory_mb=base_snapshot.memory_mb,
         default_vcpu_count=base_snapshot.vcpu_count,
         pool_size=pool_size,
+        max_disk_chain=max_disk_chain,
     )
     hypervisor = QemuHypervisor(settings)
     app: FastAPI = create_app(settings, hypervisor=hypervisor)
@@ -86,7 +90,14 @@ async def running_api(
             other = await add_user(settings, "other")
             services = app.state.services
             try:
-                yield Api(client, services.vms, key_headers(admin), key_headers(other))
+                yield Api(
+                    client,
+                    services.vms,
+                    key_headers(admin),
+                    key_headers(other),
+                    services.snapshots,
+                    settings,
+                )
             finally:
                 for vm in await services.vms.list(1, live_only=True):
                     await services.vms.terminate(1, vm.id)
@@ -251,3 +262,38 @@ async def test_the_warm_pool_hands_out_running_vms(
         assert outputs[0].split()[1:] != outputs[1].split()[1:]
     # Idle pool VMs do not outlive the server.
     assert not [p for p in Path(vm_settings.data_dir).glob("api-*/vms/*/kiln-pool-idle")]
+
+
+async def test_a_long_disk_chain_is_flattened(vm_settings: Settings, base_snapshot) -> None:
+    async with running_api(vm_settings, base_snapshot, max_disk_chain=2) as api:
+        vm_id = (await api.create())["vm_id"]
+        snapshots = []
+        for layer in range(2):
+            await api.shell(vm_id, f"echo {layer} > /root/layer{layer}")
+            response = await api.client.post(f"/v1/vms/{vm_id}/snapshot", headers=api.auth)
+            snapshots.append(response.json())
+        # base <- first <- second: three layers, one too many for the second.
+        assert snapshots[1]["parent_id"] == snapshots[0]["id"]
+        for _ in range(100):
+            record = await api.client.get(f"/v1/snapshots/{snapshots[1]['id']}", headers=api.auth)
+            if record.json()["parent_id"] is None:
+                break
+            await asyncio.sleep(0.1)
+        assert record.json()["parent_id"] is None
+        revived = (await api.create(snapshot_id=snapshots[1]["id"]))["vm_id"]
+        assert await api.shell(revived, "cat /root/layer0 /root/layer1") == "0\n1\n"
+
+
+async def test_garbage_collection_removes_unneeded_saved_states(api: Api) -> None:
+    vm_id = (await api.create())["vm_id"]
+    await api.client.post(f"/v1/vms/{vm_id}/suspend", headers=api.auth)
+    snapshots_dir = api.settings.snapshots_dir
+    (suspend_state,) = list(snapshots_dir.iterdir())
+    stray = snapshots_dir / "snap-nobody"
+    stray.mkdir()
+    await api.snapshots.collect_garbage()
+    assert not stray.exists()
+    assert suspend_state.exists()  # its VM is still suspended
+    await api.client.delete(f"/v1/vms/{vm_id}", headers=api.auth)
+    await api.snapshots.collect_garbage()
+    assert not suspend_state.exists()
