@@ -88,6 +88,7 @@ class RawAgent:
         request_id = self._next_id
         self._next_id += 1
         body = json.dumps({"id": request_id, "op": op, **arguments}).encode()
+        self._socket.settimeout(None)  # reads set a timeout; a send must not inherit it
         self._socket.sendall(len(body).to_bytes(FRAME_HEADER_BYTES, "big") + body)
         return request_id
 
@@ -110,13 +111,14 @@ class RawAgent:
             raise RawError(f"agent {op}: {frame.get('error')}: {frame.get('message')}")
         return frame.get("value") or {}
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, resend_seconds: float = PING_RESEND_SECONDS) -> None:
         """Ping until the agent answers, resending often (a restored guest may
-        drop the first bytes while it reconnects its port)."""
+        drop the first bytes while it reconnects its port). Until the guest opens
+        its port QEMU reads nothing, so a booting guest gets fewer pings."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             request_id = self.send("ping")
-            if self.wait_final(request_id, PING_RESEND_SECONDS) is not None:
+            if self.wait_final(request_id, resend_seconds) is not None:
                 return
         raise RawError(f"the agent did not answer within {timeout:g}s")
 
@@ -184,11 +186,12 @@ def saved_description(saved: SavedState) -> dict:
 
 
 def restore(
-    saved: SavedState, image: BootImage, accel: str, run_dir: Path, *, hostname: str
+    saved: SavedState, image: BootImage, accel: str, run_dir: Path, *, hostname: str, identity: bool = True
 ) -> RawVm:
     """Restore ``saved`` into a new QEMU: overlay, spawn with ``-incoming
-    defer``, load the state over QMP, wait for the agent, reset its identity
-    (as any restore must). ``steps`` says where the time went."""
+    defer``, load the state over QMP, wait for the agent, and with ``identity``
+    reset its identity (as any restore must; without, the caller does it later,
+    as a warm pool's claim does). ``steps`` says where the time went."""
     description = saved_description(saved)
     run_dir.mkdir(parents=True)
     paths = RunPaths(run_dir.resolve())
@@ -243,13 +246,9 @@ def restore(
         agent = RawAgent(paths.agent_socket, deadline)
         agent.wait_ready(max(deadline - time.monotonic(), 1.0))
         step("agent_ready")
-        agent.call(
-            "post_restore",
-            seed=base64.b64encode(os.urandom(64)).decode(),
-            time_ns=time.time_ns(),
-            hostname=hostname,
-        )
-        step("post_restore")
+        if identity:
+            reset_identity(agent, hostname)
+            step("post_restore")
     except BaseException:
         if agent is not None:
             agent.close()
@@ -259,6 +258,15 @@ def restore(
         if qmp is not None:
             qmp.close()
     return RawVm(run_dir=paths.root, process=process, agent=agent, steps=steps)
+
+
+def reset_identity(agent: RawAgent, hostname: str) -> None:
+    agent.call(
+        "post_restore",
+        seed=base64.b64encode(os.urandom(64)).decode(),
+        time_ns=time.time_ns(),
+        hostname=hostname,
+    )
 
 
 def cold_boot(image: BootImage, accel: str, run_dir: Path, *, memory_mb: int, vcpu_count: int) -> RawVm:
@@ -278,7 +286,7 @@ def cold_boot(image: BootImage, accel: str, run_dir: Path, *, memory_mb: int, vc
     process = _spawn(argv, paths)
     try:
         agent = RawAgent(paths.agent_socket, time.monotonic() + START_TIMEOUT_SECONDS)
-        agent.wait_ready(START_TIMEOUT_SECONDS)
+        agent.wait_ready(START_TIMEOUT_SECONDS, resend_seconds=1.0)
     except BaseException:
         _kill(process)
         raise

@@ -61,6 +61,7 @@ TOUCHED_MB = 256
 COLD_SHAPES_MB = (TOUCHED_VM_MEMORY_MB, 448, 384, 320, 288)
 BASE_BUILD_TIMEOUT_SECONDS = 180.0
 CONCURRENT_CREATES = 10
+POOL_SETTLE_SECONDS = 1.5
 LIST_RECORDS = 50
 BASH_COMMAND = "echo ok"
 PYTHON_COMMAND = "print('ok')"
@@ -130,13 +131,15 @@ def declare_figures() -> Figures:
     ms = "ms"
     figures.declare("raw_restore_ms", ms, note="QEMU driven by hand: overlay, spawn with -incoming defer, "
                     "load the base snapshot over QMP, agent ping, post_restore")
+    figures.declare("raw_claim_ms", ms, note="post_restore (identity: entropy, clock, hostname) of a VM "
+                    "restored by hand and then idle for a while, as in a warm pool: the floor of a pool create")
     figures.declare("raw_cold_boot_ms", ms, note="QEMU driven by hand: overlay, kernel boot, agent ping")
     figures.declare("create_cold_ms", ms, baseline="raw_cold_boot_ms",
                     note="POST /v1/vms?wait=true of a shape with no base snapshot; kiln boots it cold and "
                     "at the same time starts making that shape's base snapshot in the background")
     figures.declare("create_snapshot_ms", ms, baseline="raw_restore_ms", target="<= 1.5x baseline",
                     note="POST /v1/vms?wait=true restored from the base snapshot (256 MB, 1 vCPU)")
-    figures.declare("create_pool_ms", ms, baseline="raw_restore_ms", target="< 50 ms",
+    figures.declare("create_pool_ms", ms, baseline="raw_claim_ms", target="< 50 ms",
                     note="POST /v1/vms?wait=true claimed from the warm pool")
     figures.declare("delete_ms", ms, note="DELETE /v1/vms/{id} of a running VM")
     figures.declare("exec_raw_agent_ms", ms, note=f"agent exec bash -c '{BASH_COMMAND}' over the agent "
@@ -211,7 +214,7 @@ class Bench:
         self.host["other_qemu_processes_start"] = host.other_qemu_processes(self.root)
         try:
             self.prepare()
-            self.phase("raw", self.measure_raw, "raw_restore_ms", "raw_cold_boot_ms",
+            self.phase("raw", self.measure_raw, "raw_restore_ms", "raw_claim_ms", "raw_cold_boot_ms",
                        "exec_raw_agent_ms", "exec_raw_agent_python_ms")
             server_figures = [
                 figure.name for figure in self.figures
@@ -325,6 +328,13 @@ class Bench:
             if index == 0:
                 self.measure_raw_exec(vm)
             self.stop_raw(vm)
+        for index in range(self.plan.raw_restores):
+            vm = self.raw_restore(self.base, f"rawc{index}", identity=False)
+            time.sleep(POOL_SETTLE_SECONDS)
+            started = time.monotonic()
+            raw.reset_identity(vm.agent, vm.run_dir.name)
+            self.figures["raw_claim_ms"].add(ms_since(started))
+            self.stop_raw(vm)
         self.run_info["raw_restore_steps_median_ms"] = {
             name: round(sorted(values)[len(values) // 2], 1) for name, values in steps.items()
         }
@@ -338,9 +348,11 @@ class Bench:
             self.figures["raw_cold_boot_ms"].add(ms_since(started))
             self.stop_raw(vm)
 
-    def raw_restore(self, saved: SavedState, name: str) -> raw.RawVm:
+    def raw_restore(self, saved: SavedState, name: str, *, identity: bool = True) -> raw.RawVm:
         assert self.image is not None
-        vm = raw.restore(saved, self.image, self.accel, self.root / "raw" / name, hostname=name)
+        vm = raw.restore(
+            saved, self.image, self.accel, self.root / "raw" / name, hostname=name, identity=identity
+        )
         self.raw_vms.append(vm)
         return vm
 
@@ -677,32 +689,44 @@ class Bench:
         self.start_server(pool_size=self.plan.pool_size, log_name="server-pool.log")
         try:
             with self.client() as client:
-                served = 0
+                missed = 0
                 for _ in range(self.plan.pool_creates):
                     warm = self.wait_for_pool(self.plan.pool_size)
                     elapsed, record = self.create_vm(client)
-                    pid = self.qemu_pid(record["vm_id"])
-                    if pid is not None and pid in warm:
-                        served += 1
-                    self.figures["create_pool_ms"].add(elapsed)
+                    # Served by the pool when its QEMU ran before the request.
+                    if self.qemu_pid(record["vm_id"]) in warm:
+                        self.figures["create_pool_ms"].add(elapsed)
+                    else:
+                        missed += 1
                     self.delete_vm(client, record["vm_id"])
-                self.run_info["pool_creates_served_by_a_warm_vm"] = (
-                    f"{served} of {self.plan.pool_creates} (a create counts when its QEMU "
-                    "was running before the request)"
-                )
+                if missed:
+                    self.note(f"create_pool_ms: {missed} of {self.plan.pool_creates} creates found "
+                              "no idle VM in the pool (not counted)")
+                if not self.figures["create_pool_ms"].values:
+                    self.figures.missing("create_pool_ms", "no create was served by the warm pool")
         finally:
             self.stop_server()
 
     def wait_for_pool(self, size: int, timeout: float = 120.0) -> set[int]:
-        """The QEMU pids running under the data dir once there are ``size`` of them
-        (the pool is full) or ``timeout`` passed."""
+        """Wait until the pool holds ``size`` VMs (run dirs with the pool's marker
+        and a live QEMU) and they had time to become ready; their QEMU pids."""
+        from kiln.runtime.pool import POOL_MARKER
+
         assert self.settings is not None
         deadline = time.monotonic() + timeout
         while True:
-            pids = set(host.processes_under(self.settings.data_dir.resolve()))
+            pids = {
+                pid
+                for pid in (self.qemu_pid(marker.parent.name)
+                            for marker in self.settings.vms_dir.glob(f"*/{POOL_MARKER}"))
+                if pid is not None and host.cpu_seconds(pid) is not None
+            }
             if len(pids) >= size or time.monotonic() > deadline:
-                return pids
+                break
             time.sleep(0.1)
+        # The last one may still be loading its state; a restore takes well under this.
+        time.sleep(POOL_SETTLE_SECONDS)
+        return pids
 
     # -- cleanup ------------------------------------------------------------------------------
 
