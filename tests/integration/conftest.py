@@ -5,7 +5,7 @@
 - ``boot_image``: the built ``default`` image, built on first use (minutes, once per cache).
 - ``hypervisor``: a ``QemuHypervisor`` for the test.
 - ``start_vm``: starts VMs and destroys every one of them when the test ends.
-- ``ready_vm``: one started VM whose agent answers.
+- ``ready_vm``: one VM whose agent answers (restored from the base snapshot).
 - ``base_snapshot``: the default image saved right after boot (cached with the image).
 - ``restore_vm`` / ``restored_vm``: VMs restored from a saved state, identity reset,
   destroyed when the test ends: the fast way to get a VM (prefer it to a cold boot).
@@ -103,9 +103,6 @@ async def start_vm(
             await hypervisor.destroy(vm_id, vm_settings.vms_dir / vm_id)
 
 
-@pytest.fixture
-async def ready_vm(start_vm: StartVm) -> QemuMachine:
-    return await start_vm()
 
 
 # ---- restored VMs: how most tests should get a VM (well under a second, not a boot)
@@ -170,4 +167,11 @@ async def restore_vm(
 @pytest.fixture
 async def restored_vm(restore_vm: RestoreVm) -> QemuMachine:
     """One VM restored from the base snapshot, ready, with its own identity."""
+    return await restore_vm()
+
+
+@pytest.fixture
+async def ready_vm(restore_vm: RestoreVm) -> QemuMachine:
+    """A VM whose agent answers: restored (well under a second), not booted;
+    tests of booting itself use ``start_vm``."""
     return await restore_vm()
