@@ -18,6 +18,7 @@ import collections
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-profile"))
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     arguments = parser.parse_args()
-    py_spy = shutil.which("py-spy")
+    # The venv's own py-spy first (it is installed there), then one on PATH.
+    venv_py_spy = Path(sys.executable).with_name("py-spy")
+    py_spy = str(venv_py_spy) if venv_py_spy.exists() else shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
     arguments.out.mkdir(parents=True, exist_ok=True)
