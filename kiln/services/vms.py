@@ -352,6 +352,9 @@ class VmService:
             if machine is None or vm.status not in allowed:
                 raise Conflict(f"vm {vm_id} is {vm.status}; there is no running VM to save")
             saved = await self._hypervisor.save(machine, directory, keep_running=keep_running)
+            if not keep_running:
+                # Its process is gone: the watchdog must not take that for a crash.
+                self._machines.pop(vm_id, None)
             return saved, vm.disk_snapshot_id
 
     async def _snapshot_before_terminate(self, vm: Vm) -> str | None:
@@ -420,6 +423,8 @@ class VmService:
         for vm_id, machine in list(self._machines.items()):
             if vm_id in self._boot_tasks or self._hypervisor.is_running(machine):
                 continue  # a booting VM's own task notices a dead process
+            if self._save_lock(vm_id).locked():
+                continue  # a save (suspend, snapshot on terminate) stops it on purpose
             log.warning("vm %s: its QEMU process exited", vm_id)
             reason = "qemu process exited"
             console = await asyncio.to_thread(
