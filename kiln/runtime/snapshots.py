@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ BASE_SNAPSHOTS_DIR_NAME = "base-snapshots"
 # Where a base snapshot is made before it is renamed into place: a crash leaves
 # only such directories, which the next build removes.
 BUILD_DIR_PREFIX = ".build-"
+BUILD_LOCK_NAME = "building.lock"
 IDENTITY_SEED_BYTES = 64
 
 
@@ -161,6 +163,11 @@ class BaseSnapshots:
         vm_id = f"base-{token}"
         run_dir = work / "vm"
         started = time.monotonic()
+        work.mkdir()
+        # Held while this build lives: a build dir whose lock can be taken is a
+        # dead process's leftover (see remove_unfinished_builds).
+        build_lock = (work / BUILD_LOCK_NAME).open("w")
+        fcntl.flock(build_lock, fcntl.LOCK_EX)
         try:
             machine = await self._hypervisor.start(
                 MachineSpec(
@@ -188,22 +195,29 @@ class BaseSnapshots:
         finally:
             await self._hypervisor.destroy(vm_id, run_dir)
             remove_saved(work)
+            build_lock.close()
         log.info(
             "base snapshot %s made in %.1fs (cold boot and save)", key, time.monotonic() - started
         )
         return self._hypervisor.saved_state(self.root / key)
 
-    async def remove_unfinished_builds(self, older_than_seconds: float = 3600.0) -> None:
-        """Build directories (and their VMs) left by a crashed process. Only old
-        ones: a younger one may be another process's build in progress."""
+    async def remove_unfinished_builds(self) -> None:
+        """Build directories (and their VMs) left by a process that died while
+        building: those whose lock nobody holds any more."""
         if not self.root.is_dir():
             return
         for directory in self.root.glob(f"{BUILD_DIR_PREFIX}*"):
-            if time.time() - directory.stat().st_mtime < older_than_seconds:
-                continue
-            token = directory.name.removeprefix(BUILD_DIR_PREFIX)
-            await self._hypervisor.destroy(f"base-{token}", directory / "vm")
-            remove_saved(directory)
+            try:
+                with (directory / BUILD_LOCK_NAME).open("a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    token = directory.name.removeprefix(BUILD_DIR_PREFIX)
+                    log.info("removing the unfinished base snapshot build %s", directory.name)
+                    await self._hypervisor.destroy(f"base-{token}", directory / "vm")
+                    remove_saved(directory)
+            except BlockingIOError:
+                continue  # a live process is building it
+            except FileNotFoundError:
+                continue  # it finished (or was removed) meanwhile
 
 
 async def reset_identity(machine: Machine, hostname: str) -> None:

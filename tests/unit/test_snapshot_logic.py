@@ -119,3 +119,26 @@ async def test_snapshot_routes_without_snapshots(run_app, admin_key) -> None:  #
         imported = await client.post("/v1/snapshots", json={"oci_image": "x"}, headers=auth)
         assert imported.status_code == 400
         assert (await client.get("/v1/snapshots")).status_code == 401
+
+
+async def test_only_abandoned_base_snapshot_builds_are_removed(tmp_path: Path) -> None:
+    import fcntl
+
+    from kiln.runtime.snapshots import BUILD_LOCK_NAME
+
+    class Destroyer(_Hypervisor):
+        destroyed: list[str] = []
+
+        async def destroy(self, vm_id: str, run_dir: Path) -> None:
+            self.destroyed.append(vm_id)
+
+    snapshots = BaseSnapshots(Settings(cache_dir=tmp_path), Destroyer())  # type: ignore[arg-type]
+    building, abandoned = snapshots.root / ".build-aaaa", snapshots.root / ".build-bbbb"
+    for directory in (building, abandoned):
+        (directory / "vm").mkdir(parents=True)
+        (directory / BUILD_LOCK_NAME).touch()
+    with (building / BUILD_LOCK_NAME).open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        await snapshots.remove_unfinished_builds()
+    assert building.exists() and not abandoned.exists()
+    assert Destroyer.destroyed == ["base-bbbb"]
