@@ -1,6 +1,6 @@
 """Running code in a VM: ``/execute``, ``/execute_async`` and the SSE stream.
 
-Python runs in the guest agent's persistent interpreter of the session
+Python runs in the guest agent's persistent interpreter of the VM
 (``python_exec``), so globals survive from one call to the next; bash runs as
 ``/bin/bash -c`` (``exec``). Both start in the image's working directory
 (``/app`` in the default image).
@@ -59,6 +59,11 @@ MAX_TIMEOUT_SECONDS = 24 * 3600.0
 REPLY_MARGIN_SECONDS = 1.0
 
 BASH = "/bin/bash"
+# The guest interpreter that /execute's python runs in. A VM serves one session,
+# so one interpreter per VM is the session's; naming it by a constant rather than
+# the session id lets a VM made from a snapshot (which belongs to a new session)
+# carry on with the snapshot's variables.
+PYTHON_INTERPRETER = "main"
 
 
 class TaskStatus:
@@ -205,7 +210,7 @@ class ExecutionService:
         output_limit: int,
     ) -> AsyncIterator[RunEvent]:
         if language == Language.PYTHON:
-            op, args = "python_exec", {"session": target.session_id, "code": command}
+            op, args = "python_exec", {"session": PYTHON_INTERPRETER, "code": command}
         else:
             op, args = "exec", {"argv": [BASH, "-c", command]}
         with agent_errors(target.vm.id):

@@ -4,7 +4,6 @@ with the real QEMU runtime and database (the app runs in-process)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,21 +41,22 @@ class Api:
         assert response.status_code == 200, response.text
         return response.json()
 
+    async def execute(self, vm_id: str, command: str, language: str) -> str:
+        """Runs through POST /execute, as a user would, in the VM's own session."""
+        vm = await self.client.get(f"/v1/vms/{vm_id}", headers=self.auth)
+        response = await self.client.post(
+            "/execute",
+            json={"command": command, "language": language, "session_id": vm.json()["session_id"]},
+            headers=self.auth,
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["stdout"]
+
     async def shell(self, vm_id: str, command: str) -> str:
-        machine = await self.vms.running_machine(self.owner_id, vm_id)
-        output = b""
-        async for frame in machine.agent.stream("exec", shell=command, timeout=30):
-            if frame["kind"] == "stdout":
-                output += base64.b64decode(frame["data"])
-        return output.decode()
+        return await self.execute(vm_id, command, "bash")
 
     async def python(self, vm_id: str, code: str) -> str:
-        machine = await self.vms.running_machine(self.owner_id, vm_id)
-        output = b""
-        async for frame in machine.agent.stream("python_exec", session="s", code=code, timeout=30):
-            if frame["kind"] == "stdout":
-                output += base64.b64decode(frame["data"])
-        return output.decode()
+        return await self.execute(vm_id, code, "python")
 
     @property
     def owner_id(self) -> int:
