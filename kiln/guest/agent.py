@@ -1153,8 +1153,12 @@ def feed_stdin(pipe, data: bytes) -> None:
 
 
 def quote_environment_value(value: str) -> str:
-    """A value for /etc/environment (pam_env style): double-quoted, escaped."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    """A value for /etc/environment: double-quoted, escaped so that a POSIX shell
+    sourcing the file (``set -a; . /etc/environment``) gets the value back as it
+    was (every character a double-quoted string treats specially: \\ " $ `)."""
+    escaped = (
+        value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
+    )
     return '"' + escaped.replace("\n", "\\n") + '"'
 
 

@@ -250,6 +250,14 @@ def test_set_env_round_trips_awkward_values(agent: AgentConnection) -> None:
     environment = (agent.etc / "environment").read_text()
     assert 'PLAIN="1"' in environment
     assert 'AWKWARD="spaces and \\"quotes\\" \\\\ \\$HOME ünïcødé"' in environment
+    # A shell sourcing the file gets the exact value back, and runs nothing of it.
+    tricky = "`echo injected` $(echo injected) ${HOME} \\ \"q\" 'single'"
+    assert agent.call("set_env", env={"TRICKY": tricky}) == {}
+    sourced = subprocess.run(
+        ["env", "-i", "sh", "-c", f". {agent.etc / 'environment'}; printf %s \"$TRICKY\""],
+        capture_output=True, check=True, text=True,
+    )
+    assert sourced.stdout == tricky
     assert agent.error("set_env", env={"A=B": "x"}) == "EINVAL"
 
 
