@@ -187,14 +187,18 @@ class PhaseFailed(Exception):
 
 
 class Bench:
-    def __init__(self, plan: Plan, json_path: Path | None) -> None:
+    def __init__(self, plan: Plan, json_path: Path | None, only: frozenset[str] = frozenset()) -> None:
         self.plan = plan
         self.json_path = json_path
+        # Phases to run (prep and the server always run); empty: all of them.
+        self.only = only
         self.figures = declare_figures()
         self.real_settings = Settings()
         self.root = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
         self.host = host.describe_host(REPO)
         self.run_info: dict[str, Any] = {"mode": plan.mode, "notes": []}
+        if only:
+            self.run_info["only_phases"] = sorted(only)
         self.raw_vms: list[raw.RawVm] = []
         self.server: KilnServer | None = None
         self.api_key = ""
@@ -251,6 +255,10 @@ class Bench:
     def phase(self, name: str, measure: Callable[[], None], *produces: str) -> None:
         """Run one phase; a failure leaves the figures it ``produces`` without
         values (those it had not measured yet), with the reason, and the run goes on."""
+        if self.only and name not in self.only and name != "server":
+            for figure_name in produces:
+                self.figures.missing(figure_name, f"phase {name} not run (--only)")
+            return
         err.print(f"[bold]bench:[/bold] {name} ...")
         started = time.monotonic()
         try:
@@ -879,8 +887,15 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
         console.print(f"note: {note}")
 
 
-def main(quick: bool, json_path: Path | None) -> int:
-    bench = Bench(QUICK if quick else FULL, json_path)
+PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
+          "api_list", "density", "raw_touched", "pool")
+
+
+def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:
+    phases = frozenset(name.strip() for name in (only or "").split(",") if name.strip())
+    if unknown := phases - set(PHASES):
+        raise SystemExit(f"unknown phase(s) {', '.join(sorted(unknown))}; phases: {', '.join(PHASES)}")
+    bench = Bench(QUICK if quick else FULL, json_path, phases)
     document = bench.run()
     # Wide enough for full figure names even when stdout is not a terminal.
     print_table(document, bench.figures, Console(width=170))

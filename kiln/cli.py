@@ -395,6 +395,10 @@ def bench(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the figures as JSON to this file.")
     ] = None,
+    only: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated phases to run, e.g. raw,exec (see bench/README.md)."),
+    ] = None,
 ) -> None:
     """Benchmark kiln against raw QEMU in the same run (see bench/README.md)."""
     # The suite lives in the checkout's bench/ (next to kiln/), not in the
@@ -405,7 +409,7 @@ def bench(
     sys.path.insert(0, str(checkout))
     from bench.suite import main as run_bench
 
-    raise typer.Exit(run_bench(quick, json_file))
+    raise typer.Exit(run_bench(quick, json_file, only))
 
 
 if __name__ == "__main__":
