@@ -42,7 +42,7 @@ from kiln.services.snapshots import SnapshotType
 from kiln.services.vm_policy import CreatePlan, check_create, check_update
 from kiln.store.db import Database
 from kiln.store.models import Vm
-from kiln.store.repositories import SessionRepository, VmRepository
+from kiln.store.repositories import ResourceUsage, SessionRepository, VmRepository
 
 if TYPE_CHECKING:
     from kiln.runtime.pool import WarmPool
@@ -192,6 +192,12 @@ class VmService:
                 f"image '{plan.image_variant}' is not built; "
                 f"run kiln images build {plan.image_variant}"
             )
+        # A create the host cannot take is refused before anything starts for it:
+        # planning a restore may start a cold boot (a base snapshot of a new shape).
+        # _admit checks again, atomically with the insert.
+        async with self._db.transaction() as session:
+            usage = await VmRepository(session).usage_any_owner(RESOURCE_HOLDING_STATUSES)
+        self._check_capacity(usage, plan)
         # Fastest first: restore a saved VM (its snapshot, else the image's base
         # snapshot); cold boot only when there is none yet.
         restore = None
@@ -478,24 +484,9 @@ class VmService:
         disk_snapshot_id: str | None = None,
     ) -> Vm:
         """Check the host's limits and insert the VM (status creating), atomically."""
-        settings = self._settings
         async with self._admission_lock, self._db.transaction() as session:
             vms = VmRepository(session)
-            usage = await vms.usage_any_owner(RESOURCE_HOLDING_STATUSES)
-            if usage.vms + 1 > settings.admission_max_vms:
-                raise CapacityExhausted(
-                    f"the host runs its limit of {settings.admission_max_vms} VMs"
-                )
-            if usage.memory_mb + plan.memory_mb > settings.admission_max_memory_mb:
-                raise CapacityExhausted(
-                    f"not enough memory: {plan.memory_mb} MB asked, "
-                    f"{settings.admission_max_memory_mb - usage.memory_mb} MB free"
-                )
-            if usage.vcpus + plan.vcpu_count > settings.admission_max_vcpus:
-                raise CapacityExhausted(
-                    f"not enough vCPUs: {plan.vcpu_count} asked, "
-                    f"{settings.admission_max_vcpus - usage.vcpus} free"
-                )
+            self._check_capacity(await vms.usage_any_owner(RESOURCE_HOLDING_STATUSES), plan)
             session_id = plan.session_id or str(uuid.uuid4())
             await SessionRepository(session).get_or_add(owner_id, session_id)
             if await vms.for_session(owner_id, session_id, LIVE_STATUSES) is not None:
@@ -525,6 +516,22 @@ class VmService:
                     updated_at=now,
                     expires_at=now + plan.lifetime,
                 )
+            )
+
+    def _check_capacity(self, usage: ResourceUsage, plan: CreatePlan) -> None:
+        """CapacityExhausted if the host's limits cannot take this VM as well."""
+        settings = self._settings
+        if usage.vms + 1 > settings.admission_max_vms:
+            raise CapacityExhausted(f"the host runs its limit of {settings.admission_max_vms} VMs")
+        if usage.memory_mb + plan.memory_mb > settings.admission_max_memory_mb:
+            raise CapacityExhausted(
+                f"not enough memory: {plan.memory_mb} MB asked, "
+                f"{settings.admission_max_memory_mb - usage.memory_mb} MB free"
+            )
+        if usage.vcpus + plan.vcpu_count > settings.admission_max_vcpus:
+            raise CapacityExhausted(
+                f"not enough vCPUs: {plan.vcpu_count} asked, "
+                f"{settings.admission_max_vcpus - usage.vcpus} free"
             )
 
     def _start_boot(
