@@ -25,7 +25,7 @@ from kiln.api.routers import snapshots
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
-from kiln.services.auth import AuthService, load_or_create_secret
+from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
@@ -100,12 +100,14 @@ def create_app(
         db = Database(settings.database)
         try:
             await db.migrate()
-            user_service = UserService(db)
+            key_cache = ApiKeyCache()
+            user_service = UserService(db, key_cache)
             await _bootstrap_admin(user_service, settings)
             auth_service = AuthService(
                 db,
                 load_or_create_secret(settings.data_dir / TOKEN_SECRET_FILE),
                 settings.token_ttl_seconds,
+                key_cache,
             )
             vm_service = VmService(settings, db, *runtime)
             snapshot_service = SnapshotService(settings, db, runtime[0], vm_service)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,6 +35,11 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 # scrypt cost: 16 MiB of memory and ~50 ms per hash on a small host.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 SCRYPT_SALT_BYTES = 16
+# An API key's user is remembered this long, so most requests skip two database
+# round trips. A key deleted through this server stops working at once (the
+# deletion drops it here); one deleted by another process (the CLI) within this.
+API_KEY_CACHE_SECONDS = 5.0
+API_KEY_CACHE_MAX_ENTRIES = 1024
 
 
 def hash_password(password: str) -> str:
@@ -83,11 +89,57 @@ def load_or_create_secret(path: Path) -> bytes:
     return secret
 
 
+class ApiKeyCache:
+    """API key hash -> its user, for ``API_KEY_CACHE_SECONDS``.
+
+    ``forget`` (a key was deleted) also bumps a generation, and a lookup that
+    began before it may not store its answer: a request that read the key just
+    before its deletion cannot put it back."""
+
+    def __init__(self, ttl_seconds: float = API_KEY_CACHE_SECONDS) -> None:
+        self._ttl = ttl_seconds
+        self._entries: dict[str, tuple[float, User]] = {}
+        self.generation = 0
+
+    def get(self, key_hash: str) -> User | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        expires, user = entry
+        if time.monotonic() >= expires:
+            del self._entries[key_hash]
+            return None
+        return user
+
+    def put(self, key_hash: str, user: User, generation: int) -> None:
+        if generation != self.generation or self._ttl <= 0:
+            return
+        if len(self._entries) >= API_KEY_CACHE_MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key_hash] = (time.monotonic() + self._ttl, user)
+
+    def forget(self, key_hash: str) -> None:
+        self.generation += 1
+        self._entries.pop(key_hash, None)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+
 class AuthService:
-    def __init__(self, db: Database, token_secret: bytes, token_ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        token_secret: bytes,
+        token_ttl_seconds: int,
+        key_cache: ApiKeyCache | None = None,
+    ) -> None:
         self._db = db
         self._token_secret = token_secret
         self._token_ttl = timedelta(seconds=token_ttl_seconds)
+        # Shared with UserService, which drops a key from it when deleting the key.
+        self.key_cache = key_cache if key_cache is not None else ApiKeyCache()
 
     async def authenticate(self, credential: str) -> User:
         """The user an API key or a bearer token belongs to; ``Unauthenticated`` if none."""
@@ -113,8 +165,13 @@ class AuthService:
         return jwt.encode(claims, self._token_secret, algorithm=TOKEN_ALGORITHM)
 
     async def _user_for_api_key(self, key: str) -> User:
+        key_hash = hash_api_key(key)
+        cached = self.key_cache.get(key_hash)
+        if cached is not None:
+            return cached
+        generation = self.key_cache.generation
         async with self._db.transaction() as session:
-            api_key = await ApiKeyRepository(session).by_hash_any_owner(hash_api_key(key))
+            api_key = await ApiKeyRepository(session).by_hash_any_owner(key_hash)
             if api_key is None:
                 raise Unauthenticated("unknown API key")
             now = datetime.now(UTC)
@@ -123,6 +180,7 @@ class AuthService:
             user = await UserRepository(session).by_id(api_key.owner_id)
         if user is None:
             raise Unauthenticated("unknown API key")
+        self.key_cache.put(key_hash, user, generation)
         return user
 
     async def _user_for_token(self, token: str) -> User:

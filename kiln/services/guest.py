@@ -40,13 +40,13 @@ class GuestTarget:
 async def session_target(vms: VmService, owner_id: int, session_id: str) -> GuestTarget:
     """The running VM of a session: 404 for an unknown session, 409 if it is not running."""
     vm = await vms.session_vm(owner_id, session_id)
-    return GuestTarget(vm, await vms.running_machine(owner_id, vm.id))
+    return GuestTarget(vm, await vms.running_machine(owner_id, vm.id, loaded=vm))
 
 
 async def vm_target(vms: VmService, owner_id: int, vm_id: str) -> GuestTarget:
     """A running VM by id: 404 for an unknown VM, 409 if it is not running."""
     vm = await vms.get(owner_id, vm_id)
-    return GuestTarget(vm, await vms.running_machine(owner_id, vm_id))
+    return GuestTarget(vm, await vms.running_machine(owner_id, vm_id, loaded=vm))
 
 
 @contextmanager

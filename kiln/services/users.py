@@ -9,7 +9,13 @@ from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
-from kiln.services.auth import API_KEY_DISPLAY_CHARS, hash_api_key, hash_password, new_api_key
+from kiln.services.auth import (
+    API_KEY_DISPLAY_CHARS,
+    ApiKeyCache,
+    hash_api_key,
+    hash_password,
+    new_api_key,
+)
 from kiln.services.errors import Conflict, InvalidRequest, NotFound
 from kiln.store.db import Database
 from kiln.store.models import ApiKey, User
@@ -27,8 +33,10 @@ class CreatedApiKey:
 
 
 class UserService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, key_cache: ApiKeyCache | None = None) -> None:
         self._db = db
+        # The server's cache of authenticated keys (AuthService.key_cache), if any.
+        self._key_cache = key_cache
 
     async def create_user(self, username: str, password: str | None = None) -> User:
         if not USERNAME_PATTERN.fullmatch(username):
@@ -80,6 +88,11 @@ class UserService:
             if key is None:
                 raise NotFound(f"api key {key_id} not found")
             await keys.delete(key)
+            key_hash = key.key_hash
+        if self._key_cache is not None:
+            # After the commit, and bumping the cache's generation: a lookup that
+            # read the key before the commit cannot cache it again.
+            self._key_cache.forget(key_hash)
 
     async def bootstrap_admin(self, key_file: Path) -> str | None:
         """On the first start: create ``admin`` and an API key, saved to ``key_file``.

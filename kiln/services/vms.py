@@ -284,9 +284,14 @@ class VmService:
         await self.get(owner_id, vm_id)
         return await asyncio.to_thread(self._read_console_tail, vm_id, max_bytes)
 
-    async def running_machine(self, owner_id: int, vm_id: str) -> Machine:
-        """The process of a running VM of this owner, for routes that talk to the guest."""
-        vm = await self.get(owner_id, vm_id)
+    async def running_machine(
+        self, owner_id: int, vm_id: str, *, loaded: Vm | None = None
+    ) -> Machine:
+        """The process of a running VM of this owner, for routes that talk to the guest.
+
+        ``loaded``: the VM's record, already read by the caller for this owner
+        (saves a database round trip on every guest call)."""
+        vm = loaded if loaded is not None and loaded.id == vm_id else await self.get(owner_id, vm_id)
         if vm.auto_resume and vm.status in (S.SUSPENDED, S.RESUMING):
             vm = await self.resume(owner_id, vm_id, wait=True)
         machine = self._machines.get(vm_id)

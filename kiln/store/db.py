@@ -43,8 +43,12 @@ class Database:
         self.url = make_url(url)
         if self.url.get_backend_name() == "sqlite" and self.url.database:
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=True)
-        if self.url.get_backend_name() == "sqlite":
+        sqlite = self.url.get_backend_name() == "sqlite"
+        # Pre-ping (a SELECT 1 per checkout) finds connections a PostgreSQL server
+        # dropped; a SQLite file has no server to drop them, so there it is only
+        # one more round trip through aiosqlite's thread on every transaction.
+        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=not sqlite)
+        if sqlite:
             event.listen(self.engine.sync_engine, "connect", _enable_sqlite_wal)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
