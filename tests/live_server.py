@@ -81,10 +81,13 @@ class LiveServer:
             self.process.wait(timeout=30)
 
 
-def start_server(data_dir: Path, port: int | None = None) -> LiveServer:
+def start_server(
+    data_dir: Path, port: int | None = None, env: dict[str, str] | None = None
+) -> LiveServer:
+    """``env``: extra environment for the server (e.g. admission limits, KILN_CACHE_DIR)."""
     port = port or free_port()
     log_path = data_dir.with_name(data_dir.name + ".log")
-    env = {**os.environ, "KILN_DATA_DIR": str(data_dir)}
+    env = {**os.environ, **(env or {}), "KILN_DATA_DIR": str(data_dir)}
     env.pop("KILN_DATABASE_URL", None)  # the test's own SQLite file, never a shared database
     with log_path.open("ab") as log:
         process = subprocess.Popen(
