@@ -1,0 +1,345 @@
+"""OCI layouts and layer unpacking (kiln.runtime.oci) with small synthetic tars."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from kiln.runtime import oci
+
+# ---- building tars and layouts
+
+
+def member(name: str, kind: str = "file", data: bytes = b"", **fields: object) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.mtime = 1_700_000_000
+    if kind == "file":
+        info.size = len(data)
+        info.mode = 0o644
+    elif kind == "dir":
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+    elif kind == "symlink":
+        info.type = tarfile.SYMTYPE
+        info.linkname = str(fields.pop("target"))
+    elif kind == "hardlink":
+        info.type = tarfile.LNKTYPE
+        info.linkname = str(fields.pop("target"))
+    elif kind == "chr":
+        info.type = tarfile.CHRTYPE
+        info.devmajor, info.devminor = fields.pop("dev")  # type: ignore[misc]
+    elif kind == "fifo":
+        info.type = tarfile.FIFOTYPE
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data if kind == "file" else None
+
+
+def tar_bytes(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def apply(root: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> oci.UnpackReport:
+    return oci.apply_layer(io.BytesIO(tar_bytes(*members)), root)
+
+
+def write_blob(layout: Path, data: bytes) -> dict:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def make_layout(
+    layout: Path,
+    layers: list[tuple[str, bytes]],
+    config: dict | None = None,
+    platform_index: bool = False,
+) -> Path:
+    """``layers``: (media type, blob bytes)."""
+    layout.mkdir(parents=True, exist_ok=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    config_blob = json.dumps(
+        {"architecture": "amd64", "os": "linux", "config": config or {}, "rootfs": {"type": "layers", "diff_ids": []}}
+    ).encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **write_blob(layout, config_blob)},
+        "layers": [{"mediaType": media_type, **write_blob(layout, blob)} for media_type, blob in layers],
+    }
+    manifest_descriptor = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        **write_blob(layout, json.dumps(manifest).encode()),
+    }
+    if platform_index:
+        arm = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+               **write_blob(layout, b'{"not": "used"}'), "platform": {"os": "linux", "architecture": "arm64"}}
+        nested = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+            arm, {**manifest_descriptor, "platform": {"os": "linux", "architecture": "amd64"}}]}
+        top = [{"mediaType": "application/vnd.oci.image.index.v1+json", **write_blob(layout, json.dumps(nested).encode())}]
+    else:
+        top = [manifest_descriptor]
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": top}))
+    return layout
+
+
+TAR = "application/vnd.oci.image.layer.v1.tar"
+TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+
+# ---- layers
+
+
+def test_a_layer_makes_files_dirs_links(tmp_path: Path) -> None:
+    apply(
+        tmp_path,
+        member("etc", "dir"),
+        member("etc/hello", data=b"hi", mode=0o640),
+        member("usr/bin/tool", data=b"#!/bin/sh\n", mode=0o4755),  # parents made implicitly
+        member("usr/bin/alias", "symlink", target="/usr/bin/tool"),
+        member("usr/bin/same", "hardlink", target="usr/bin/tool"),
+        member("run/pipe", "fifo"),
+    )
+    assert (tmp_path / "etc/hello").read_bytes() == b"hi"
+    assert (tmp_path / "etc/hello").stat().st_mode & 0o7777 == 0o640
+    assert os.readlink(tmp_path / "usr/bin/alias") == "/usr/bin/tool"
+    assert (tmp_path / "usr/bin/same").stat().st_ino == (tmp_path / "usr/bin/tool").stat().st_ino
+    if os.geteuid() == 0:
+        assert (tmp_path / "usr/bin/tool").stat().st_mode & 0o7777 == 0o4755
+    assert (tmp_path / "etc/hello").stat().st_mtime == 1_700_000_000
+
+
+def test_whiteouts_delete_lower_entries_and_opaque_dirs_hide_them(tmp_path: Path) -> None:
+    apply(
+        tmp_path,
+        member("a/keep", data=b"1"),
+        member("a/gone", data=b"2"),
+        member("a/sub/deep", data=b"3"),
+        member("b/old1", data=b"4"),
+        member("b/inner/old2", data=b"5"),
+    )
+    report = apply(
+        tmp_path,
+        member("a/.wh.gone"),
+        member("a/.wh.sub"),
+        member("b/.wh..wh..opq"),
+        member("b/new", data=b"6"),
+        member("b/inner/new2", data=b"7"),  # a/inner itself comes back, without old2
+        member("c/.wh.nothing-there"),  # whiteout of a missing entry: no error
+    )
+    assert (tmp_path / "a/keep").exists()
+    assert not (tmp_path / "a/gone").exists() and not (tmp_path / "a/sub").exists()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "b").rglob("*")) == [
+        "b/inner", "b/inner/new2", "b/new"
+    ]
+    assert report.whiteouts == 4
+    assert not list(tmp_path.rglob(".wh.*"))  # markers are never written
+
+
+def test_the_opaque_marker_may_come_after_its_siblings(tmp_path: Path) -> None:
+    apply(tmp_path, member("d/old", data=b"x"))
+    apply(tmp_path, member("d/new", data=b"y"), member("d/.wh..wh..opq"))
+    assert sorted(os.listdir(tmp_path / "d")) == ["new"]
+
+
+def test_a_later_entry_replaces_the_old_one_of_another_kind(tmp_path: Path) -> None:
+    apply(tmp_path, member("x", "dir"), member("x/inside", data=b"1"), member("y", data=b"file"))
+    apply(tmp_path, member("x", data=b"now a file"), member("y", "dir"))
+    assert (tmp_path / "x").read_bytes() == b"now a file"
+    assert (tmp_path / "y").is_dir()
+
+
+def test_a_file_never_writes_through_an_old_symlink_or_hardlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("host file")
+    root = tmp_path / "root"
+    root.mkdir()
+    apply(root, member("link", "symlink", target=str(outside)), member("a", data=b"A"),
+          member("b", "hardlink", target="a"))
+    apply(root, member("link", data=b"replaced"), member("b", data=b"B"))
+    assert outside.read_text() == "host file"
+    assert (root / "link").read_bytes() == b"replaced" and not (root / "link").is_symlink()
+    assert (root / "a").read_bytes() == b"A"
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "./../x"])
+def test_entries_climbing_out_are_refused(tmp_path: Path, name: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(oci.OciError, match="climbs out"):
+        apply(root, member(name, data=b"x"))
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()
+
+
+def test_symlinks_are_resolved_inside_the_root_never_on_the_host(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    # An absolute symlink to a host directory, and a relative one that climbs out:
+    # entries through them land inside the tree, as they would in the guest.
+    apply(root, member("abs", "symlink", target=str(host)), member("rel", "symlink", target="../../host"),
+          member("etc", "symlink", target="/real-etc"))
+    apply(root, member("abs/f1", data=b"1"), member("rel/f2", data=b"2"), member("etc/passwd", data=b"3"))
+    assert list(host.iterdir()) == []
+    assert (root / str(host).lstrip("/") / "f1").read_bytes() == b"1"
+    assert (root / "host/f2").read_bytes() == b"2"
+    assert (root / "real-etc/passwd").read_bytes() == b"3"
+
+
+def test_hardlinks_to_outside_paths_stay_inside(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("host secret")
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(oci.OciError):
+        apply(root, member("steal", "hardlink", target="../secret"))
+    with pytest.raises(oci.OciError, match="not there"):
+        apply(root, member("steal", "hardlink", target=str(secret)))  # /<tmp>/secret inside the tree
+    apply(root, member("escape", "symlink", target=str(tmp_path)))
+    with pytest.raises(oci.OciError, match="not there"):
+        apply(root, member("steal", "hardlink", target="escape/secret"))
+
+
+def test_device_nodes_are_a_safe_subset(tmp_path: Path) -> None:
+    report = apply(tmp_path, member("dev/null", "chr", dev=(1, 3)), member("dev/sda", "chr", dev=(8, 0)),
+                   member("dev/mem", "chr", dev=(1, 1)))
+    assert "/dev/sda" in report.skipped_devices and "/dev/mem" in report.skipped_devices
+    assert not (tmp_path / "dev/mem").exists()
+    if os.geteuid() == 0:
+        assert (tmp_path / "dev/null").is_char_device()
+    else:
+        assert report.skipped_devices == ["/dev/null", "/dev/sda", "/dev/mem"]
+
+
+def test_a_read_only_directory_does_not_block_later_entries(tmp_path: Path) -> None:
+    directories: dict = {}
+    oci.apply_layer(io.BytesIO(tar_bytes(member("ro", "dir", mode=0o555))), tmp_path, None, directories)
+    oci.apply_layer(io.BytesIO(tar_bytes(member("ro/file", data=b"x"))), tmp_path, None, directories)
+    oci.finish_directories(directories)
+    assert (tmp_path / "ro/file").read_bytes() == b"x"
+    assert (tmp_path / "ro").stat().st_mode & 0o777 == 0o555
+
+
+# ---- layouts
+
+
+def test_a_layout_is_read_verified_and_unpacked(tmp_path: Path) -> None:
+    layer1 = gzip.compress(tar_bytes(member("etc/issue", data=b"Debian"), member("etc/motd", data=b"hello")))
+    layer2 = tar_bytes(member("etc/.wh.motd"), member("app/new.txt", data=b"layer 2"))
+    layout = make_layout(tmp_path / "layout", [(TAR_GZIP, layer1), (TAR, layer2)],
+                         {"Env": ["PATH=/usr/bin:/bin", "GREETING=a=b"], "WorkingDir": "/app"},
+                         platform_index=True)
+    image = oci.open_layout(layout)
+    assert image.config.env == {"PATH": "/usr/bin:/bin", "GREETING": "a=b"}
+    assert image.config.working_dir == "/app"
+    assert len(image.layers) == 2
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    oci.unpack(image, tree)
+    assert (tree / "etc/issue").read_bytes() == b"Debian"
+    assert not (tree / "etc/motd").exists()
+    assert (tree / "app/new.txt").read_bytes() == b"layer 2"
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="no zstd tool")
+def test_zstd_layers(tmp_path: Path) -> None:
+    raw = tar_bytes(member("z/file", data=b"zstd!"))
+    compressed = subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True, check=True).stdout
+    layout = make_layout(tmp_path / "layout", [(TAR_ZSTD, compressed)])
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    oci.unpack(oci.open_layout(layout), tree)
+    assert (tree / "z/file").read_bytes() == b"zstd!"
+
+
+def test_a_layer_whose_digest_does_not_match_is_refused_before_unpacking(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "layout", [(TAR, tar_bytes(member("f", data=b"good")))])
+    image = oci.open_layout(layout)
+    blob = oci.blob_path(layout, image.layers[0].digest)
+    evil = tar_bytes(member("f", data=b"evil"))
+    assert len(evil) == blob.stat().st_size
+    blob.write_bytes(evil)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with pytest.raises(oci.DigestMismatch, match="digest mismatch"):
+        oci.unpack(image, tree)
+    assert list(tree.iterdir()) == []
+
+
+def test_a_tampered_manifest_or_config_is_refused_when_opening(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "layout", [(TAR, tar_bytes(member("f", data=b"x")))], {"Env": ["A=1"]})
+    config_digest = oci.open_layout(layout).config_digest
+    path = oci.blob_path(layout, config_digest)
+    path.write_bytes(path.read_bytes().replace(b"A=1", b"A=2"))
+    with pytest.raises(oci.DigestMismatch):
+        oci.open_layout(layout)
+
+
+def test_what_is_not_a_layout(tmp_path: Path) -> None:
+    with pytest.raises(oci.NotALayout):
+        oci.open_layout(tmp_path)
+    (tmp_path / "oci-layout").write_text("{}")
+    (tmp_path / "index.json").write_text('{"manifests": []}')
+    with pytest.raises(oci.NotALayout, match="imageLayoutVersion"):
+        oci.open_layout(tmp_path)
+    with pytest.raises(oci.NotALayout):
+        oci.open_layout(tmp_path / "missing")
+
+
+def test_a_layout_without_the_platform_says_which_it_has(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    arm = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **write_blob(layout, b"{}"),
+           "platform": {"os": "linux", "architecture": "arm64"}}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [arm]}))
+    with pytest.raises(oci.OciError, match="no linux/amd64 manifest.*linux/arm64"):
+        oci.open_layout(layout)
+
+
+def test_malformed_digests_never_become_paths(tmp_path: Path) -> None:
+    with pytest.raises(oci.OciError):
+        oci.blob_path(tmp_path, "sha256:../../etc/passwd")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("python:3.12", "registry-1.docker.io/library/python:3.12"),
+        ("docker.io/library/python:3.12", "registry-1.docker.io/library/python:3.12"),
+        ("library/python", "registry-1.docker.io/library/python:latest"),
+        ("ghcr.io/owner/repo/img:v1", "ghcr.io/owner/repo/img:v1"),
+        ("localhost:5000/img", "localhost:5000/img:latest"),
+        ("quay.io/a/b@sha256:" + "0" * 64, "quay.io/a/b@sha256:" + "0" * 64),
+    ],
+)
+def test_registry_references(text: str, expected: str) -> None:
+    reference = oci.parse_reference(text)
+    assert reference is not None and str(reference) == expected
+
+
+@pytest.mark.parametrize("text", ["/abs/path", "./rel", "UPPER/case", "a b", ""])
+def test_what_is_not_a_registry_reference(text: str) -> None:
+    assert oci.parse_reference(text) is None
+
+
+async def test_an_unreachable_registry_fails_quickly(tmp_path: Path) -> None:
+    reference = oci.Reference("127.0.0.1:9", "library/python", "3.12", None)  # port 9: nothing listens
+    with pytest.raises(oci.RegistryError, match="unreachable"):
+        await oci.pull(reference, tmp_path / "layout", timeout=3)
