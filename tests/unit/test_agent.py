@@ -116,6 +116,14 @@ def test_ping(agent: AgentConnection) -> None:
     value = agent.call("ping")
     assert value["pid"] == agent.process.pid
     assert value["uptime"] > 0
+    assert abs(value["time_ns"] - time.time_ns()) < 5 * 10**9
+
+
+def test_set_clock_answers_the_clock_it_replaced(agent: AgentConnection) -> None:
+    # --no-system: the host's clock is left alone, the op still checks its input.
+    assert agent.error("set_clock", time_ns="now") == "EINVAL"
+    value = agent.call("set_clock", time_ns=time.time_ns())
+    assert abs(value["previous_ns"] - time.time_ns()) < 5 * 10**9
 
 
 def test_unknown_op_and_bad_frames_do_not_kill_the_agent(agent: AgentConnection) -> None:
