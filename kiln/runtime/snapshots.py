@@ -47,6 +47,10 @@ BASE_SNAPSHOTS_DIR_NAME = "base-snapshots"
 BUILD_DIR_PREFIX = ".build-"
 BUILD_LOCK_NAME = "building.lock"
 IDENTITY_SEED_BYTES = 64
+# Part of every base snapshot's key. Bump it when what a driver adds to a cold
+# boot changes what is saved (the kernel command line is in the saved memory):
+# 2 = TCG guests boot with norandmaps (kiln.runtime.qemu.TCG_GUEST_ARGUMENTS).
+BASE_SNAPSHOT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,8 @@ class BaseSnapshots:
             digest = image_digest(image)
         except OSError:
             return None  # the image's files are gone (or never were): nothing to boot
-        return f"{image.variant}-{digest}-{shape.memory_mb}m-{shape.vcpu_count}c-{accel}"
+        shape_part = f"{shape.memory_mb}m-{shape.vcpu_count}c"
+        return f"{image.variant}-{digest}-{shape_part}-{accel}-f{BASE_SNAPSHOT_FORMAT}"
 
     def find(self, image: BootImage, shape: Shape) -> SavedState | None:
         key = self.key(image, shape)

@@ -50,7 +50,15 @@ def test_boot_files_come_from_the_image() -> None:
 def test_image_that_sets_the_tsc_itself_is_left_alone() -> None:
     image = BootImage("v", IMAGE.kernel, IMAGE.initrd, IMAGE.rootfs, "quiet tsc_early_khz=1")
     argv = build_argv(spec(image=image), "tcg", RunPaths(RUN_DIR))
-    assert option_values(argv, "-append") == ["quiet tsc_early_khz=1"]
+    assert option_values(argv, "-append") == ["quiet tsc_early_khz=1 norandmaps"]
+
+
+def test_tcg_guests_get_no_aslr_and_kvm_guests_keep_it() -> None:
+    # TCG retranslates a process's code when ASLR moves it (see TCG_GUEST_ARGUMENTS).
+    tcg = build_argv(spec(), "tcg", RunPaths(RUN_DIR))
+    assert option_values(tcg, "-append")[0].split()[-1] == "norandmaps"
+    kvm = build_argv(spec(), "kvm", RunPaths(RUN_DIR))
+    assert "norandmaps" not in option_values(kvm, "-append")[0]
 
 
 def test_tcg_and_kvm_accelerators() -> None:
