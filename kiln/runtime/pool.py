@@ -1,17 +1,21 @@
 """A warm pool: VMs already restored from a base snapshot, idle, ready to be claimed.
 
-Claiming one takes no QEMU start-up at all; the VM service then gives it its
-identity (``post_restore``: entropy, clock, hostname) and env, as after any
-restore. The pool keeps ``size`` idle VMs of one saved state (the default
-image's base snapshot for the default shape, from ``source``) and refills in the
-background after each claim; when the source changes (a rebuilt image), idle VMs
-of the old one are destroyed and replaced.
+Claiming one takes no QEMU start-up at all. Each idle VM got its identity when
+the pool filled (``reset_identity``: its own entropy seed, the clock, and as
+hostname the ``vm_id`` it keeps when claimed): under TCG the first
+``post_restore`` after a restore runs guest code never translated since the
+restore and took 290-500 ms, which a claim no longer waits for. A claim only
+sets the clock again (``settle_claimed``: the VM may have idled for hours) and the
+VM service applies env. The pool keeps ``size`` idle VMs of one saved state (the
+default image's base snapshot for the default shape, from ``source``) and
+refills in the background once a claimed VM is handed out (``refill``), so a
+restore does not compete for the CPU with the claim; when the source changes (a
+rebuilt image), idle VMs of the old one are destroyed and replaced.
 
 Idle VMs are not the server's VMs yet: no database rows, not counted by
 admission. Across a restart they are not kept: ``stop`` destroys them, and
 ``start`` destroys any that a crashed server left (their run dirs carry the
-marker file ``POOL_MARKER``), because their identity was never set and nobody
-knows them.
+marker file ``POOL_MARKER``), because nobody knows them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.config import Settings
+from kiln.runtime.agent_client import AgentError
 from kiln.runtime.driver import BootImage, Hypervisor, Machine, MachineSpec, SavedState
+from kiln.runtime.snapshots import reset_identity
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,11 @@ class WarmPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
+    @property
+    def idle_machines(self) -> list[Machine]:
+        """The idle VMs, oldest first (for tests and diagnostics)."""
+        return [vm.machine for vm in self._idle]
+
     async def start(self) -> None:
         await self.remove_orphans()
         if self.size > 0:
@@ -82,15 +93,21 @@ class WarmPool:
             await self._hypervisor.destroy(vm.machine.vm_id, vm.machine.run_dir)
 
     def claim(self, saved: SavedState) -> Machine | None:
-        """An idle VM restored from ``saved``, now the caller's; None if there is none."""
+        """An idle VM restored from ``saved``, now the caller's; None if there is none.
+
+        Its identity is set (hostname: its ``vm_id``); the caller runs
+        ``settle_claimed`` on it and calls ``refill`` once it is handed out."""
         for index, vm in enumerate(self._idle):
             if vm.saved == saved.directory and self._hypervisor.is_running(vm.machine):
                 del self._idle[index]
                 (vm.machine.run_dir / POOL_MARKER).unlink(missing_ok=True)
-                self._wanted.set()
                 return vm.machine
-        self._wanted.set()
+        self.refill()  # nothing to claim: nothing to wait for either
         return None
+
+    def refill(self) -> None:
+        """Wake the filler (after a claimed VM was handed out, or failed)."""
+        self._wanted.set()
 
     async def remove_orphans(self) -> None:
         """Destroy idle VMs a previous server left (their run dirs have the marker)."""
@@ -134,6 +151,8 @@ class WarmPool:
                 )
             )
             await machine.wait_ready(self._settings.boot_timeout_seconds)
+            # Now rather than at the claim: see the module docstring.
+            await reset_identity(machine, vm_id)
         except BaseException:
             await self._hypervisor.destroy(vm_id, run_dir)
             raise
@@ -153,3 +172,18 @@ class WarmPool:
             self._wanted.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wanted.wait(), RECHECK_SECONDS)
+
+
+async def settle_claimed(machine: Machine) -> int:
+    """Give a claimed pool VM the host's time; returns how far its clock was off
+    (ns, guest minus host). Its identity was set when the pool filled; a guest
+    agent without ``set_clock`` (an older image) gets a whole ``post_restore``."""
+    host_ns = time.time_ns()
+    try:
+        value = await machine.agent.call("set_clock", time_ns=host_ns)
+    except AgentError as error:
+        if error.code != "EUNKNOWNOP":
+            raise
+        await reset_identity(machine, machine.vm_id)
+        return 0
+    return int(value.get("previous_ns", host_ns)) - host_ns

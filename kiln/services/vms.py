@@ -12,11 +12,9 @@ The service keeps the ``Machine`` of every VM it started or adopted in memory
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import secrets
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Coroutine
@@ -28,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kiln.config import Settings
 from kiln.runtime.agent_client import AgentError
 from kiln.runtime.driver import BootImage, Hypervisor, Machine, MachineSpec, SavedState
+from kiln.runtime.pool import settle_claimed
+from kiln.runtime.snapshots import reset_identity
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.errors import (
     CapacityExhausted,
@@ -218,6 +218,8 @@ class VmService:
         except BaseException:
             if claimed is not None:
                 await self._hypervisor.destroy(claimed.vm_id, claimed.run_dir)
+                if self.pool is not None:
+                    self.pool.refill()
             raise
         spec = MachineSpec(
             vm_id=vm.id,
@@ -567,15 +569,17 @@ class VmService:
         try:
             machine = claimed or await self._hypervisor.start(spec)
             self._machines[vm_id] = machine
-            # Raises BootError quoting the console if the guest never answers or QEMU dies.
-            await machine.wait_ready(self._settings.boot_timeout_seconds)
-            # A restored guest must not share randomness, time or name with its siblings.
-            await machine.agent.call(
-                "post_restore",
-                seed=base64.b64encode(os.urandom(64)).decode(),
-                time_ns=time.time_ns(),
-                hostname=vm_id,
-            )
+            if claimed is not None:
+                # Ready, with its identity (hostname: vm_id) since the pool filled;
+                # only its clock moved on meanwhile.
+                drift_ns = await settle_claimed(machine)
+                log.debug("vm %s claimed from the pool; its clock was off by %.1f ms",
+                          vm_id, drift_ns / 1e6)  # fmt: skip
+            else:
+                # Raises BootError quoting the console if the guest never answers or QEMU dies.
+                await machine.wait_ready(self._settings.boot_timeout_seconds)
+                # A restored guest must not share randomness, time or name with its siblings.
+                await reset_identity(machine, vm_id)
             env_status, env_error = "none", None
             if env:
                 try:
@@ -593,6 +597,10 @@ class VmService:
         except Exception as error:
             log.warning("vm %s failed to start: %s", vm_id, _describe(error))
             await self._fail(vm_id, _describe(error))
+        finally:
+            if claimed is not None and self.pool is not None:
+                # Handed out (or failed): only now may a restore take the CPU.
+                self.pool.refill()
 
     async def _terminate(self, vm_id: str) -> Vm:
         async with self._teardown_lock(vm_id):

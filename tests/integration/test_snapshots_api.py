@@ -264,6 +264,42 @@ async def test_the_warm_pool_hands_out_running_vms(
     assert not [p for p in Path(vm_settings.data_dir).glob("api-*/vms/*/kiln-pool-idle")]
 
 
+async def test_vms_claimed_from_the_pool_have_their_own_identity_and_the_right_time(
+    vm_settings: Settings, base_snapshot: SavedState
+) -> None:
+    """Pool VMs get their identity when the pool fills; a claim must still hand
+    out a VM with its own randomness, hostname = vm_id, and the host's time."""
+    async with running_api(vm_settings, base_snapshot, pool_size=2) as api:
+        pool = api.vms.pool
+        assert pool is not None
+        for _ in range(600):
+            if pool.idle_count == 2:
+                break
+            await asyncio.sleep(0.1)
+        idle = pool.idle_machines
+        assert len(idle) == 2
+        # Put their clocks an hour behind: the claim, not the fill, must set them.
+        for machine in idle:
+            await machine.agent.call("set_clock", time_ns=time.time_ns() - 3600 * 10**9)
+        vms = [await api.create(), await api.create()]
+        assert sorted(vm["vm_id"] for vm in vms) == sorted(m.vm_id for m in idle)
+        seen = []
+        for vm in vms:
+            output = await api.shell(
+                vm["vm_id"],
+                "hostname; cat /proc/sys/kernel/random/uuid; "
+                "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; date +%s.%N",
+            )
+            hostname, kernel_uuid, random_hex, guest_time = output.split()
+            host_time = time.time()
+            assert hostname == vm["vm_id"]
+            assert abs(float(guest_time) - host_time) < 1.0, (guest_time, host_time)
+            python_uuid = await api.python(vm["vm_id"], "import uuid; print(uuid.uuid4())")
+            seen.append((kernel_uuid, random_hex, python_uuid.strip()))
+        for values in zip(*seen, strict=True):
+            assert values[0] != values[1]
+
+
 async def test_a_long_disk_chain_is_flattened(vm_settings: Settings, base_snapshot) -> None:
     async with running_api(vm_settings, base_snapshot, max_disk_chain=2) as api:
         vm_id = (await api.create())["vm_id"]
