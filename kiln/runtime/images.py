@@ -32,6 +32,7 @@ import json
 import os
 import py_compile
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -46,6 +47,7 @@ from pathlib import Path
 import kiln
 from kiln.config import Settings, get_settings
 from kiln.runtime.driver import BootImage
+from kiln.runtime.oci import ensure_directory, remove_path, resolve_in_root
 
 Progress = Callable[[str, int, int], None]
 
@@ -73,6 +75,11 @@ BASE_LAYER_FORMAT = 1
 BUSYBOX_PACKAGE = "busybox-static"
 GUEST_FILES = ("agent.py", "protocol.py")
 INIT_FILES = ("initramfs-init", "rc.sysinit", "inittab")
+# Where the guest agent's interpreter may be, first match wins; and how old it may be.
+GUEST_PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+MIN_GUEST_PYTHON = (3, 9)
+# Standard library modules the agent needs that python3-minimal lacks.
+GUEST_PYTHON_MODULES = ("json", "asyncio")
 
 
 class UnknownVariant(KeyError):
@@ -81,6 +88,10 @@ class UnknownVariant(KeyError):
 
 class ImageBuildError(RuntimeError):
     """A build step failed; the message says which and why."""
+
+
+class UnsuitableRootfs(ImageBuildError):
+    """A root tree the guest agent cannot run in (no usable python3)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +164,20 @@ class ImageStore:
         self.base_dir = settings.cache_dir / "rootfs-base"
 
     # ---- queries
+
+    @property
+    def init_dir(self) -> Path:
+        return self.manifests_dir / "init"
+
+    def guest_busybox(self, variant: str) -> Path:
+        """The busybox binary the variant's current build put into its rootfs
+        (also what an imported OCI image gets at /opt/kiln/busybox)."""
+        info = self._current_build(variant)
+        if info is not None:
+            unpacked = self.downloads_dir / Path(info[1]["busybox"]).with_suffix("").name / "bin" / "busybox"
+            if unpacked.is_file():
+                return unpacked
+        return self._unpacked(self._download(BUSYBOX_PACKAGE)) / "bin" / "busybox"
 
     def variants(self) -> list[str]:
         return sorted(path.stem for path in self.manifests_dir.glob("*.toml"))
@@ -360,34 +385,123 @@ class ImageStore:
         tree = work_dir / "tree"
         tree.mkdir()
         run(["tar", "--numeric-owner", "-xpf", str(base_tar), "-C", str(tree)])
-        kiln_dir = tree / "opt" / "kiln"
-        kiln_dir.mkdir(parents=True)
-        for name in GUEST_FILES:
-            shutil.copyfile(GUEST_DIR / name, kiln_dir / name)
-            # Compiling the agent costs over half a second under TCG on every
-            # boot; the host's CPython 3.11 writes bytecode the guest's can use.
-            py_compile.compile(str(kiln_dir / name), doraise=True)
-        shutil.copyfile(busybox, kiln_dir / "busybox")
-        (kiln_dir / "busybox").chmod(0o755)
-        init_dir = self.manifests_dir / "init"
-        shutil.copyfile(init_dir / "rc.sysinit", kiln_dir / "rc.sysinit")
-        agent_args = f"--workdir {manifest.workdir}"
-        (tree / "etc" / "inittab").write_text(
-            (init_dir / "inittab").read_text().replace("@AGENT_ARGS@", agent_args))
-        (tree / "etc" / "hostname").write_text("kiln\n")
-        (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n127.0.1.1 kiln\n::1 localhost\n")
-        (tree / manifest.workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
-
-        used = sum(entry.stat(follow_symlinks=False).st_size for entry in tree.rglob("*"))
-        size_mb = int(used * 1.15) // (1024 * 1024) + manifest.free_space_mb + 64
-        image = work_dir / "rootfs.ext4"
-        run([
-            "mkfs.ext4", "-q", "-F", "-L", "kiln-root", "-m", "0",
-            # Initialise everything now: a lazy init would write to every VM's overlay.
-            "-E", "lazy_itable_init=0,lazy_journal_init=0",
-            "-d", str(tree), str(image), f"{size_mb}M",
-        ])
+        install_guest(tree, busybox, self.init_dir, workdir=manifest.workdir)
+        make_ext4(tree, work_dir / "rootfs.ext4", manifest.free_space_mb)
         shutil.rmtree(tree)
+
+
+# ---------------------------------------------------------------- root trees
+#
+# Shared by the variants built here and by OCI images imported as snapshots
+# (kiln.services.snapshots): whatever the tree, the guest gets the same agent,
+# busybox and init. A tree may come from an untrusted image, so every path is
+# resolved inside it (its symlinks never lead out) and replaced, not written through.
+
+
+def install_guest(
+    tree: Path, busybox: Path, init_dir: Path, *, workdir: str, python: str = GUEST_PYTHON_CANDIDATES[0]
+) -> None:
+    """Make a root tree bootable as a Kiln guest: the agent (precompiled),
+    busybox, rc.sysinit and inittab under /opt/kiln and /etc, hostname and
+    hosts, the working directory, and /bin/sh (busybox's) if the tree has none."""
+    root = str(tree)
+    remove_path(resolve_in_root(root, "opt/kiln", follow_last=False))
+    kiln_dir = Path(ensure_directory(root, "opt/kiln"))
+    for name in GUEST_FILES:
+        shutil.copyfile(GUEST_DIR / name, kiln_dir / name)
+        # Compiling the agent costs over half a second under TCG on every
+        # boot; the host's CPython 3.11 writes bytecode the guest's can use.
+        py_compile.compile(str(kiln_dir / name), doraise=True)
+    shutil.copyfile(busybox, kiln_dir / "busybox")
+    (kiln_dir / "busybox").chmod(0o755)
+    shutil.copyfile(init_dir / "rc.sysinit", kiln_dir / "rc.sysinit")
+    if any(char in workdir for char in "#\n\0") or not workdir.startswith("/"):
+        raise UnsuitableRootfs(f"the working directory {workdir!r} is not an absolute path fit for the guest")
+    agent_args = f"--workdir {shlex.quote(workdir)}"
+    inittab = (init_dir / "inittab").read_text()
+    _replace_file(root, "etc/inittab", inittab.replace("@PYTHON@", python).replace("@AGENT_ARGS@", agent_args))
+    _replace_file(root, "etc/hostname", "kiln\n")
+    _replace_file(root, "etc/hosts", "127.0.0.1 localhost\n127.0.1.1 kiln\n::1 localhost\n")
+    ensure_directory(root, workdir.lstrip("/"))
+    if not os.path.lexists(resolve_in_root(root, "bin/sh")):
+        # busybox init starts the agent through /bin/sh (its inittab line has an "=").
+        os.symlink("/opt/kiln/busybox", os.path.join(ensure_directory(root, "bin"), "sh"))
+
+
+def _replace_file(root: str, path: str, text: str) -> None:
+    parent, _, name = path.rpartition("/")
+    target = os.path.join(ensure_directory(root, parent), name)
+    remove_path(target)
+    Path(target).write_text(text)
+    os.chmod(target, 0o644)
+
+
+def make_ext4(tree: Path, image: Path, free_space_mb: int) -> None:
+    """An ext4 image of the tree (ownership and modes as they are on disk), with
+    ``free_space_mb`` to spare."""
+    used = sum(entry.stat(follow_symlinks=False).st_size for entry in tree.rglob("*"))
+    size_mb = int(used * 1.15) // (1024 * 1024) + free_space_mb + 64
+    run([
+        "mkfs.ext4", "-q", "-F", "-L", "kiln-root", "-m", "0",
+        # Initialise everything now: a lazy init would write to every VM's overlay.
+        "-E", "lazy_itable_init=0,lazy_journal_init=0",
+        "-d", str(tree), str(image), f"{size_mb}M",
+    ])
+
+
+def find_guest_python(tree: Path) -> str:
+    """The guest path of the tree's python3 for the agent; UnsuitableRootfs when
+    there is none, it is older than MIN_GUEST_PYTHON, or its standard library
+    lacks what the agent imports. Nothing in the tree is run: the version comes
+    from the interpreter's file name or its ``lib/python3.N`` directory."""
+    root = str(tree)
+    wanted = ".".join(map(str, MIN_GUEST_PYTHON))
+    for candidate in GUEST_PYTHON_CANDIDATES:
+        real = resolve_in_root(root, candidate)
+        if not os.path.isfile(real) or not os.access(real, os.X_OK):
+            continue
+        found = _python_stdlib(root, real)
+        if found is None:
+            raise UnsuitableRootfs(
+                f"the image's {candidate} has no standard library (lib/python3.N) next to it"
+            )
+        version, stdlib = found
+        shown = ".".join(map(str, version))
+        if version < MIN_GUEST_PYTHON:
+            raise UnsuitableRootfs(
+                f"the image's python3 is {shown}; the guest agent needs python3 >= {wanted}"
+            )
+        missing = [
+            module for module in GUEST_PYTHON_MODULES
+            if not any((stdlib / module / init).is_file() for init in ("__init__.py", "__init__.pyc"))
+        ]
+        if missing:
+            raise UnsuitableRootfs(
+                f"the image's python3 ({shown}) lacks the standard library modules "
+                f"{', '.join(missing)} (python3-minimal?); the guest agent needs them"
+            )
+        return candidate
+    raise UnsuitableRootfs(
+        f"the image has no python3: the guest agent needs python3 >= {wanted} at "
+        f"{' or '.join(GUEST_PYTHON_CANDIDATES[:2])}"
+    )
+
+
+def _python_stdlib(root: str, interpreter: str) -> tuple[tuple[int, int], Path] | None:
+    named = re.fullmatch(r"python(\d+)\.(\d+)", os.path.basename(interpreter))
+    prefixes = [os.path.dirname(os.path.dirname(interpreter))]
+    prefixes += [os.path.join(root, "usr"), os.path.join(root, "usr", "local")]
+    found: list[tuple[tuple[int, int], Path]] = []
+    for prefix in prefixes:
+        for lib in Path(prefix).glob("lib/python3.*"):
+            match = re.fullmatch(r"python(\d+)\.(\d+)", lib.name)
+            if match and any((lib / name).is_file() for name in ("os.py", "os.pyc")):
+                version = (int(match.group(1)), int(match.group(2)))
+                if named is None or version == (int(named.group(1)), int(named.group(2))):
+                    found.append((version, lib))
+        if found:
+            break
+    return max(found) if found else None
 
 
 def apt_show(package: str) -> dict[str, str]:

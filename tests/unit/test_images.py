@@ -149,3 +149,58 @@ def test_initramfs_carries_init_busybox_and_ordered_modules(tmp_path: Path) -> N
     assert entries["bin/busybox"][1] == b"\x7fELF busybox"
     assert entries["etc/kiln-modules"][1] == b"virtio_ring\nvirtio\n"
     assert "lib/modules/virtio.ko" in entries and "dev/console" in entries
+
+
+# ---- root trees shared with OCI imports (install_guest, find_guest_python)
+
+
+def _python_tree(root: Path, version: str = "3.11", modules: tuple[str, ...] = ("json", "asyncio"),
+                 prefix: str = "usr") -> Path:
+    bin_dir = root / prefix / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / f"python{version}").write_text("#!elf\n")
+    (bin_dir / f"python{version}").chmod(0o755)
+    (bin_dir / "python3").symlink_to(f"python{version}")
+    lib = root / prefix / "lib" / f"python{version}"
+    lib.mkdir(parents=True)
+    (lib / "os.py").write_text("")
+    for module in modules:
+        (lib / module).mkdir()
+        (lib / module / "__init__.py").write_text("")
+    return root
+
+
+def test_find_guest_python(tmp_path: Path) -> None:
+    from kiln.runtime.images import UnsuitableRootfs, find_guest_python
+
+    assert find_guest_python(_python_tree(tmp_path / "debian")) == "/usr/bin/python3"
+    assert find_guest_python(_python_tree(tmp_path / "docker", "3.12", prefix="usr/local")) == "/usr/local/bin/python3"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnsuitableRootfs, match="the image has no python3"):
+        find_guest_python(tmp_path / "empty")
+    with pytest.raises(UnsuitableRootfs, match="is 3.8; the guest agent needs python3 >= 3.9"):
+        find_guest_python(_python_tree(tmp_path / "old", "3.8"))
+    with pytest.raises(UnsuitableRootfs, match="lacks the standard library modules asyncio"):
+        find_guest_python(_python_tree(tmp_path / "minimal", modules=("json",)))
+
+
+def test_install_guest_never_writes_through_the_trees_symlinks(tmp_path: Path) -> None:
+    from kiln.runtime.images import REPO_IMAGES_DIR, install_guest
+
+    host = tmp_path / "host-etc"
+    host.mkdir()
+    (host / "hostname").write_text("the host\n")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "etc").symlink_to(host)  # an image's absolute symlink: /<tmp>/host-etc in the guest
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"\x7fELF")
+    install_guest(tree, busybox, REPO_IMAGES_DIR / "init", workdir="/work dir", python="/usr/local/bin/python3")
+    assert (host / "hostname").read_text() == "the host\n" and sorted(p.name for p in host.iterdir()) == ["hostname"]
+    etc = tree / str(host).lstrip("/")
+    inittab = (etc / "inittab").read_text()
+    assert "/usr/local/bin/python3 -S -m agent --workdir '/work dir'" in inittab
+    assert (etc / "hostname").read_text() == "kiln\n"
+    assert (tree / "work dir").is_dir()
+    assert os.readlink(tree / "bin" / "sh") == "/opt/kiln/busybox"
+    assert (tree / "opt/kiln/agent.py").is_file() and (tree / "opt/kiln/busybox").stat().st_mode & 0o111
