@@ -140,3 +140,9 @@ class Hypervisor(Protocol):
         it (only the image's), with the same content. VMs running on the old file
         keep it (they hold it open); new restores use the new one."""
         ...
+
+    async def rebase_saved_disk(self, directory: Path, backing: Path) -> None:
+        """Make the saved disk read its base from ``backing``: the image file it
+        was written on, moved (same content), e.g. into the save's own directory.
+        No VM may run on the saved disk yet."""
+        ...

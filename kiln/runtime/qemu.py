@@ -1007,3 +1007,16 @@ class QemuHypervisor:
         finally:
             flat.unlink(missing_ok=True)
         log.info("flattened %s (%d layers) onto %s", disk, len(chain) - 1, image["filename"])
+
+    async def rebase_saved_disk(self, directory: Path, backing: Path) -> None:
+        disk = SavedPaths(directory).disk
+        backing = backing.resolve()
+        backing_format = await disk_format(backing)
+        disk.chmod(0o644)
+        try:
+            # -u: only the header changes; the content is the same file's, moved.
+            await run_tool(
+                QEMU_IMG, "rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(disk)
+            )  # fmt: skip
+        finally:
+            disk.chmod(READ_ONLY_FILE_MODE)
