@@ -74,10 +74,17 @@ class Settings(BaseSettings):
 
     @property
     def admission_max_vcpus(self) -> int:
-        # Under TCG an idle guest costs a few percent of a core, so vCPUs overcommit well.
+        # Memory is the real bound, not vCPUs. Guest RAM a VM has touched stays
+        # with its QEMU process (an idle VM: ~106 MB RSS, ~52 MB PSS for 256 MB),
+        # and overcommitting it ends with the host's OOM killer taking a VM; a vCPU
+        # is a host thread that only costs CPU when the guest runs (an idle TCG
+        # guest: ~0.6% of a core), and overcommitting CPU only slows busy VMs
+        # down. So vCPUs overcommit far: this cap only stops a runaway number of
+        # busy threads per host CPU (2 CPUs: 128 vCPUs; the memory limit admits
+        # ~70 VMs of 256 MB on a 24 GB host first).
         if self.max_vcpus is not None:
             return self.max_vcpus
-        return (os.cpu_count() or 1) * 16
+        return (os.cpu_count() or 1) * 64
 
     @property
     def vms_dir(self) -> Path:
