@@ -110,7 +110,7 @@ def create_app(
                 key_cache,
             )
             vm_service = VmService(settings, db, *runtime)
-            snapshot_service = SnapshotService(settings, db, runtime[0], vm_service)
+            snapshot_service = SnapshotService(settings, db, runtime[0], vm_service, runtime[1])
             vm_service.snapshots = snapshot_service
             await vm_service.start()
             await snapshot_service.start()

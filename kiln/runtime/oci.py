@@ -667,13 +667,14 @@ def parse_reference(text: str) -> Reference | None:
     return Reference(registry, path, tag if tag or digest else "latest", digest)
 
 
-async def pull(reference: Reference, layout: Path, timeout: float) -> None:
+async def pull(reference: Reference, layout: Path, timeout: float, connect_timeout: float = 10.0) -> None:
     """Copy the image into a new OCI layout at ``layout`` with skopeo, within
-    ``timeout`` seconds; RegistryError (saying why) otherwise."""
+    ``timeout`` seconds; RegistryError (saying why) otherwise. Whether the
+    registry answers at all is known within ``connect_timeout``."""
     host, _, port = reference.registry.partition(":")
     try:
         await asyncio.wait_for(
-            asyncio.to_thread(_connect, host, int(port or 443), timeout), timeout
+            asyncio.to_thread(_connect, host, int(port or 443), connect_timeout), connect_timeout
         )
     except OSError as error:  # TimeoutError included
         reason = "timed out" if isinstance(error, TimeoutError) else str(error)

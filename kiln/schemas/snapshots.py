@@ -66,7 +66,12 @@ class VMSnapshotRequest(BaseModel):
 
 
 class SnapshotImportRequest(BaseModel):
-    """POST /v1/snapshots: a snapshot built from an OCI image (not built yet)."""
+    """POST /v1/snapshots: a snapshot built from an OCI image.
+
+    ``oci_image``: an OCI image layout directory on the server, or a registry
+    reference. ``build_args``: ``env`` (added to the image's Env), ``workdir``
+    (instead of its WorkingDir), ``free_space_mb`` (room on the disk, default 512).
+    ``type``: ``user`` (default) or ``auto``."""
 
     oci_image: str
     name: str | None = None

@@ -10,6 +10,13 @@ runtime saved a VM into. Types:
   restored from these instead of booting.
 - ``suspend``: a suspended VM's saved state. Never listed; removed with its VM.
 
+``POST /v1/snapshots`` imports an OCI image (``import_image``): the layout (or
+a pulled registry image) is unpacked (``kiln.runtime.oci``), given the guest
+agent and init (``kiln.runtime.images.install_guest``), made an ext4 image,
+cold-booted with the ``default`` variant's kernel and initramfs, given the
+image's Env, and saved. Its rootfs lives in the snapshot's directory
+(``rootfs.ext4``), under its saved disk; its ``image_variant`` is ``default``.
+
 Disks form chains: a saved disk is written on top of its parent snapshot's disk
 (``parent_id``), and a VM's own overlay on top of ``Vm.disk_snapshot_id``. So a
 snapshot can be deleted only when no snapshot has it as parent and no VM that
@@ -23,7 +30,10 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import secrets
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,12 +42,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln.config import Settings
-from kiln.runtime.driver import BootImage, Hypervisor, SavedState, SaveError
+from kiln.runtime import oci
+from kiln.runtime.driver import BootImage, Hypervisor, MachineSpec, SavedState, SaveError
+from kiln.runtime.images import (
+    UnsuitableRootfs,
+    find_guest_python,
+    install_guest,
+    make_ext4,
+)
 from kiln.runtime.pool import WarmPool
 from kiln.runtime.snapshots import BaseSnapshots, Shape, directory_size, remove_saved
+from kiln.schemas.snapshots import SnapshotImportRequest
 from kiln.schemas.vms import VMCreateRequest
-from kiln.services.errors import Conflict, FieldProblem, InvalidRequest, NotFound
-from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT, CreatePlan
+from kiln.services.errors import (
+    Conflict,
+    FieldProblem,
+    ImageNotBuilt,
+    InvalidRequest,
+    NotFound,
+    Unsupported,
+)
+from kiln.services.vm_policy import (
+    DEFAULT_IMAGE_VARIANT,
+    ENV_NAME_PATTERN,
+    MAX_SNAPSHOT_NAME_LENGTH,
+    CreatePlan,
+)
 from kiln.store.db import Database
 from kiln.store.models import Snapshot, Vm
 from kiln.store.repositories import SnapshotRepository, VmRepository
@@ -67,6 +97,27 @@ LISTED_TYPES = (SnapshotType.USER, SnapshotType.BASE, SnapshotType.AUTO)
 VM_STATES_WITH_A_DISK = ("creating", "running", "suspending", "suspended", "resuming", "terminating")
 VM_ENDED_STATES = ("terminated", "failed")
 GC_INTERVAL_SECONDS = 60.0
+# OCI imports: where they are assembled ($KILN_DATA_DIR/imports/<snapshot id>/,
+# removed when done; leftovers of a stopped server go at the next start), the
+# name of the rootfs inside the snapshot's directory, and their defaults.
+IMPORTS_DIR_NAME = "imports"
+IMPORTED_ROOTFS_NAME = "rootfs.ext4"
+IMPORT_TYPES = (SnapshotType.USER, SnapshotType.AUTO)
+IMPORT_FREE_SPACE_MB = 512
+IMPORT_MAX_FREE_SPACE_MB = 64 * 1024
+IMPORT_BUILD_ARGS = ("env", "workdir", "free_space_mb")
+REGISTRY_CONNECT_TIMEOUT_SECONDS = 10.0
+REGISTRY_PULL_TIMEOUT_SECONDS = 900.0
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    """A checked ``POST /v1/snapshots`` body."""
+
+    source: oci.OciImage | oci.Reference
+    env: dict[str, str]
+    workdir: str | None
+    free_space_mb: int
 
 
 def new_snapshot_id() -> str:
@@ -92,13 +143,19 @@ class RestorePlan:
 
 class SnapshotService:
     def __init__(
-        self, settings: Settings, db: Database, hypervisor: Hypervisor, vms: VmService
+        self,
+        settings: Settings,
+        db: Database,
+        hypervisor: Hypervisor,
+        vms: VmService,
+        images: ImageSource | None = None,
     ) -> None:
         self._settings = settings
         self._db = db
         self._hypervisor = hypervisor
         self._vms = vms
         self.base = BaseSnapshots(settings, hypervisor)
+        self._images = images
         self._background: set[asyncio.Task[None]] = set()
         self._gc_loop: asyncio.Task[None] | None = None
 
@@ -117,6 +174,7 @@ class SnapshotService:
                     )
         await self.collect_garbage()
         await self.base.remove_unfinished_builds()
+        await self._remove_unfinished_imports()
         self._gc_loop = asyncio.create_task(self._collect_garbage_forever(), name="snapshot-gc")
 
     async def stop(self) -> None:
@@ -159,6 +217,54 @@ class SnapshotService:
             raise Conflict(f"vm {vm_id} could not be snapshotted: {snapshot.failure_reason}")
         create = request.model_copy(update={"snapshot_id": snapshot.id, "snapshot_name": None})
         return await self._vms.create(owner_id, create, wait)
+
+    async def import_image(
+        self, owner_id: int, request: SnapshotImportRequest, wait: bool
+    ) -> Snapshot:
+        """A snapshot of an OCI image booted once (POST /v1/snapshots).
+
+        The body is checked first (422: a path that is no OCI layout, a bad
+        shape, type or build_args). The import then runs in the background;
+        waited for, a problem of the image itself (no python3, a digest that
+        does not match, an unreachable registry) is a 422 and leaves no record,
+        any other failure comes back as the record, ``failed`` with its reason."""
+        default = self._images.get(DEFAULT_IMAGE_VARIANT) if self._images is not None else None
+        if self._images is None or not hasattr(self._images, "guest_busybox"):
+            raise Unsupported("this server cannot build images, so it cannot import OCI images")
+        if default is None:
+            raise ImageNotBuilt(
+                f"image {DEFAULT_IMAGE_VARIANT!r} (whose kernel boots imported images) is not built; "
+                f"run kiln images build {DEFAULT_IMAGE_VARIANT}"
+            )
+        plan, shape, snapshot_type = await self._check_import(request)
+        snapshot_id = new_snapshot_id()
+        async with self._db.transaction() as session:
+            snapshot = await SnapshotRepository(session).add(
+                Snapshot(
+                    id=snapshot_id,
+                    owner_id=owner_id,
+                    name=request.name,
+                    type=snapshot_type,
+                    status=SnapshotStatus.CREATING,
+                    vcpu_count=shape.vcpu_count,
+                    memory_mb=shape.memory_mb,
+                    image_variant=DEFAULT_IMAGE_VARIANT,
+                    size_bytes=0,
+                    directory=str((self._settings.snapshots_dir / snapshot_id).resolve()),
+                    created_at=_now(),
+                )
+            )
+        task = self._in_background(self._import(snapshot.id, plan, shape, default))
+        if not wait:
+            return snapshot
+        with contextlib.suppress(Exception):
+            await asyncio.shield(task)
+        error = task.exception() if task.done() and not task.cancelled() else None
+        if isinstance(error, oci.OciError | UnsuitableRootfs):
+            async with self._db.transaction() as session:
+                await SnapshotRepository(session).delete(await self._reload(snapshot.id))
+            raise InvalidRequest.single(("oci_image",), str(error))
+        return await self._reload(snapshot.id)
 
     async def list(self, owner_id: int, snapshot_type: str | None) -> list[Snapshot]:
         if snapshot_type is not None and snapshot_type not in LISTED_TYPES:
@@ -459,7 +565,26 @@ class SnapshotService:
             log.warning("flattening snapshot %s failed: %s", snapshot_id, error)
             return
         size = await asyncio.to_thread(directory_size, Path(snapshot.directory))
-        await self._record(snapshot_id, None, parent_id=None, size_bytes=size)
+        # An imported image's rootfs lives in its snapshot: the flat disk still
+        # stands on it, so that snapshot stays its parent.
+        await self._record(snapshot_id, None, parent_id=await self._imported_root(snapshot_id), size_bytes=size)
+
+    async def _imported_root(self, snapshot_id: str) -> str | None:
+        """The bottom of the snapshot's disk chain if that is an imported image."""
+        bottom, current = None, snapshot_id
+        async with self._db.transaction() as session:
+            repository = SnapshotRepository(session)
+            for _ in range(self._settings.max_disk_chain + 2):
+                row = await repository.get_any_owner(current)
+                if row is None:
+                    break
+                bottom = row
+                if row.parent_id is None:
+                    break
+                current = row.parent_id
+        if bottom is None or bottom.id == snapshot_id:
+            return None
+        return bottom.id if (Path(bottom.directory) / IMPORTED_ROOTFS_NAME).exists() else None
 
     async def _record(self, snapshot_id: str, vm_on_it: str | None, **fields: object) -> None:
         async with self._db.transaction() as session:
@@ -478,6 +603,164 @@ class SnapshotService:
         if snapshot is None:
             raise NotFound(f"snapshot {snapshot_id} not found")
         return snapshot
+
+    async def _check_import(
+        self, request: SnapshotImportRequest
+    ) -> tuple[ImportPlan, Shape, SnapshotType]:
+        settings = self._settings
+        problems: list[FieldProblem] = []
+
+        def within(field: str, value: int | None, default: int, low: int, high: int) -> int:
+            if value is None:
+                return default
+            if not low <= value <= high:
+                problems.append(FieldProblem((field,), f"must be between {low} and {high}"))
+            return value
+
+        memory_mb = within(
+            "memory_mb", request.memory_mb, settings.default_memory_mb,
+            settings.min_memory_mb, settings.vm_max_memory_mb,
+        )  # fmt: skip
+        vcpu_count = within("vcpu_count", request.vcpu_count, settings.default_vcpu_count, 1, settings.vm_max_vcpus)
+        snapshot_type = SnapshotType.USER
+        if request.type is not None:
+            if request.type not in IMPORT_TYPES:
+                problems.append(FieldProblem(("type",), f"must be one of {', '.join(IMPORT_TYPES)}"))
+            else:
+                snapshot_type = SnapshotType(request.type)
+        name = request.name
+        if name is not None and (not 1 <= len(name) <= MAX_SNAPSHOT_NAME_LENGTH or not name.isprintable()):
+            problems.append(FieldProblem(("name",), f"must be 1-{MAX_SNAPSHOT_NAME_LENGTH} printable characters"))
+        args = request.build_args or {}
+        for key in args:
+            if key not in IMPORT_BUILD_ARGS:
+                problems.append(
+                    FieldProblem(("build_args", key), f"unknown; build_args takes {', '.join(IMPORT_BUILD_ARGS)}")
+                )
+        env = args.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and ENV_NAME_PATTERN.fullmatch(k) and isinstance(v, str) and "\0" not in v
+            for k, v in env.items()
+        ):
+            problems.append(FieldProblem(("build_args", "env"), "must map variable names to strings"))
+        workdir = args.get("workdir")
+        if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
+            problems.append(FieldProblem(("build_args", "workdir"), "must be an absolute path"))
+        free_space_mb = args.get("free_space_mb", IMPORT_FREE_SPACE_MB)
+        if (
+            not isinstance(free_space_mb, int) or isinstance(free_space_mb, bool)
+            or not 0 <= free_space_mb <= IMPORT_MAX_FREE_SPACE_MB
+        ):  # fmt: skip
+            problems.append(
+                FieldProblem(("build_args", "free_space_mb"), f"must be between 0 and {IMPORT_MAX_FREE_SPACE_MB}")
+            )
+        source: oci.OciImage | oci.Reference | None = None
+        try:
+            source = await self._import_source(request.oci_image)
+        except oci.OciError as error:
+            problems.append(FieldProblem(("oci_image",), str(error)))
+        if problems:
+            raise InvalidRequest(problems)
+        assert source is not None
+        plan = ImportPlan(source, dict(env), workdir, free_space_mb)
+        return plan, Shape(memory_mb, vcpu_count), snapshot_type
+
+    @staticmethod
+    async def _import_source(text: str) -> oci.OciImage | oci.Reference:
+        """A local OCI layout (read and checked now), or a registry reference."""
+        path = Path(text).expanduser()
+        if text and path.is_dir():
+            return await asyncio.to_thread(oci.open_layout, path)
+        if text.startswith(("/", ".", "~")):
+            raise oci.NotALayout(f"{text} is not a directory (an OCI image layout was expected)")
+        reference = oci.parse_reference(text)
+        if reference is None:
+            raise oci.OciError(
+                f"{text!r} is neither an OCI image layout directory nor a registry reference"
+            )
+        return reference
+
+    async def _import(self, snapshot_id: str, plan: ImportPlan, shape: Shape, default: BootImage) -> None:
+        """Assemble, boot and save an imported image into the snapshot's directory;
+        the record ends ``ready`` or ``failed`` with the reason. Nothing is left
+        behind on failure: no VM, no work dir, no half-saved directory."""
+        snapshot = await self._reload(snapshot_id)
+        saved_dir = Path(snapshot.directory)
+        work = self._settings.data_dir / IMPORTS_DIR_NAME / snapshot_id
+        vm_id = import_vm_id(snapshot_id)
+        run_dir = work / "vm"
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+        try:
+            work.mkdir(parents=True)
+            work.chmod(0o755)  # QEMU may run as another user
+            image = plan.source
+            if isinstance(image, oci.Reference):
+                await oci.pull(
+                    image, work / "layout", REGISTRY_PULL_TIMEOUT_SECONDS, REGISTRY_CONNECT_TIMEOUT_SECONDS
+                )
+                image = await asyncio.to_thread(oci.open_layout, work / "layout")
+                timings["pull"] = time.monotonic() - started
+            store = self._images
+            busybox = await asyncio.to_thread(store.guest_busybox, DEFAULT_IMAGE_VARIANT)  # type: ignore[union-attr]
+            rootfs = await asyncio.to_thread(
+                assemble_rootfs, image, work, busybox, store.init_dir,  # type: ignore[union-attr]
+                plan.workdir, plan.free_space_mb, timings,
+            )  # fmt: skip
+            boot_image = dataclasses.replace(default, rootfs=rootfs)
+            mark = time.monotonic()
+            machine = await self._hypervisor.start(
+                MachineSpec(
+                    vm_id=vm_id,
+                    vcpu_count=shape.vcpu_count,
+                    memory_mb=shape.memory_mb,
+                    image=boot_image,
+                    run_dir=run_dir,
+                    memory_in_file=True,
+                )
+            )
+            await machine.wait_ready(self._settings.boot_timeout_seconds)
+            env = {**image.config.env, **plan.env}
+            if env:
+                # Kept by the agent (and in /etc/environment): every VM restored
+                # from the snapshot runs its commands with the image's Env.
+                await machine.agent.call("set_env", env=env, timeout=30)
+            timings["boot"] = time.monotonic() - mark
+            mark = time.monotonic()
+            await self._hypervisor.save(machine, saved_dir, keep_running=False)
+            kept = saved_dir / IMPORTED_ROOTFS_NAME
+            await asyncio.to_thread(os.replace, rootfs, kept)
+            kept.chmod(0o444)
+            await self._hypervisor.rebase_saved_disk(saved_dir, kept)
+            timings["save"] = time.monotonic() - mark
+        except BaseException as error:
+            await asyncio.to_thread(remove_saved, saved_dir)
+            reason = str(error) or type(error).__name__
+            if isinstance(error, asyncio.CancelledError):
+                reason = "the server stopped while the image was being imported"
+            log.warning("importing snapshot %s failed: %s", snapshot_id, reason)
+            with contextlib.suppress(Exception):
+                await self._record(snapshot_id, None, status=SnapshotStatus.FAILED, failure_reason=reason)
+            raise
+        finally:
+            await self._hypervisor.destroy(vm_id, run_dir)
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        size = await asyncio.to_thread(directory_size, saved_dir)
+        await self._record(snapshot_id, None, status=SnapshotStatus.READY, size_bytes=size)
+        log.info(
+            "imported snapshot %s in %.1fs (%s)", snapshot_id, time.monotonic() - started,
+            ", ".join(f"{step} {seconds:.1f}s" for step, seconds in timings.items()),
+        )  # fmt: skip
+
+    async def _remove_unfinished_imports(self) -> None:
+        """Work dirs (and their VMs) of imports a stopped server left."""
+        imports = self._settings.data_dir / IMPORTS_DIR_NAME
+        if not imports.is_dir():
+            return
+        for work in imports.iterdir():
+            log.info("removing the unfinished import %s", work.name)
+            await self._hypervisor.destroy(import_vm_id(work.name), work / "vm")
+            await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _make_base_quietly(self, image: BootImage, shape: Shape) -> None:
         try:
@@ -504,3 +787,36 @@ class SnapshotService:
                 await self.collect_garbage()
             except Exception:
                 log.exception("snapshot garbage collection failed")
+
+
+def import_vm_id(snapshot_id: str) -> str:
+    return "import-" + snapshot_id.removeprefix("snap-")
+
+
+def assemble_rootfs(
+    image: oci.OciImage,
+    work: Path,
+    busybox: Path,
+    init_dir: Path,
+    workdir: str | None,
+    free_space_mb: int,
+    timings: dict[str, float],
+) -> Path:
+    """The image's layers, plus the guest agent and init, as ``work/rootfs.ext4``
+    (blocking: run it in a thread). UnsuitableRootfs without a usable python3."""
+    tree = work / "tree"
+    tree.mkdir()
+    tree.chmod(0o755)
+    started = time.monotonic()
+    report = oci.unpack(image, tree)
+    if report.skipped_devices:
+        log.info("import: skipped %d device nodes (%s ...)", len(report.skipped_devices), report.skipped_devices[0])
+    timings["unpack"] = time.monotonic() - started
+    python = find_guest_python(tree)
+    install_guest(tree, busybox, init_dir, workdir=workdir or image.config.working_dir or "/", python=python)
+    started = time.monotonic()
+    rootfs = work / IMPORTED_ROOTFS_NAME
+    make_ext4(tree, rootfs, free_space_mb)
+    timings["mkfs"] = time.monotonic() - started
+    shutil.rmtree(tree)
+    return rootfs

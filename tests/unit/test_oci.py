@@ -342,4 +342,4 @@ def test_what_is_not_a_registry_reference(text: str) -> None:
 async def test_an_unreachable_registry_fails_quickly(tmp_path: Path) -> None:
     reference = oci.Reference("127.0.0.1:9", "library/python", "3.12", None)  # port 9: nothing listens
     with pytest.raises(oci.RegistryError, match="unreachable"):
-        await oci.pull(reference, tmp_path / "layout", timeout=3)
+        await oci.pull(reference, tmp_path / "layout", timeout=30, connect_timeout=3)

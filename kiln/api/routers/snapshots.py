@@ -10,6 +10,11 @@ Snapshots are per user (another user's is a 404); base snapshots (one per image
 and shape, what new VMs are restored from) are listed for everyone and cannot be
 deleted here. Deleting a snapshot that a VM or another snapshot still builds on
 is a 409.
+
+``POST /v1/snapshots`` imports an OCI image (a local image layout or a registry
+reference) as a snapshot; a body the server cannot use (no such layout, no
+python3 in the image, a digest mismatch, an unreachable registry) is a 422 on
+``oci_image``, and with ``wait=false`` the record comes back ``creating``.
 """
 
 from __future__ import annotations
@@ -91,12 +96,14 @@ async def list_snapshots(
     return [SnapshotRecord.from_row(snapshot) for snapshot in snapshots]
 
 
-@router.post("/v1/snapshots", responses={400: {"model": ErrorMessage}})
-async def import_snapshot(body: SnapshotImportRequest, user: CurrentUser) -> SnapshotRecord:
-    raise Unsupported(
-        "building a snapshot from an OCI image is not built yet; "
-        "snapshot a running VM with POST /v1/vms/{vm_id}/snapshot instead"
-    )
+@router.post("/v1/snapshots", responses={503: {"model": ErrorMessage}})
+async def import_snapshot(
+    body: SnapshotImportRequest, user: CurrentUser, request: Request, wait: Wait = True
+) -> SnapshotRecord:
+    """A snapshot built from an OCI image: a local OCI image layout directory or
+    a registry reference (pulled when the server can reach the registry)."""
+    snapshot = await snapshot_service(request).import_image(user.id, body, wait)
+    return SnapshotRecord.from_row(snapshot)
 
 
 @router.get("/v1/snapshots/{snapshot_id}", responses=NOT_FOUND)
