@@ -175,7 +175,11 @@ def declare_figures() -> Figures:
                     "(shared base-snapshot pages divided among the VMs)")
     figures.declare("density_cpu_pct_per_vm", "% of a core", note="CPU of each idle VM's QEMU")
     figures.declare("density_exec_ms", ms, baseline="exec_bash_ms", target="< 50 ms",
-                    note=f"POST /execute bash '{BASH_COMMAND}', round robin over the idle VMs")
+                    note=f"POST /execute bash '{BASH_COMMAND}', round robin over the idle VMs, each "
+                    "after its first exec (as exec_bash_ms)")
+    figures.declare("density_exec_first_ms", ms, baseline="exec_bash_ms",
+                    note=f"the first POST /execute bash '{BASH_COMMAND}' in each of those VMs: under TCG "
+                    "a restored VM translates bash, ld.so and libc again (its code cache starts empty)")
     figures.declare("api_list_rps", "requests/s",
                     note=f"GET /v1/vms/ (all records) listing {LIST_RECORDS} VM records, one client, "
                     "sequential; rate per batch of 10")
@@ -237,7 +241,7 @@ class Bench:
             self.phase("api_list", self.measure_listing, "api_list_rps")
             self.phase("density", self.measure_density, "density_idle_vms", "density_create_ms",
                        "density_rss_mb_per_vm", "density_pss_mb_per_vm", "density_cpu_pct_per_vm",
-                       "density_exec_ms")
+                       "density_exec_ms", "density_exec_first_ms")
             self.stop_server()
             self.phase("raw_touched", self.measure_raw_touched_restore, "raw_restore_touched_ms")
             self.phase("pool", self.measure_pool, "create_pool_ms")
@@ -673,8 +677,13 @@ class Bench:
             for share in host.cpu_share(pids, self.plan.cpu_window_seconds).values():
                 self.figures["density_cpu_pct_per_vm"].add(share)
             self.run_info["density_load_average"] = host.load_average()
+            used = vm_records[: self.plan.density_exec_samples]
+            for record in used:
+                self.figures["density_exec_first_ms"].add(
+                    self.execute(client, record["session_id"], BASH_COMMAND, "bash")
+                )
             for index in range(self.plan.density_exec_samples):
-                record = vm_records[index % len(vm_records)]
+                record = used[index % len(used)]
                 self.figures["density_exec_ms"].add(
                     self.execute(client, record["session_id"], BASH_COMMAND, "bash")
                 )
