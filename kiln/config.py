@@ -15,6 +15,9 @@ def _host_memory_mb() -> int:
 
 
 class Settings(BaseSettings):
+    # CONTRACT.md also names KILN_SHARE_DOMAIN, KILN_MASTER_KEY, KILN_UPLINK,
+    # KILN_DNS_UPSTREAM and KILN_EGRESS_CA_BUNDLE: they arrive with the networking
+    # and vault features that read them.
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
 
     data_dir: Path = Path("./var")
@@ -23,12 +26,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     accel: Literal["auto", "kvm", "tcg"] = "auto"
-    share_domain: str = "kiln.localhost:8000"
-    master_key: str | None = None
     pool_size: int = 0
-    uplink: str = ""
-    dns_upstream: str | None = None
-    egress_ca_bundle: Path | None = None
 
     # Admission limits: the whole host. None means "derive from the host".
     max_vms: int | None = None
