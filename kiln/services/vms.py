@@ -221,14 +221,7 @@ class VmService:
                 if self.pool is not None:
                     self.pool.refill()
             raise
-        spec = MachineSpec(
-            vm_id=vm.id,
-            vcpu_count=vm.vcpu_count,
-            memory_mb=vm.memory_mb,
-            image=image,
-            run_dir=self.run_dir(vm.id),
-            restore_from=restore.saved if restore else None,
-        )
+        spec = self._machine_spec(vm, image, restore.saved if restore else None)
         self._start_boot(spec, plan.env, machine=claimed)
         if not wait:
             return vm
@@ -331,13 +324,8 @@ class VmService:
             if not await self._set_status(vm_id, S.SUSPENDED, S.RESUMING):
                 raise Conflict(f"vm {vm_id} changed state meanwhile; try again")
             assert vm.disk_snapshot_id is not None, "a suspended VM has its saved state"
-            spec = MachineSpec(
-                vm_id=vm.id,
-                vcpu_count=vm.vcpu_count,
-                memory_mb=vm.memory_mb,
-                image=image,
-                run_dir=self.run_dir(vm.id),
-                restore_from=await snapshots.saved_state_of(vm.disk_snapshot_id),
+            spec = self._machine_spec(
+                vm, image, await snapshots.saved_state_of(vm.disk_snapshot_id)
             )
             self._start_boot(spec, {}, current=S.RESUMING)
         elif vm.status not in (S.RESUMING, S.RUNNING):
@@ -421,6 +409,18 @@ class VmService:
 
     def run_dir(self, vm_id: str) -> Path:
         return self._settings.vms_dir / vm_id
+
+    def _machine_spec(self, vm: Vm, image: BootImage, restore_from: SavedState | None) -> MachineSpec:
+        """What starts ``vm``'s process: its shape and run dir, booted from
+        ``image`` or continued from ``restore_from``."""
+        return MachineSpec(
+            vm_id=vm.id,
+            vcpu_count=vm.vcpu_count,
+            memory_mb=vm.memory_mb,
+            image=image,
+            run_dir=self.run_dir(vm.id),
+            restore_from=restore_from,
+        )
 
     # -- background work (one pass each; the loops call them, tests may too) -------
 
