@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import signal
 import time
@@ -12,21 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from integration.guest_shell import shell
 from kiln.config import Settings
 from kiln.runtime.driver import BootError, BootImage, MachineSpec
 from kiln.runtime.qemu import QemuHypervisor, QemuMachine, RunPaths
 
 pytestmark = pytest.mark.vm
-
-
-async def shell(machine: QemuMachine, command: str) -> str:
-    output = b""
-    async for frame in machine.agent.stream("exec", shell=command, timeout=30):
-        if frame["kind"] == "stdout":
-            output += base64.b64decode(frame["data"])
-        elif frame["kind"] == "result":
-            assert frame["value"]["exit_code"] == 0, frame
-    return output.decode()
 
 
 def qemu_pids_using(run_dir: Path) -> list[int]:

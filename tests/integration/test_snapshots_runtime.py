@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from integration.guest_shell import shell
 from kiln.config import Settings
 from kiln.runtime.driver import BootError, BootImage, MachineSpec, SavedState
 from kiln.runtime.qemu import QemuHypervisor, QemuMachine
 from kiln.runtime.snapshots import BaseSnapshots, Shape
 
 pytestmark = pytest.mark.vm
-
-
-async def shell(machine: QemuMachine, command: str) -> str:
-    output = b""
-    async for frame in machine.agent.stream("exec", shell=command, timeout=30):
-        if frame["kind"] == "stdout":
-            output += base64.b64decode(frame["data"])
-        elif frame["kind"] == "result":
-            assert frame["value"]["exit_code"] == 0, frame
-    return output.decode()
 
 
 async def python(machine: QemuMachine, code: str, session: str = "s") -> str:
