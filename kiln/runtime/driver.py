@@ -6,7 +6,7 @@ QEMU specifics live in ``qemu.py``; a Firecracker driver would implement the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -61,6 +61,42 @@ class SavedState:
     disk: Path | None = None
 
 
+# Every guest sees the same NIC: the same MAC, and (inside the VM's own network
+# namespace) the same address, so a VM restored from a snapshot or claimed from
+# the pool needs no re-addressing and a clone cannot collide with its source.
+GUEST_MAC = "52:54:00:4b:49:4c"
+
+
+@dataclass(frozen=True)
+class Nic:
+    """The VM's network card. Every VM has one (a saved VM restores only into the
+    same set of devices); ``tap_fd`` is an open TAP device the host wired for it,
+    or None for a card whose cable leads nowhere (no network at all)."""
+
+    tap_fd: int | None = None
+    mac: str = GUEST_MAC
+
+
+@dataclass(frozen=True)
+class ScsiDrive:
+    """A block device on the VM's virtio-scsi bus (a volume), attached at start."""
+
+    drive_id: str  # QEMU node and device id; also the disk's serial the guest sees
+    path: Path
+    read_only: bool = False
+    image_format: str = "qcow2"
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """What the VM's process runs as: an unprivileged user and the cgroups
+    (their ``cgroup.procs`` files) it joins before it executes QEMU."""
+
+    uid: int
+    gid: int
+    cgroup_procs: tuple[Path, ...] = ()
+
+
 @dataclass(frozen=True)
 class MachineSpec:
     vm_id: str
@@ -74,7 +110,9 @@ class MachineSpec:
     # (``keep_running=False``) takes that file as the snapshot's memory without
     # streaming it; used for VMs booted to make a base snapshot.
     memory_in_file: bool = False
-    extra: dict = field(default_factory=dict)
+    nic: Nic = Nic()
+    scsi_drives: tuple[ScsiDrive, ...] = ()
+    confinement: Confinement | None = None
 
 
 class Machine(Protocol):

@@ -42,9 +42,11 @@ from kiln.runtime.driver import (
     BootError,
     BootImage,
     MachineSpec,
+    Nic,
     RuntimeFailure,
     SavedState,
     SaveError,
+    ScsiDrive,
 )
 
 log = logging.getLogger(__name__)
@@ -179,16 +181,34 @@ def kernel_command_line(image: BootImage, accel: str, tcg_arguments: str) -> str
     return " ".join([image.cmdline, *added]).strip()
 
 
-def network_arguments(network: dict | None) -> list[str]:
-    """A virtio-net device on an existing TAP, from ``spec.extra["network"]``
-    (``{"tap": "kiln-tap0", "mac": "52:54:00:..."}``)."""
-    if not network:
-        return []
-    netdev = f"tap,id=net0,ifname={network['tap']},script=no,downscript=no"
-    device = "virtio-net-device,netdev=net0"
-    if network.get("mac"):
-        device += f",mac={network['mac']}"
-    return ["-netdev", netdev, "-device", device]
+# The NIC's backend when the VM has no network: a hub port with nothing else on
+# the hub, so frames the guest sends go nowhere. The device itself is always
+# there, because a saved VM restores only into the same set of devices.
+UNWIRED_NETDEV = "hubport,id=net0,hubid=0"
+
+
+def network_arguments(nic: Nic) -> list[str]:
+    """The virtio-net card, on the TAP fd the host wired for it, or unwired."""
+    netdev = f"tap,id=net0,fd={nic.tap_fd},vhost=off" if nic.tap_fd is not None else UNWIRED_NETDEV
+    return ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net0,mac={nic.mac}"]
+
+
+def scsi_drive_arguments(drives: tuple[ScsiDrive, ...]) -> list[str]:
+    """Volumes attached at start, on the virtio-scsi bus (JSON, so any path is safe)."""
+    argv: list[str] = []
+    for drive in drives:
+        node = {
+            "driver": drive.image_format,
+            "node-name": drive.drive_id,
+            "read-only": drive.read_only,
+            "file": {"driver": "file", "filename": str(drive.path), "locking": "off"},
+        }
+        argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
+        argv += [
+            "-device",
+            f"scsi-hd,bus=scsi0.0,drive={drive.drive_id},id={drive.drive_id},serial={drive.drive_id}",
+        ]
+    return argv
 
 
 # Every VM's RAM is this one memory backend, whatever its kind: migration matches
@@ -252,7 +272,8 @@ def build_argv(
         "-device", "virtio-rng-device",
         # Volumes are hot-plugged here later: microvm has no PCI hotplug.
         "-device", "virtio-scsi-device,id=scsi0",
-        *network_arguments(spec.extra.get("network")),
+        *network_arguments(spec.nic),
+        *scsi_drive_arguments(spec.scsi_drives),
         "-chardev", f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-serial", f"file:{paths.console_log}",
@@ -730,6 +751,7 @@ class QemuHypervisor:
                     stderr=subprocess.STDOUT,
                     cwd=paths.root,
                     start_new_session=True,  # survives a restart (and a Ctrl-C) of the server
+                    pass_fds=() if spec.nic.tap_fd is None else (spec.nic.tap_fd,),
                 )
             machine = QemuMachine(
                 vm_id=spec.vm_id,
@@ -793,7 +815,6 @@ class QemuHypervisor:
                 "rootfs": str(spec.image.rootfs),
                 "cmdline": spec.image.cmdline,
             },
-            "extra": spec.extra,
             "memory_in_file": spec.memory_in_file,
             "restored_from": str(spec.restore_from.directory) if spec.restore_from else None,
             "started_at": time.time(),

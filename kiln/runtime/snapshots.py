@@ -49,8 +49,9 @@ BUILD_LOCK_NAME = "building.lock"
 IDENTITY_SEED_BYTES = 64
 # Part of every base snapshot's key. Bump it when what a driver adds to a cold
 # boot changes what is saved (the kernel command line is in the saved memory):
-# 2 = TCG guests boot with norandmaps (kiln.runtime.qemu.TCG_GUEST_ARGUMENTS).
-BASE_SNAPSHOT_FORMAT = 2
+# 2 = TCG guests boot with norandmaps (kiln.runtime.qemu.TCG_GUEST_ARGUMENTS);
+# 3 = every VM has a virtio-net card (kiln.runtime.qemu.network_arguments).
+BASE_SNAPSHOT_FORMAT = 3
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from kiln.runtime.driver import BootImage, MachineSpec
+from kiln.runtime.driver import GUEST_MAC, BootImage, MachineSpec, Nic, ScsiDrive
 from kiln.runtime.qemu import RunPaths, build_argv, process_is_alive, process_runs_in
 
 IMAGE = BootImage(
@@ -96,13 +97,22 @@ def test_agent_port_qmp_console_and_pidfile() -> None:
     assert option_values(argv, "-pidfile") == [f"{RUN_DIR}/qemu.pid"]
 
 
-def test_network_device_only_when_asked() -> None:
-    assert "-netdev" not in build_argv(spec(), "tcg", RunPaths(RUN_DIR))
-    argv = build_argv(
-        spec(extra={"network": {"tap": "kt0", "mac": "52:54:00:00:00:01"}}), "tcg", RunPaths(RUN_DIR)
-    )
-    assert option_values(argv, "-netdev") == ["tap,id=net0,ifname=kt0,script=no,downscript=no"]
-    assert "virtio-net-device,netdev=net0,mac=52:54:00:00:00:01" in option_values(argv, "-device")
+def test_every_vm_has_a_nic_unwired_unless_given_a_tap() -> None:
+    argv = build_argv(spec(), "tcg", RunPaths(RUN_DIR))
+    assert option_values(argv, "-netdev") == ["hubport,id=net0,hubid=0"]
+    assert f"virtio-net-device,netdev=net0,mac={GUEST_MAC}" in option_values(argv, "-device")
+    wired = build_argv(spec(nic=Nic(tap_fd=7)), "tcg", RunPaths(RUN_DIR))
+    assert option_values(wired, "-netdev") == ["tap,id=net0,fd=7,vhost=off"]
+
+
+def test_scsi_drives_are_attached_read_only_when_asked() -> None:
+    drive = ScsiDrive("vol-1", Path("/data/volumes/a b,c/disk.qcow2"), read_only=True)
+    argv = build_argv(spec(scsi_drives=(drive,)), "tcg", RunPaths(RUN_DIR))
+    (blockdev,) = option_values(argv, "-blockdev")
+    node = json.loads(blockdev)
+    assert node["read-only"] is True
+    assert node["file"]["filename"] == "/data/volumes/a b,c/disk.qcow2"
+    assert "scsi-hd,bus=scsi0.0,drive=vol-1,id=vol-1,serial=vol-1" in option_values(argv, "-device")
 
 
 def test_every_run_dir_file_is_named_on_the_command_line() -> None:

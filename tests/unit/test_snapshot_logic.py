@@ -94,7 +94,7 @@ def test_base_snapshot_keys_name_the_image_build_shape_and_accelerator(tmp_path:
     image = BootImage("default", files["vmlinuz"], files["initrd.img"], files["rootfs.ext4"], "quiet")
     snapshots = BaseSnapshots(Settings(cache_dir=tmp_path / "cache"), _Hypervisor())  # type: ignore[arg-type]
     key = snapshots.key(image, Shape(256, 1))
-    assert key is not None and key.startswith("default-") and key.endswith("-256m-1c-tcg-f2")
+    assert key is not None and key.startswith("default-") and key.endswith("-256m-1c-tcg-f3")
     assert snapshots.key(image, Shape(512, 1)) != key
     files["rootfs.ext4"].write_bytes(b"rebuilt")
     assert snapshots.key(image, Shape(256, 1)) != key
