@@ -127,7 +127,7 @@ def cpu_share(pids: list[int], window_seconds: float) -> dict[int, float]:
     elapsed = time.monotonic() - started
     shares = {}
     for pid in pids:
-        after = cpu_seconds(pid)
-        if before[pid] is not None and after is not None:
-            shares[pid] = 100.0 * (after - before[pid]) / elapsed
+        after, earlier = cpu_seconds(pid), before[pid]
+        if earlier is not None and after is not None:
+            shares[pid] = 100.0 * (after - earlier) / elapsed
     return shares

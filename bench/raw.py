@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState
-from kiln.runtime.qemu import RunPaths, build_argv, tcg_kernel_arguments
+from kiln.runtime.qemu.cmdline import build_argv, tcg_kernel_arguments
+from kiln.runtime.qemu.paths import RunPaths
 
 POLL_SECONDS = 0.002
 # A ping the guest has not answered by then is sent again (late answers are ignored).

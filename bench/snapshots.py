@@ -10,7 +10,7 @@ medians (and min/max) of N samples per figure.
   then ``post_restore`` (entropy, clock, hostname) as the VM service does.
 - save (keeps running): ``Hypervisor.save`` of a restored VM, which continues.
 - save (stops): ``Hypervisor.save(keep_running=False)``, as suspend does.
-- pool claim: ``WarmPool.claim`` + ``post_restore`` on an idle pool VM.
+- pool claim: ``WarmPool.claim`` + ``Node.claim`` (the clock; identity was set at fill) of an idle pool VM.
 - RSS/PSS: of each of three restored VMs, after a short exec in each.
 """
 
@@ -25,12 +25,16 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kiln.config import Settings
-from kiln.runtime.driver import MachineSpec, SavedState
+from kiln.node.host import build_node
+from kiln.node.ledger import MemoryLedger
+from kiln.node.participant import VmContext
+from kiln.node.pool import PoolSource, WarmPool
+from kiln.runtime.driver import BootImage, MachineSpec, SavedState
 from kiln.runtime.images import ImageStore
-from kiln.runtime.pool import WarmPool
 from kiln.runtime.qemu import QemuHypervisor, QemuMachine
 from kiln.runtime.snapshots import BaseSnapshots, Shape, reset_identity
 
@@ -76,7 +80,7 @@ async def measure(samples: int) -> dict:
             await reset_identity(machine, vm_id)
         return machine
 
-    async def timed(work) -> float:  # type: ignore[no-untyped-def]
+    async def timed(work: Awaitable[object]) -> float:
         began = time.monotonic()
         await work
         return time.monotonic() - began
@@ -107,18 +111,22 @@ async def measure(samples: int) -> dict:
         figures["save_keep_running_s"] = summary(save_running)
         figures["save_and_stop_s"] = summary(save_stopping)
 
-        pool = WarmPool(settings, hypervisor, 1, _constant_source(image, base), _pool_id(started_ids))
+        node = build_node(settings, hypervisor, MemoryLedger())
+        pool = WarmPool(node, settings.vms_dir, 1, _constant_source(image, base), _pool_id(started_ids), egress=None)
         claims = []
         for _ in range(samples):
             await pool.fill()
             began = time.monotonic()
-            machine = pool.claim(base)
-            assert machine is not None
-            await reset_identity(machine, machine.vm_id)
+            claimed = pool.claim(base)
+            assert claimed is not None
+            await node.claim(
+                VmContext(claimed.vm_id, 1, SHAPE.vcpu_count, SHAPE.memory_mb, image, claimed.run_dir, base),
+                claimed,
+            )
             claims.append(time.monotonic() - began)
-            await hypervisor.destroy(machine.vm_id, machine.run_dir)
+            await node.stop(claimed.vm_id)
         await pool.stop()
-        figures["pool_claim_with_identity_s"] = summary(claims)
+        figures["pool_claim_s"] = summary(claims)
 
         trio = [await start(base) for _ in range(3)]
         for machine in trio:
@@ -138,14 +146,14 @@ async def measure(samples: int) -> dict:
     return figures
 
 
-def _constant_source(image, saved):  # type: ignore[no-untyped-def]
-    async def source():  # type: ignore[no-untyped-def]
+def _constant_source(image: BootImage, saved: SavedState) -> PoolSource:
+    async def source() -> tuple[BootImage, SavedState] | None:
         return image, saved
 
     return source
 
 
-def _pool_id(started_ids: list[str]):  # type: ignore[no-untyped-def]
+def _pool_id(started_ids: list[str]) -> Callable[[], str]:
     def new_id() -> str:
         vm_id = f"p{uuid.uuid4().hex[:8]}"
         started_ids.append(vm_id)

@@ -607,7 +607,7 @@ class Bench:
             barrier = threading.Barrier(CONCURRENT_CREATES)
             results: list[tuple[float, int, str, float]] = []
 
-            def create_one() -> tuple[float, int, str, float]:
+            def create_one(barrier: threading.Barrier = barrier) -> tuple[float, int, str, float]:
                 with self.client() as client:
                     barrier.wait()
                     try:
@@ -726,17 +726,16 @@ class Bench:
             self.stop_server()
 
     def wait_for_pool(self, size: int, timeout: float = 120.0) -> set[int]:
-        """Wait until the pool holds ``size`` VMs (run dirs with the pool's marker
-        and a live QEMU) and they had time to become ready; their QEMU pids."""
-        from kiln.runtime.pool import POOL_MARKER
-
+        """Wait until the pool holds ``size`` VMs and they had time to become
+        ready; their QEMU pids. Called while the bench has no VM of its own, so
+        every live QEMU under the VMs directory is an idle pool VM."""
         assert self.settings is not None
         deadline = time.monotonic() + timeout
         while True:
+            run_dirs = list(self.settings.vms_dir.iterdir()) if self.settings.vms_dir.is_dir() else []
             pids = {
                 pid
-                for pid in (self.qemu_pid(marker.parent.name)
-                            for marker in self.settings.vms_dir.glob(f"*/{POOL_MARKER}"))
+                for pid in (self.qemu_pid(run_dir.name) for run_dir in run_dirs)
                 if pid is not None and host.cpu_seconds(pid) is not None
             }
             if len(pids) >= size or time.monotonic() > deadline:

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     max_memory_mb: int | None = None
     max_vcpus: int | None = None
 
+    # Per-user quotas (VMs that hold resources or a saved state, their vCPUs and
+    # memory, snapshots and the disk they take). None: the host's limit.
+    quota_vms: int | None = None
+    quota_vcpus: int | None = None
+    quota_memory_mb: int | None = None
+    quota_snapshots: int = 100
+    quota_disk_mb: int | None = None
+
     # Per-VM policy: defaults and allowed ranges for create requests.
     default_memory_mb: int = 512
     default_vcpu_count: int = 2
@@ -47,6 +55,9 @@ class Settings(BaseSettings):
 
     # How long a create may wait for the guest agent before the VM is failed.
     boot_timeout_seconds: float = 60.0
+    # How long a call to a guest agent may take when it names no time limit of
+    # its own (file chunks, terminals, env); a wedged guest answers 503 after it.
+    agent_deadline_seconds: float = 30.0
 
     # Snapshots: a snapshot's disk is written on top of its parent's; past this
     # many snapshot layers it is flattened (in the background) onto the image.

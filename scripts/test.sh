@@ -6,4 +6,12 @@ cd "$(dirname "$0")/.."
 KILN_SETUP_VARIANTS="default minimal" scripts/setup.sh postgresql
 export KILN_TEST_POSTGRES_URL=${KILN_TEST_POSTGRES_URL:-$(scripts/postgres-test.sh)}
 
-exec .venv/bin/pytest -q -p no:cacheprovider "$@"
+# Lint and types first: they take seconds and fail fast.
+.venv/bin/ruff check kiln tests bench
+.venv/bin/mypy
+
+started=$SECONDS
+status=0
+.venv/bin/pytest -q -p no:cacheprovider "$@" || status=$?
+echo "make test: the suite took $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
+exit $status

@@ -18,12 +18,12 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+from unit.fakes import FakeHypervisor, FakeImageStore
+from unit.harness import AppRunner
 
 from kiln.api.app import ADMIN_KEY_FILE, create_app
 from kiln.config import Settings
 from kiln.store.db import Database
-from unit.fakes import FakeHypervisor, FakeImageStore
-from unit.harness import AppRunner
 
 POSTGRES_URL_VARIABLE = "KILN_TEST_POSTGRES_URL"
 

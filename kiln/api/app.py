@@ -20,8 +20,7 @@ from fastapi import FastAPI
 
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
-from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, users, vms
-from kiln.api.routers import snapshots
+from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, snapshots, users, vms
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
@@ -30,9 +29,9 @@ from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
-from kiln.services.snapshots import SnapshotService
 from kiln.services.users import UserService
-from kiln.services.vms import ImageSource, VmService, new_vm_id
+from kiln.services.vms import ImageSource
+from kiln.services.wiring import build_vm_services
 from kiln.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,6 @@ def create_app(
 
         images = ImageStore(settings)
     runtime: tuple[Hypervisor, ImageSource] = (hypervisor, images)
-    images_source = images
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,12 +107,9 @@ def create_app(
                 settings.token_ttl_seconds,
                 key_cache,
             )
-            vm_service = VmService(settings, db, *runtime)
-            snapshot_service = SnapshotService(settings, db, runtime[0], vm_service, runtime[1])
-            vm_service.snapshots = snapshot_service
-            await vm_service.start()
-            await snapshot_service.start()
-            vm_service.pool = await snapshot_service.start_pool(images_source, new_vm_id)
+            vm_side = build_vm_services(settings, db, *runtime)
+            await vm_side.start()
+            vm_service = vm_side.vms
             execution_service = ExecutionService(vm_service, db)
             await execution_service.start()
             app.state.services = Services(
@@ -125,16 +120,14 @@ def create_app(
                 execution=execution_service,
                 files=FileService(vm_service),
                 pty=PtyService(),
-                snapshots=snapshot_service,
+                snapshots=vm_service.snapshots,
+                importer=vm_side.importer,
             )
             try:
                 yield
             finally:
                 await execution_service.stop()
-                await snapshot_service.stop()
-                if vm_service.pool is not None:
-                    await vm_service.pool.stop()
-                await vm_service.stop()
+                await vm_side.stop()
         finally:
             await db.close()
 

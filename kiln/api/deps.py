@@ -14,13 +14,14 @@ from fastapi import Depends, Header, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from kiln.services.auth import AuthService
+from kiln.services.errors import Unauthenticated
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.guest import GuestTarget, session_target, vm_target
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
-from kiln.services.snapshots import SnapshotService
-from kiln.services.errors import Unauthenticated
+from kiln.services.snapshots.oci_import import ImageImporter
+from kiln.services.snapshots.service import SnapshotService
 from kiln.services.users import UserService
 from kiln.services.vms import VmService
 from kiln.store.models import User
@@ -43,8 +44,8 @@ class Services:
     execution: ExecutionService
     files: FileService
     pty: PtyService
-    # None where snapshots are not wired in (their routes then answer 400).
-    snapshots: SnapshotService | None = None
+    snapshots: SnapshotService
+    importer: ImageImporter
 
 
 def get_services(request: Request) -> Services:
@@ -98,11 +99,21 @@ def get_pty_service(request: Request) -> PtyService:
     return get_services(request).pty
 
 
+def get_snapshot_service(request: Request) -> SnapshotService:
+    return get_services(request).snapshots
+
+
+def get_importer(request: Request) -> ImageImporter:
+    return get_services(request).importer
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]
 Files = Annotated[FileService, Depends(get_file_service)]
 Ptys = Annotated[PtyService, Depends(get_pty_service)]
+Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
+Importer = Annotated[ImageImporter, Depends(get_importer)]
 
 Vms = Annotated[VmService, Depends(get_vm_service)]
 Users = Annotated[UserService, Depends(get_user_service)]

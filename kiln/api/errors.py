@@ -22,6 +22,7 @@ from kiln.services.errors import (
     ImageNotBuilt,
     InvalidRequest,
     NotFound,
+    QuotaExceeded,
     ServiceError,
     TooLarge,
     Unauthenticated,
@@ -34,6 +35,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     Conflict: status.HTTP_409_CONFLICT,
     Unauthenticated: status.HTTP_401_UNAUTHORIZED,
     CapacityExhausted: status.HTTP_503_SERVICE_UNAVAILABLE,
+    QuotaExceeded: status.HTTP_429_TOO_MANY_REQUESTS,
     ImageNotBuilt: status.HTTP_503_SERVICE_UNAVAILABLE,
     # The VM is recorded as failed; 503 says "the host could not give you one",
     # which is what a client retrying later needs to know (500 would blame Kiln's code).

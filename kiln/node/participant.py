@@ -43,12 +43,12 @@ class HostResource:
 class Ledger(Protocol):
     """Where host resources are recorded (the store, behind the service layer)."""
 
-    async def record(self, resource: HostResource) -> None:
-        """Called before the resource is created; idempotent."""
+    async def record(self, *resources: HostResource) -> None:
+        """Called before the resources are created; idempotent."""
         ...
 
-    async def forget(self, resource: HostResource) -> None:
-        """Called once the resource is gone; idempotent."""
+    async def forget(self, *resources: HostResource) -> None:
+        """Called once the resources are gone; idempotent."""
         ...
 
     async def of_vm(self, vm_id: str) -> list[HostResource]: ...

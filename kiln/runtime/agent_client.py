@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.guest import protocol
-from kiln.runtime.driver import RuntimeFailure
+from kiln.runtime.errors import AgentError, AgentTimeout, AgentUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 OPS_WITH_GUEST_TIMEOUT = frozenset({"exec", "python_exec"})
 RESULT_GRACE_SECONDS = 5.0
 
+# Every request has a deadline: a wedged or hostile guest gets its caller an
+# AgentTimeout, never an endless wait. Calls that name no timeout get this one;
+# a stream that is meant to last (a terminal's output) asks for NO_DEADLINE.
+DEFAULT_DEADLINE_SECONDS = 30.0
+NO_DEADLINE = math.inf
+
 # How long one ping may take while waiting for a booting guest before it is
 # sent again; unanswered pings are harmless (their late answers are dropped).
 READY_PING_SECONDS = 2.0
@@ -41,23 +48,6 @@ CONNECT_RETRY_SECONDS = 0.05
 RECONNECT_SECONDS = 2.0
 # How much of the agent stream one read takes; frames span reads freely.
 READ_BYTES = 256 * 1024
-
-
-class AgentError(RuntimeFailure):
-    """The agent answered a request with an error frame."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class AgentUnavailable(RuntimeFailure):
-    """There is no working connection to the agent (never came or was lost)."""
-
-
-class AgentTimeout(RuntimeFailure, TimeoutError):
-    """A request got no final answer within its time limit."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +79,9 @@ class _Connection:
 
 
 class AgentClient:
-    def __init__(self, socket_path: str | Path) -> None:
+    def __init__(self, socket_path: str | Path, default_deadline: float = DEFAULT_DEADLINE_SECONDS) -> None:
         self.socket_path = Path(socket_path)
+        self.default_deadline = default_deadline
         self._connection: _Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
@@ -153,9 +144,10 @@ class AgentClient:
     async def call(self, op: str, timeout: float | None = None, **args: object) -> dict:
         """Run one request and return its final ``value``.
 
-        ``timeout`` bounds the wait on the host. For ops the agent times itself
-        (exec, python_exec) it is also passed to the agent, and the host waits a
-        grace period longer so the agent's own ``timed_out`` result comes back.
+        ``timeout`` bounds the wait on the host (default: ``default_deadline``).
+        For ops the agent times itself (exec, python_exec) it is also passed to
+        the agent, and the host waits a grace period longer so the agent's own
+        ``timed_out`` result comes back.
         Raises ``AgentError`` for an error frame, ``AgentUnavailable`` if the
         connection is lost, ``AgentTimeout`` if no answer came in time.
         Events (stdout/stderr) are discarded; use ``stream`` to see them.
@@ -174,26 +166,40 @@ class AgentClient:
         An error frame raises ``AgentError`` instead of being yielded. Time limits
         as in ``call``; the limit covers the whole stream, not each frame.
         """
+        if timeout is None:
+            timeout = self.default_deadline
         host_timeout = timeout
-        if timeout is not None and op in OPS_WITH_GUEST_TIMEOUT:
+        if op in OPS_WITH_GUEST_TIMEOUT and math.isfinite(timeout):
             args["timeout"] = timeout
             host_timeout = timeout + RESULT_GRACE_SECONDS
-        deadline = None if host_timeout is None else time.monotonic() + host_timeout
+        deadline = time.monotonic() + host_timeout
 
-        connection = await self._live_connection()
+        def remaining() -> float | None:
+            return None if math.isinf(deadline) else max(deadline - time.monotonic(), 0.0)
+
+        def timed_out() -> AgentTimeout:
+            return AgentTimeout(f"agent op {op!r} got no answer within {host_timeout:g}s")
+
+        try:
+            connection = await asyncio.wait_for(self._live_connection(), remaining())
+        except TimeoutError:
+            raise timed_out() from None
         request_id = next(self._request_ids)
         queue: asyncio.Queue[dict | _ConnectionLost] = asyncio.Queue()
         connection.pending[request_id] = queue
         try:
-            await self._send(connection, {"id": request_id, "op": op, **args})
+            try:
+                # A guest that stopped reading fills the channel: the write waits too.
+                await asyncio.wait_for(self._send(connection, {"id": request_id, "op": op, **args}), remaining())
+            except TimeoutError:
+                # A frame may be half-written: this connection is done.
+                connection.lose("the agent stopped reading")
+                raise timed_out() from None
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
                 try:
-                    item = await asyncio.wait_for(queue.get(), remaining)
+                    item = await asyncio.wait_for(queue.get(), remaining())
                 except TimeoutError:
-                    raise AgentTimeout(
-                        f"agent op {op!r} got no answer within {host_timeout:g}s"
-                    ) from None
+                    raise timed_out() from None
                 if isinstance(item, _ConnectionLost):
                     raise AgentUnavailable(f"agent connection lost during {op!r}: {item.reason}")
                 kind = item.get("kind")

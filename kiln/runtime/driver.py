@@ -6,30 +6,11 @@ QEMU specifics live in ``qemu.py``; a Firecracker driver would implement the sam
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from kiln.runtime.agent_client import AgentClient
-
-
-class RuntimeFailure(Exception):
-    """Base class of runtime failures; ``str()`` is a reason fit for ``failure_reason``."""
-
-
-class BootError(RuntimeFailure):
-    """The VM could not be started or its agent never answered."""
-
-
-class SaveError(RuntimeFailure):
-    """A save failed. ``disk_in_use``: the VM already runs on a new overlay whose
-    backing file is the saved disk in the save's directory, so that directory
-    must be kept for as long as the VM lives (everything else in it is gone)."""
-
-    def __init__(self, message: str, *, disk_in_use: bool) -> None:
-        super().__init__(message)
-        self.disk_in_use = disk_in_use
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -59,6 +40,21 @@ class SavedState:
     memory_file: Path | None = None
     # The frozen disk: restored VMs get an overlay on top of it.
     disk: Path | None = None
+
+
+class SaveOutcome(StrEnum):
+    """What became of a save that a crash of the server cut short."""
+
+    UNDONE = "undone"  # the VM runs as before it; the save's directory is gone
+    DISK_KEPT = "disk_kept"  # the VM runs on top of the save's disk (keep it); its memory was not saved
+    COMPLETED = "completed"  # the save is whole (a stopping save: the VM's process is gone)
+    LOST = "lost"  # the VM's process died before its state was saved: nothing to continue
+
+
+@dataclass(frozen=True)
+class SaveRecovery:
+    outcome: SaveOutcome
+    saved: SavedState | None = None
 
 
 # Every guest sees the same NIC: the same MAC, and (inside the VM's own network
@@ -115,6 +111,25 @@ class MachineSpec:
     confinement: Confinement | None = None
 
 
+class AgentChannel(Protocol):
+    """The host end of a guest agent (``kiln.runtime.agent_client.AgentClient``).
+
+    Failures are the ``kiln.runtime.errors`` agent errors: ``AgentError`` (the
+    agent said no), ``AgentTimeout`` (no answer within the deadline: every call
+    has one), ``AgentUnavailable`` (no connection)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def call(self, op: str, timeout: float | None = None, **args: object) -> dict: ...
+
+    def stream(self, op: str, timeout: float | None = None, **args: object) -> AsyncIterator[dict]: ...
+
+    async def wait_ready(self, timeout: float) -> dict: ...
+
+    async def close(self) -> None: ...
+
+
 class Machine(Protocol):
     """A started VM process."""
 
@@ -123,7 +138,7 @@ class Machine(Protocol):
     run_dir: Path
 
     @property
-    def agent(self) -> AgentClient: ...
+    def agent(self) -> AgentChannel: ...
 
     async def wait_ready(self, timeout: float) -> dict:
         """Wait for the guest agent's ping; BootError (with the console's last
@@ -138,7 +153,10 @@ class Machine(Protocol):
 class Hypervisor(Protocol):
     """Starts, adopts and stops VM processes."""
 
-    accel: str  # "kvm" or "tcg", after probing
+    @property
+    def accel(self) -> str:
+        """"kvm" or "tcg" once decided (after probing); "auto" before."""
+        ...
 
     async def decide_accel(self, image: BootImage) -> str:
         """Probe (once per process) and return the accelerator VMs will use."""
@@ -183,4 +201,21 @@ class Hypervisor(Protocol):
         """Make the saved disk read its base from ``backing``: the image file it
         was written on, moved (same content), e.g. into the save's own directory.
         No VM may run on the saved disk yet."""
+        ...
+
+    async def recover_save(
+        self, machine: Machine | None, run_dir: Path, directory: Path, *, keep_running: bool
+    ) -> SaveRecovery:
+        """Settle a save into ``directory`` of the VM in ``run_dir`` that a crash
+        of the server cut short (``machine``: the VM adopted, None if its process
+        is gone); the guest runs on if it still can."""
+        ...
+
+    def console_tail(self, run_dir: Path, max_bytes: int) -> str:
+        """The last ``max_bytes`` of the VM's serial console (blocking; "" if none)."""
+        ...
+
+    def running_under(self, directory: Path) -> dict[int, Path]:
+        """VM processes whose run dirs are directly under ``directory``: pid -> run dir
+        (also those whose run dir is gone)."""
         ...

@@ -287,7 +287,7 @@ class ImageStore:
             step(5)
             self._point_current(variant, final_dir.name)
             report("done", len(steps), len(steps))
-            return self.get(variant)
+            return self._current(variant)
 
         self.images_dir.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix=f".build-{variant}-", dir=self.images_dir))
@@ -303,7 +303,7 @@ class ImageStore:
             step(5)
             (work_dir / "build.json").write_text(json.dumps({
                 "variant": variant,
-                "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "cmdline": KERNEL_CMDLINE,
                 "kernel": kernel.package,
                 "kernel_version": kernel.version,
@@ -317,7 +317,13 @@ class ImageStore:
             shutil.rmtree(work_dir, ignore_errors=True)
         self._point_current(variant, final_dir.name)
         report("done", len(steps), len(steps))
-        return self.get(variant)
+        return self._current(variant)
+
+    def _current(self, variant: str) -> BootImage:
+        image = self.get(variant)
+        if image is None:
+            raise RuntimeError(f"image {variant!r} was built but cannot be read back")
+        return image
 
     def _point_current(self, variant: str, target: str) -> None:
         pointer = self.images_dir / f"{variant}.current"
@@ -659,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in options.variants:
         started = time.monotonic()
 
-        def progress(step: str, done: int, total: int) -> None:
+        def progress(step: str, done: int, total: int, variant: str = variant, started: float = started) -> None:
             elapsed = time.monotonic() - started
             print(f"[{variant}] {elapsed:6.1f}s  {done}/{total} {step}", file=sys.stderr, flush=True)
 

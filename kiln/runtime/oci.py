@@ -696,7 +696,7 @@ async def pull(reference: Reference, layout: Path, timeout: float, connect_timeo
     )  # fmt: skip
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         await process.wait()
         raise RegistryError(f"cannot pull {reference}: no answer within {timeout:g}s") from None

@@ -28,16 +28,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from kiln.config import Settings
-from kiln.runtime.driver import (
-    BootImage,
-    Hypervisor,
-    Machine,
-    MachineSpec,
-    RuntimeFailure,
-    SavedState,
-)
+from kiln.runtime.driver import BootImage, Hypervisor, Machine, MachineSpec, SavedState
+from kiln.runtime.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +44,8 @@ BUILD_LOCK_NAME = "building.lock"
 IDENTITY_SEED_BYTES = 64
 # Part of every base snapshot's key. Bump it when what a driver adds to a cold
 # boot changes what is saved (the kernel command line is in the saved memory):
-# 2 = TCG guests boot with norandmaps (kiln.runtime.qemu.TCG_GUEST_ARGUMENTS);
-# 3 = every VM has a virtio-net card (kiln.runtime.qemu.network_arguments).
+# 2 = TCG guests boot with norandmaps (kiln.runtime.qemu.cmdline.TCG_GUEST_ARGUMENTS);
+# 3 = every VM has a virtio-net card (kiln.runtime.qemu.cmdline.network_arguments).
 BASE_SNAPSHOT_FORMAT = 3
 
 
@@ -90,12 +85,36 @@ def remove_saved(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+class Launcher(Protocol):
+    """How a base-snapshot build starts and stops its VM: straight through the
+    hypervisor (``DirectLauncher``), or through the node's pipeline so the
+    build's QEMU is confined like every other."""
+
+    async def start(self, spec: MachineSpec) -> Machine: ...
+
+    async def stop(self, vm_id: str, run_dir: Path) -> None: ...
+
+
+class DirectLauncher:
+    def __init__(self, hypervisor: Hypervisor) -> None:
+        self._hypervisor = hypervisor
+
+    async def start(self, spec: MachineSpec) -> Machine:
+        return await self._hypervisor.start(spec)
+
+    async def stop(self, vm_id: str, run_dir: Path) -> None:
+        await self._hypervisor.destroy(vm_id, run_dir)
+
+
 class BaseSnapshots:
     """Finds and makes base snapshots; one build per key at a time in this process."""
 
-    def __init__(self, settings: Settings, hypervisor: Hypervisor) -> None:
+    def __init__(
+        self, settings: Settings, hypervisor: Hypervisor, launcher: Launcher | None = None
+    ) -> None:
         self._settings = settings
         self._hypervisor = hypervisor
+        self._launcher = launcher or DirectLauncher(hypervisor)
         self.root = settings.cache_dir / BASE_SNAPSHOTS_DIR_NAME
         self._build_locks: dict[str, asyncio.Lock] = {}
 
@@ -139,7 +158,7 @@ class BaseSnapshots:
 
     def describe(self) -> list[dict]:
         """One row per cached base snapshot, for ``kiln images ls``."""
-        rows = []
+        rows: list[dict] = []
         if not self.root.is_dir():
             return rows
         for directory in sorted(self.root.iterdir()):
@@ -175,7 +194,7 @@ class BaseSnapshots:
         build_lock = (work / BUILD_LOCK_NAME).open("w")
         fcntl.flock(build_lock, fcntl.LOCK_EX)
         try:
-            machine = await self._hypervisor.start(
+            machine = await self._launcher.start(
                 MachineSpec(
                     vm_id=vm_id,
                     vcpu_count=shape.vcpu_count,
@@ -199,7 +218,7 @@ class BaseSnapshots:
                 if not (self.root / key).is_dir():
                     raise
         finally:
-            await self._hypervisor.destroy(vm_id, run_dir)
+            await self._launcher.stop(vm_id, run_dir)
             remove_saved(work)
             build_lock.close()
         log.info(

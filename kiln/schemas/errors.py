@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -20,3 +22,12 @@ class ErrorMessage(BaseModel):
     """Every error but 422: ``{"detail": "<what went wrong>"}``."""
 
     detail: str
+
+
+# The type FastAPI's ``responses=`` takes, for constants shared by routes.
+Responses = dict[int | str, dict[str, Any]]
+
+
+def error_responses(*statuses: int) -> Responses:
+    """OpenAPI entries documenting these error statuses with the ``detail`` shape."""
+    return {status: {"model": ErrorMessage} for status in statuses}

@@ -51,6 +51,10 @@ class CapacityExhausted(ServiceError):
     """The host cannot take this VM now (503); nothing was started."""
 
 
+class QuotaExceeded(ServiceError):
+    """The user is at a per-user limit (429); the message names the quota."""
+
+
 class ImageNotBuilt(ServiceError):
     """The requested image variant has no built image on this host (503)."""
 

@@ -209,6 +209,7 @@ class ExecutionService:
         timeout: float,
         output_limit: int,
     ) -> AsyncIterator[RunEvent]:
+        args: dict[str, object]
         if language == Language.PYTHON:
             op, args = "python_exec", {"session": PYTHON_INTERPRETER, "code": command}
         else:

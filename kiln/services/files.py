@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kiln.guest import protocol
-from kiln.runtime.driver import RuntimeFailure
+from kiln.runtime.errors import RuntimeFailure
 from kiln.services.errors import Conflict, GuestRefused, InvalidRequest, NotFound, TooLarge
 from kiln.services.guest import GuestTarget, agent_errors, session_target
 from kiln.services.vms import VmService

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kiln.runtime.agent_client import AgentClient, AgentError, AgentTimeout, AgentUnavailable
-from kiln.runtime.driver import Machine
+from kiln.runtime.driver import AgentChannel, Machine
+from kiln.runtime.errors import AgentError, AgentTimeout, AgentUnavailable
 from kiln.services.errors import Conflict, GuestRefused, GuestUnavailable, NotFound
 from kiln.services.vms import VmService
 from kiln.store.models import Vm
@@ -29,7 +29,7 @@ class GuestTarget:
     machine: Machine
 
     @property
-    def agent(self) -> AgentClient:
+    def agent(self) -> AgentChannel:
         return self.machine.agent
 
     @property

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from kiln.guest import protocol
-from kiln.runtime.driver import RuntimeFailure
+from kiln.runtime.agent_client import NO_DEADLINE
+from kiln.runtime.errors import RuntimeFailure
 from kiln.schemas.pty import PtyCreateRequest, PtyRecord
 from kiln.services.errors import NotFound
 from kiln.services.guest import GuestTarget, agent_errors
@@ -48,8 +49,9 @@ class PtyAttachment:
     async def output(self) -> AsyncIterator[bytes]:
         """The terminal's output until its process ends (or ``close()``)."""
         with agent_errors(self._target.vm.id):
+            # A terminal's output lasts as long as its shell: no deadline.
             async for frame in self._target.agent.stream(
-                "pty_attach", pty_id=self.pty_id, attach_id=self._attach_id, replay=True
+                "pty_attach", timeout=NO_DEADLINE, pty_id=self.pty_id, attach_id=self._attach_id, replay=True
             ):
                 if frame.get("kind") == protocol.KIND_STDOUT:
                     yield base64.b64decode(frame["data"])

@@ -17,7 +17,8 @@ from typing import Any
 from kiln.schemas.sessions import SessionCreateRequest
 from kiln.schemas.vms import VMCreateRequest
 from kiln.services.errors import Conflict, Unsupported
-from kiln.services.vms import VmService, VmStatus
+from kiln.services.states import VmStatus
+from kiln.services.vms import VmService
 from kiln.store.models import Vm
 
 # What InstaVM's clients (the SDK's is_session_active) call a running VM.

@@ -187,3 +187,19 @@ class Snapshot(Base):
     parent_id: Mapped[str | None] = mapped_column(String(64), index=True)
     directory: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class HostResourceRow(Base):
+    """One thing Kiln made on the host for a VM (a run dir, a process, a cgroup,
+    a network namespace...), recorded before it is made and deleted after it is
+    gone (``kiln.node.participant.HostResource``). ``owner_id`` is informative
+    (no foreign key): rows outlive users and VMs until the host is clean."""
+
+    __tablename__ = "host_resources"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(String(64), index=True)
+    owner_id: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)

@@ -7,15 +7,30 @@ background loops (reaper, watchdog, adoption, admission); their names say so.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import CursorResult, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kiln.store.models import ApiKey, ExecutionTask, SandboxSession, Snapshot, User, Vm
+from kiln.store.models import (
+    ApiKey,
+    ExecutionTask,
+    HostResourceRow,
+    SandboxSession,
+    Snapshot,
+    User,
+    Vm,
+)
+
+
+def _rows_changed(result: object) -> int:
+    """Rows an UPDATE changed (its result is a ``CursorResult``)."""
+    assert isinstance(result, CursorResult)
+    return int(result.rowcount)
 
 
 class UserRepository:
@@ -123,7 +138,7 @@ class VmRepository:
     async def get_any_owner(self, vm_id: str) -> Vm | None:
         return await self.session.get(Vm, vm_id)
 
-    async def list_any_owner(self, statuses: Collection[str]) -> list[Vm]:
+    async def list_any_owner(self, statuses: Collection[str]) -> builtins.list[Vm]:
         rows = await self.session.scalars(
             select(Vm).where(Vm.status.in_(statuses)).order_by(Vm.created_at)
         )
@@ -131,26 +146,32 @@ class VmRepository:
 
     async def ids_in_status_any_owner(
         self, vm_ids: Collection[str], statuses: Collection[str]
-    ) -> list[str]:
+    ) -> builtins.list[str]:
         rows = await self.session.scalars(
             select(Vm.id).where(Vm.id.in_(vm_ids), Vm.status.in_(statuses))
         )
         return list(rows)
 
-    async def expired_any_owner(self, statuses: Collection[str], now: datetime) -> list[str]:
+    async def expired_any_owner(self, statuses: Collection[str], now: datetime) -> builtins.list[str]:
         rows = await self.session.scalars(
             select(Vm.id).where(Vm.status.in_(statuses), Vm.expires_at <= now)
         )
         return list(rows)
 
     async def usage_any_owner(self, statuses: Collection[str]) -> ResourceUsage:
+        return await self._usage(Vm.status.in_(statuses))
+
+    async def usage(self, owner_id: int, statuses: Collection[str]) -> ResourceUsage:
+        return await self._usage(Vm.status.in_(statuses), Vm.owner_id == owner_id)
+
+    async def _usage(self, *conditions: Any) -> ResourceUsage:
         row = (
             await self.session.execute(
                 select(
                     func.count(Vm.id),
                     func.coalesce(func.sum(Vm.memory_mb), 0),
                     func.coalesce(func.sum(Vm.vcpu_count), 0),
-                ).where(Vm.status.in_(statuses))
+                ).where(*conditions)
             )
         ).one()
         return ResourceUsage(vms=int(row[0]), memory_mb=int(row[1]), vcpus=int(row[2]))
@@ -179,7 +200,7 @@ class VmRepository:
             .values(status=status, **fields)
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1
+        return _rows_changed(result) == 1
 
 
 class ExecutionTaskRepository:
@@ -206,7 +227,7 @@ class ExecutionTaskRepository:
             .values(**fields)
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1
+        return _rows_changed(result) == 1
 
     async def finish_all_in_status_any_owner(self, current: str, **fields: Any) -> int:
         """Settle every task left in ``current`` status (after a restart nobody runs them)."""
@@ -216,7 +237,7 @@ class ExecutionTaskRepository:
             .values(**fields)
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount
+        return _rows_changed(result)
 
 
 class SnapshotRepository:
@@ -253,13 +274,13 @@ class SnapshotRepository:
     async def get_any_owner(self, snapshot_id: str) -> Snapshot | None:
         return await self.session.get(Snapshot, snapshot_id)
 
-    async def list_any_owner(self, types: Collection[str] | None = None) -> list[Snapshot]:
+    async def list_any_owner(self, types: Collection[str] | None = None) -> builtins.list[Snapshot]:
         query = select(Snapshot)
         if types is not None:
             query = query.where(Snapshot.type.in_(types))
         return list(await self.session.scalars(query.order_by(Snapshot.created_at)))
 
-    async def children_any_owner(self, snapshot_id: str) -> list[str]:
+    async def children_any_owner(self, snapshot_id: str) -> builtins.list[str]:
         rows = await self.session.scalars(
             select(Snapshot.id).where(Snapshot.parent_id == snapshot_id)
         )
@@ -267,7 +288,7 @@ class SnapshotRepository:
 
     async def vms_on_disk_any_owner(
         self, snapshot_id: str, statuses: Collection[str]
-    ) -> list[str]:
+    ) -> builtins.list[str]:
         """VMs (in ``statuses``) whose disk is written on top of this snapshot's."""
         rows = await self.session.scalars(
             select(Vm.id).where(Vm.disk_snapshot_id == snapshot_id, Vm.status.in_(statuses))
@@ -285,3 +306,40 @@ class SnapshotRepository:
     async def delete(self, snapshot: Snapshot) -> None:
         await self.session.delete(snapshot)
         await self.session.flush()
+
+
+class HostResourceRepository:
+    """The ledger of host resources; owner-blind: it serves the node side's
+    bookkeeping, never a user's request."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def upsert_any_owner(self, row: HostResourceRow) -> None:
+        existing = await self.session.get(HostResourceRow, (row.kind, row.name))
+        if existing is None:
+            self.session.add(row)
+        else:
+            existing.vm_id, existing.owner_id, existing.detail = row.vm_id, row.owner_id, row.detail
+        await self.session.flush()
+
+    async def delete_any_owner(self, kind: str, name: str) -> None:
+        await self.session.execute(
+            delete(HostResourceRow).where(HostResourceRow.kind == kind, HostResourceRow.name == name)
+        )
+
+    async def of_vm_any_owner(self, vm_id: str) -> builtins.list[HostResourceRow]:
+        rows = await self.session.scalars(select(HostResourceRow).where(HostResourceRow.vm_id == vm_id))
+        return list(rows)
+
+    async def all_any_owner(self) -> builtins.list[HostResourceRow]:
+        return list(await self.session.scalars(select(HostResourceRow)))
+
+    async def set_owner_any_owner(self, vm_id: str, owner_id: int) -> None:
+        """A pool VM's resources become its new owner's (in the claim's transaction)."""
+        await self.session.execute(
+            update(HostResourceRow)
+            .where(HostResourceRow.vm_id == vm_id)
+            .values(owner_id=owner_id)
+            .execution_options(synchronize_session=False)
+        )

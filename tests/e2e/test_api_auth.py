@@ -7,10 +7,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import jwt
+from unit.harness import AppRunner, add_user, bearer_headers, key_headers
 
 from kiln.api.app import TOKEN_SECRET_FILE
 from kiln.config import Settings
-from unit.harness import AppRunner, add_user, bearer_headers, key_headers
 
 
 async def test_first_start_creates_admin_and_a_private_key_file(

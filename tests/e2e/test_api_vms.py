@@ -7,10 +7,10 @@ import json
 from collections.abc import Callable
 
 import pytest
-
-from kiln.config import Settings
 from unit.fakes import FakeHypervisor, boot_error
 from unit.harness import AppRunner, add_user, key_headers
+
+from kiln.config import Settings
 
 RECORD_FIELDS = {
     "vm_id", "session_id", "status", "vcpu_count", "memory_mb", "image_variant", "metadata",

@@ -27,11 +27,11 @@ from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
 )
+from unit.fakes import FakeHypervisor, FakeImageStore
+from unit.harness import add_user
 
 from kiln.api.app import create_app
 from kiln.config import Settings
-from unit.fakes import FakeHypervisor, FakeImageStore
-from unit.harness import add_user
 
 FUZZ_EXAMPLES_PER_OPERATION = 15
 FUZZ_PASSWORD = "fuzz password"

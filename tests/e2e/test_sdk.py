@@ -28,7 +28,6 @@ import pytest
 import websockets
 from instavm import InstaVM
 from instavm.exceptions import ExecutionError, InstaVMError
-
 from live_server import (
     KILN,
     LiveServer,

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from live_server import (
     destroy_leftover_vms,
     ensure_default_image,

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from test_snapshots_api import Api, running_api
 
 from kiln.config import Settings
 from kiln.runtime.driver import SavedState
 from kiln.runtime.images import ImageStore
-from test_snapshots_api import Api, running_api
 
 pytestmark = pytest.mark.vm
 

@@ -10,11 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from integration.guest_shell import shell
+
 from kiln.config import Settings
-from kiln.runtime.driver import BootError, BootImage, MachineSpec
-from kiln.runtime.qemu import QemuHypervisor, QemuMachine, RunPaths
+from kiln.runtime.driver import BootImage, MachineSpec
+from kiln.runtime.errors import BootError
+from kiln.runtime.qemu import QemuHypervisor, QemuMachine
+from kiln.runtime.qemu.paths import RunPaths
 
 pytestmark = pytest.mark.vm
 

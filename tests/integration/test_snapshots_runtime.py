@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from integration.guest_shell import shell
+
 from kiln.config import Settings
-from kiln.runtime.driver import BootError, BootImage, MachineSpec, SavedState
+from kiln.runtime.driver import BootImage, MachineSpec, SavedState
+from kiln.runtime.errors import BootError
 from kiln.runtime.qemu import QemuHypervisor, QemuMachine
 from kiln.runtime.snapshots import BaseSnapshots, Shape
 

@@ -49,11 +49,6 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets.sync.client
-
-from kiln.config import Settings
-from kiln.runtime.images import ImageStore
-from kiln.runtime.qemu import QemuHypervisor
-from kiln.runtime.snapshots import BaseSnapshots, Shape
 from live_server import (
     LiveServer,
     destroy_leftover_vms,
@@ -63,6 +58,11 @@ from live_server import (
     start_server,
     terminate_live_vms,
 )
+
+from kiln.config import Settings
+from kiln.runtime.images import ImageStore
+from kiln.runtime.qemu import QemuHypervisor
+from kiln.runtime.snapshots import BaseSnapshots, Shape
 
 pytestmark = pytest.mark.vm
 

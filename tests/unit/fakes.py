@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.runtime.agent_client import AgentError
-from kiln.runtime.driver import BootError, BootImage, MachineSpec
+from kiln.runtime.driver import BootImage, MachineSpec, SavedState, SaveOutcome, SaveRecovery
+from kiln.runtime.errors import AgentError, BootError, RuntimeFailure
 
 
 @dataclass
@@ -106,6 +106,34 @@ class FakeHypervisor:
 
     def running_ids(self) -> set[str]:
         return {vm_id for vm_id, machine in self.machines.items() if machine.alive}
+
+    async def decide_accel(self, image: BootImage) -> str:
+        return self.accel
+
+    def saved_state(self, directory: Path) -> SavedState:
+        raise RuntimeFailure(f"no saved VM state in {directory} (the fake saves nothing)")
+
+    async def save(self, machine: FakeMachine, directory: Path, *, keep_running: bool = True) -> SavedState:
+        raise RuntimeFailure("the fake hypervisor cannot save")
+
+    async def recover_save(
+        self, machine: FakeMachine | None, run_dir: Path, directory: Path, *, keep_running: bool
+    ) -> SaveRecovery:
+        shutil.rmtree(directory, ignore_errors=True)
+        return SaveRecovery(SaveOutcome.UNDONE if machine is not None else SaveOutcome.LOST)
+
+    def console_tail(self, run_dir: Path, max_bytes: int) -> str:
+        try:
+            return (run_dir / "console.log").read_text()[-max_bytes:]
+        except OSError:
+            return ""
+
+    def running_under(self, directory: Path) -> dict[int, Path]:
+        return {
+            machine.pid: machine.run_dir.resolve()
+            for machine in self.machines.values()
+            if machine.alive and machine.run_dir.resolve().parent == directory.resolve()
+        }
 
 
 class FakeImageStore:

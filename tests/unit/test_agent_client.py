@@ -14,12 +14,8 @@ from pathlib import Path
 import pytest
 
 from kiln.guest import protocol
-from kiln.runtime.agent_client import (
-    AgentClient,
-    AgentError,
-    AgentTimeout,
-    AgentUnavailable,
-)
+from kiln.runtime.agent_client import AgentClient
+from kiln.runtime.errors import AgentError, AgentTimeout, AgentUnavailable
 
 AGENT_SCRIPT = Path(__file__).resolve().parents[2] / "kiln" / "guest" / "agent.py"
 

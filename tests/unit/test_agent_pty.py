@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.runtime.agent_client import AgentClient, AgentError
+from kiln.runtime.agent_client import AgentClient
+from kiln.runtime.errors import AgentError
 
 AGENT = Path(__file__).resolve().parents[2] / "kiln" / "guest" / "agent.py"
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from kiln.runtime.driver import GUEST_MAC, BootImage, MachineSpec, Nic, ScsiDrive
-from kiln.runtime.qemu import RunPaths, build_argv, process_is_alive, process_runs_in
+from kiln.runtime.qemu.cmdline import build_argv
+from kiln.runtime.qemu.paths import RunPaths
+from kiln.runtime.qemu.process import process_is_alive, process_runs_in
 
 IMAGE = BootImage(
     variant="default",

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from kiln.runtime.driver import BootError, BootImage, MachineSpec, SavedState
-from kiln.runtime.qemu import (
-    GUEST_RAM_ID,
-    RunPaths,
-    build_argv,
-    check_restorable,
-)
-from kiln.runtime.snapshots import BaseSnapshots, Shape
 from kiln.config import Settings
+from kiln.runtime.driver import BootImage, MachineSpec, SavedState
+from kiln.runtime.errors import BootError
+from kiln.runtime.qemu.cmdline import GUEST_RAM_ID, build_argv
+from kiln.runtime.qemu.paths import RunPaths
+from kiln.runtime.qemu.saving import check_restorable
+from kiln.runtime.snapshots import BaseSnapshots, Shape
 
 IMAGE = BootImage(
     variant="default",
@@ -102,7 +100,7 @@ def test_base_snapshot_keys_name_the_image_build_shape_and_accelerator(tmp_path:
     assert snapshots.key(missing, Shape(256, 1)) is None
 
 
-async def test_snapshot_routes_without_snapshots(run_app, admin_key) -> None:  # type: ignore[no-untyped-def]
+async def test_snapshot_routes_with_no_snapshot_made(run_app, admin_key) -> None:  # type: ignore[no-untyped-def]
     from unit.harness import key_headers
 
     async with run_app() as client:

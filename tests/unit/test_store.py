@@ -10,15 +10,15 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect
+from unit.fakes import FakeHypervisor, FakeImageStore
 
 from kiln.config import Settings
 from kiln.schemas.vms import VMCreateRequest
 from kiln.services.users import UserService
-from kiln.services.vms import VmService
+from kiln.services.wiring import build_vm_services
 from kiln.store.db import Database, alembic_config
 from kiln.store.models import Base, Vm
 from kiln.store.repositories import SessionRepository, UserRepository, VmRepository
-from unit.fakes import FakeHypervisor, FakeImageStore
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ async def test_the_services_work_on_this_database(database_url: str, tmp_path) -
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, max_vms=4)
     db = Database(settings.database)
     await db.migrate()
-    service = VmService(settings, db, FakeHypervisor(), FakeImageStore(tmp_path))
+    service = build_vm_services(settings, db, FakeHypervisor(), FakeImageStore(tmp_path)).vms
     try:
         user = await UserService(db).create_user("dana")
         vm = await service.create(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import update
+from unit.fakes import FakeHypervisor, FakeImageStore, agent_error, boot_error
 
 from kiln.config import Settings
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
@@ -21,11 +22,13 @@ from kiln.services.errors import (
     NotFound,
     VmStartFailed,
 )
+from kiln.services.states import TRANSITIONS, VmStatus, can_transition
 from kiln.services.users import UserService
-from kiln.services.vms import TRANSITIONS, VmService, VmStatus, can_transition
+from kiln.services.vm_recovery import recover
+from kiln.services.vms import VmService
+from kiln.services.wiring import build_vm_services
 from kiln.store.db import Database
 from kiln.store.models import Vm
-from unit.fakes import FakeHypervisor, FakeImageStore, agent_error, boot_error
 
 
 @dataclass
@@ -37,7 +40,7 @@ class World:
 
     def new_service(self, settings: Settings, db: Database, images: FakeImageStore) -> VmService:
         """A second server on the same database and the same (surviving) processes."""
-        return VmService(settings, db, self.hypervisor, images)
+        return build_vm_services(settings, db, self.hypervisor, images).vms
 
 
 @pytest.fixture
@@ -47,7 +50,7 @@ async def world(
     users = UserService(db)
     alice = await users.create_user("alice")
     bob = await users.create_user("bob")
-    service = VmService(settings, db, hypervisor, images)
+    service = build_vm_services(settings, db, hypervisor, images).vms
     yield World(service, hypervisor, alice.id, bob.id)
     await service.stop()
 
@@ -427,7 +430,7 @@ async def test_reaper_terminates_expired_vms(world: World, db: Database) -> None
 
 
 async def test_reaper_loop_runs_in_the_background(world: World, db: Database) -> None:
-    await world.service.start()
+    world.service.start_loops()
     vm = await world.service.create(world.alice, request(), wait=True)
     await set_expiry(db, vm.id, datetime.now(UTC))
     for _ in range(40):
@@ -463,7 +466,7 @@ async def test_restart_adopts_running_vms_and_fails_the_rest(
     world.hypervisor.machines[casualty.id].alive = False
 
     restarted = world.new_service(settings, db, images)
-    await restarted.recover()
+    await recover(restarted, db)
 
     assert await restarted.running_machine(world.alice, survivor.id) is not None
     failed = await restarted.get(world.alice, casualty.id)
@@ -482,9 +485,9 @@ async def test_restart_fails_vms_caught_creating(
     await asyncio.sleep(0.01)
 
     restarted = world.new_service(settings, db, images)
-    await restarted.recover()
+    await recover(restarted, db)
 
     failed = await restarted.get(world.alice, vm.id)
     assert failed.status == "failed"
-    assert "restarted while the VM was creating" in (failed.failure_reason or "")
+    assert "restarted while the VM was being created" in (failed.failure_reason or "")
     assert world.hypervisor.running_ids() == set()

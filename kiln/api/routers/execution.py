@@ -30,7 +30,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from kiln.api.deps import CurrentUser, Execution, SessionGuest, VmGuest, Vms
-from kiln.schemas.errors import ErrorMessage
+from kiln.schemas.errors import ErrorMessage, Responses, error_responses
 from kiln.schemas.execution import (
     CommandRequest,
     ExecuteAsyncResponse,
@@ -45,12 +45,8 @@ from kiln.store.models import ExecutionTask
 
 router = APIRouter(tags=["execution"], responses={401: {"model": ErrorMessage}})
 
-GUEST_ERRORS = {
-    404: {"model": ErrorMessage},
-    409: {"model": ErrorMessage},
-    503: {"model": ErrorMessage},
-}
-SSE_RESPONSE = {200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}}
+GUEST_ERRORS = error_responses(404, 409, 503)
+SSE_RESPONSE: Responses = {200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}}
 
 
 @router.post("/execute", responses=GUEST_ERRORS)

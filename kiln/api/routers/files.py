@@ -20,9 +20,8 @@ from fastapi.routing import APIRoute
 from starlette.types import Message
 
 from kiln.api.deps import CurrentUser, Files
-from kiln.schemas.errors import ErrorMessage
+from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.files import DownloadResponse, UploadResponse
-
 
 
 class BodyDrainingRoute(APIRoute):
@@ -59,9 +58,7 @@ router = APIRouter(
     tags=["files"], responses={401: {"model": ErrorMessage}}, route_class=BodyDrainingRoute
 )
 
-FILE_ERRORS = {
-    status: {"model": ErrorMessage} for status in (400, 404, 409, 413, 503)
-}
+FILE_ERRORS = error_responses(400, 404, 409, 413, 503)
 
 
 @router.post("/upload", responses=FILE_ERRORS)

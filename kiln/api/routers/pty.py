@@ -21,8 +21,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
-from kiln.api.deps import Ptys, SessionGuest, Services, VmGuest, user_from_credentials
-from kiln.schemas.errors import ErrorMessage
+from kiln.api.deps import Ptys, Services, SessionGuest, VmGuest, user_from_credentials
+from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.pty import PtyCreateRequest, PtyKillResponse, PtyRecord, PtyResizeRequest
 from kiln.services.errors import (
     Conflict,
@@ -37,7 +37,7 @@ from kiln.store.models import User
 
 router = APIRouter(tags=["pty"], responses={401: {"model": ErrorMessage}})
 
-GUEST_ERRORS = {status: {"model": ErrorMessage} for status in (404, 409, 503)}
+GUEST_ERRORS = error_responses(404, 409, 503)
 CLOSE_CODES: dict[type[ServiceError], int] = {
     Unauthenticated: 4401,
     NotFound: 4404,

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, Query
 
 from kiln.api.deps import Auth, CurrentUser, Sessions, bearer_token, user_from_credentials
 from kiln.api.routers.vms import MetadataFilter
-from kiln.schemas.errors import ErrorMessage
+from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.sessions import (
     KillRequest,
     KillResponse,
@@ -29,7 +29,7 @@ from kiln.services.sessions import DEFAULT_SANDBOX_LIST, MAX_SANDBOX_LIST, publi
 
 router = APIRouter(tags=["sessions"], responses={401: {"model": ErrorMessage}})
 
-NOT_FOUND = {404: {"model": ErrorMessage}}
+NOT_FOUND = error_responses(404)
 
 
 @router.post("/v1/sessions/session", responses={503: {"model": ErrorMessage}})

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
-from kiln.api.deps import CurrentUser, Vms
-from kiln.schemas.errors import ErrorMessage
+from kiln.api.deps import CurrentUser, Importer, Snapshots, Vms
+from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.snapshots import (
     SnapshotImportRequest,
     SnapshotRecord,
@@ -32,33 +32,24 @@ from kiln.schemas.snapshots import (
     VMSnapshotRequest,
 )
 from kiln.schemas.vms import VMCreateRequest, VMCreateResponse, VMRecord
-from kiln.services.errors import Unsupported
-from kiln.services.snapshots import SnapshotService
 
 router = APIRouter(tags=["snapshots"])
 
-NOT_FOUND = {404: {"model": ErrorMessage}}
-NOT_FOUND_OR_CONFLICT = {**NOT_FOUND, 409: {"model": ErrorMessage}}
+NOT_FOUND = error_responses(404)
+NOT_FOUND_OR_CONFLICT = error_responses(404, 409)
 Wait = Annotated[bool, Query(description="Wait until it is done")]
-
-
-def snapshot_service(request: Request) -> SnapshotService:
-    service = request.app.state.services.snapshots
-    if service is None:
-        raise Unsupported("snapshots are not available on this server")
-    return service
 
 
 @router.post("/v1/vms/{vm_id}/snapshot", responses=NOT_FOUND_OR_CONFLICT)
 async def snapshot_vm(
     vm_id: str,
     user: CurrentUser,
-    request: Request,
+    snapshots: Snapshots,
     body: VMSnapshotRequest | None = None,
     wait: Wait = True,
 ) -> SnapshotRecord:
     name = body.name if body else None
-    snapshot = await snapshot_service(request).snapshot_vm(user.id, vm_id, name, wait)
+    snapshot = await snapshots.snapshot_vm(user.id, vm_id, name, wait)
     return SnapshotRecord.from_row(snapshot)
 
 
@@ -66,13 +57,11 @@ async def snapshot_vm(
 async def clone_vm(
     vm_id: str,
     user: CurrentUser,
-    request: Request,
+    vms: Vms,
     body: VMCreateRequest | None = None,
     wait: Wait = True,
 ) -> VMCreateResponse:
-    vm = await snapshot_service(request).clone_vm(
-        user.id, vm_id, body or VMCreateRequest(), wait
-    )
+    vm = await vms.clone(user.id, vm_id, body or VMCreateRequest(), wait)
     return VMCreateResponse.from_row(vm)
 
 
@@ -89,31 +78,28 @@ async def resume_vm(vm_id: str, user: CurrentUser, vms: Vms, wait: Wait = True) 
 @router.get("/v1/snapshots")
 async def list_snapshots(
     user: CurrentUser,
-    request: Request,
+    snapshots: Snapshots,
     type: Annotated[str | None, Query(description="user, base or auto")] = None,
 ) -> list[SnapshotRecord]:
-    snapshots = await snapshot_service(request).list(user.id, type)
-    return [SnapshotRecord.from_row(snapshot) for snapshot in snapshots]
+    return [SnapshotRecord.from_row(snapshot) for snapshot in await snapshots.list(user.id, type)]
 
 
 @router.post("/v1/snapshots", responses={503: {"model": ErrorMessage}})
 async def import_snapshot(
-    body: SnapshotImportRequest, user: CurrentUser, request: Request, wait: Wait = True
+    body: SnapshotImportRequest, user: CurrentUser, importer: Importer, wait: Wait = True
 ) -> SnapshotRecord:
     """A snapshot built from an OCI image: a local OCI image layout directory or
     a registry reference (pulled when the server can reach the registry)."""
-    snapshot = await snapshot_service(request).import_image(user.id, body, wait)
+    snapshot = await importer.import_image(user.id, body, wait)
     return SnapshotRecord.from_row(snapshot)
 
 
 @router.get("/v1/snapshots/{snapshot_id}", responses=NOT_FOUND)
-async def get_snapshot(snapshot_id: str, user: CurrentUser, request: Request) -> SnapshotRecord:
-    return SnapshotRecord.from_row(await snapshot_service(request).get(user.id, snapshot_id))
+async def get_snapshot(snapshot_id: str, user: CurrentUser, snapshots: Snapshots) -> SnapshotRecord:
+    return SnapshotRecord.from_row(await snapshots.get(user.id, snapshot_id))
 
 
 @router.delete("/v1/snapshots/{snapshot_id}", responses=NOT_FOUND_OR_CONFLICT)
-async def delete_snapshot(
-    snapshot_id: str, user: CurrentUser, request: Request
-) -> SuccessResponse:
-    await snapshot_service(request).delete(user.id, snapshot_id)
+async def delete_snapshot(snapshot_id: str, user: CurrentUser, snapshots: Snapshots) -> SuccessResponse:
+    await snapshots.delete(user.id, snapshot_id)
     return SuccessResponse()

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Query
 
 from kiln.api.deps import CurrentUser, Vms
 from kiln.api.errors import validation_error
-from kiln.schemas.errors import ErrorMessage
+from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.vms import (
     VMConsoleResponse,
     VMCreateRequest,
@@ -33,7 +33,7 @@ from kiln.schemas.vms import (
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
 
-NOT_FOUND = {404: {"model": ErrorMessage}}
+NOT_FOUND = error_responses(404)
 MAX_CONSOLE_TAIL_BYTES = 1024 * 1024
 
 

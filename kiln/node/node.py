@@ -1,0 +1,176 @@
+"""``Node``: the one narrow facade the services use to act on this host.
+
+Services decide (states, owners, limits); the node does: start a VM through
+the pipeline, claim a pool VM, save, stop, adopt after a restart, settle a save
+a crash cut short, reconcile the host with the ledger. It holds the registry
+of machines. Keeping this surface small is what lets the node side later run
+as a daemon on many hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from kiln.node.machines import MachineRegistry
+from kiln.node.participant import HostResource, Ledger, Participant, VmContext
+from kiln.node.pipeline import Pipeline, Reconciled
+from kiln.node.vm_process import PROCESS, RUN_DIR
+from kiln.runtime.driver import BootImage, Hypervisor, Machine, SavedState, SaveOutcome, SaveRecovery
+from kiln.runtime.errors import AgentError
+from kiln.runtime.snapshots import reset_identity
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        participants: list[Participant],
+        ledger: Ledger,
+        *,
+        boot_timeout: float,
+    ) -> None:
+        self.hypervisor = hypervisor
+        self.machines = MachineRegistry()
+        self.pipeline = Pipeline(hypervisor, participants, ledger, boot_timeout)
+        self.ledger = ledger
+        # VMs the node runs for itself (pool, base-snapshot builds, imports):
+        # live for the reconciler although the store has no row of them.
+        self._transient: dict[str, VmContext] = {}
+
+    @property
+    def accel(self) -> str:
+        return self.hypervisor.accel
+
+    async def decide_accel(self, image: BootImage) -> str:
+        return await self.hypervisor.decide_accel(image)
+
+    @property
+    def transient(self) -> frozenset[str]:
+        return frozenset(self._transient)
+
+    def transient_usage(self) -> tuple[int, int, int]:
+        """What the node's own VMs hold: (VMs, memory MB, vCPUs)."""
+        vms = list(self._transient.values())
+        return len(vms), sum(vm.memory_mb for vm in vms), sum(vm.vcpu_count for vm in vms)
+
+    # -- bringing VMs up
+
+    async def start(self, vm: VmContext) -> Machine:
+        """Bring the VM up through the pipeline (nothing left behind on failure)."""
+        if vm.owner_id is None:
+            self._transient[vm.vm_id] = vm
+        try:
+            machine = await self.pipeline.bring_up(vm)
+        except BaseException:
+            self._transient.pop(vm.vm_id, None)
+            raise
+        self.machines.add(machine)
+        return machine
+
+    async def claim(self, vm: VmContext, machine: Machine) -> int:
+        """A pool VM becomes the user's ``vm``: its clock is set again (it may
+        have idled for hours; its identity was set when the pool filled) and
+        every participant applies what is the user's own. Returns how far its
+        clock was off (ns, guest minus host)."""
+        self._transient.pop(vm.vm_id, None)
+        host_ns = time.time_ns()
+        try:
+            value = await machine.agent.call("set_clock", time_ns=host_ns)
+            drift = int(value.get("previous_ns", host_ns)) - host_ns
+        except AgentError as error:
+            if error.code != "EUNKNOWNOP":
+                raise
+            await reset_identity(machine, vm.vm_id)  # an older agent without set_clock
+            drift = 0
+        await self.pipeline.claim(vm, machine)
+        return drift
+
+    async def adopt(self, vm_id: str, run_dir: Path, owner_id: int | None) -> Machine | None:
+        """Find a VM an earlier server left running; its process and run dir
+        are recorded again (rows made before the ledger existed, or lost)."""
+        machine = await self.hypervisor.adopt(vm_id, run_dir)
+        if machine is None:
+            return None
+        name = str(run_dir.resolve())
+        await self.ledger.record(
+            HostResource(RUN_DIR, name, vm_id, owner_id), HostResource(PROCESS, name, vm_id, owner_id)
+        )
+        self.machines.add(machine)
+        return machine
+
+    # -- taking VMs down
+
+    async def stop(self, vm_id: str) -> None:
+        """Take the VM down and remove everything recorded for it. Waits for a
+        save in progress. Idempotent."""
+        async with self.machines.save_lock(vm_id):
+            await self.release(vm_id)
+
+    async def release(self, vm_id: str) -> None:
+        """``stop`` for callers that already hold the VM's save lock."""
+        self.machines.pop(vm_id)
+        await self.pipeline.release(vm_id)
+        self._transient.pop(vm_id, None)
+
+    # -- saving
+
+    async def save(self, vm_id: str, directory: Path, *, keep_running: bool) -> SavedState:
+        """Save a running VM (the caller holds its save lock). Without
+        ``keep_running`` its process is gone afterwards (its other resources
+        are the caller's to release)."""
+        machine = self.machines.get(vm_id)
+        if machine is None:
+            raise LookupError(f"vm {vm_id} has no running process here")
+        saved = await self.hypervisor.save(machine, directory, keep_running=keep_running)
+        if not keep_running:
+            self.machines.pop(vm_id)
+        return saved
+
+    async def recover_save(
+        self, vm_id: str, run_dir: Path, directory: Path, *, keep_running: bool
+    ) -> SaveRecovery:
+        """Finish or undo a save of the VM into ``directory`` that a crash cut
+        short (the VM adopted if its process still runs)."""
+        recovery = await self.hypervisor.recover_save(
+            self.machines.get(vm_id), run_dir, directory, keep_running=keep_running
+        )
+        if recovery.outcome in (SaveOutcome.COMPLETED, SaveOutcome.LOST) and not keep_running:
+            self.machines.pop(vm_id)
+        return recovery
+
+    def saved_state(self, directory: Path) -> SavedState:
+        return self.hypervisor.saved_state(directory)
+
+    async def flatten_saved_disk(self, directory: Path) -> None:
+        await self.hypervisor.flatten_saved_disk(directory)
+
+    async def rebase_saved_disk(self, directory: Path, backing: Path) -> None:
+        await self.hypervisor.rebase_saved_disk(directory, backing)
+
+    # -- health
+
+    async def console_tail(self, vm_id: str, run_dir: Path, max_bytes: int) -> str:
+        """The last ``max_bytes`` of the VM's console ("" once its run dir is gone)."""
+        return await asyncio.to_thread(self.hypervisor.console_tail, run_dir, max_bytes)
+
+    def machine(self, vm_id: str) -> Machine | None:
+        return self.machines.get(vm_id)
+
+    def is_running(self, vm_id: str) -> bool:
+        machine = self.machines.get(vm_id)
+        return machine is not None and self.hypervisor.is_running(machine)
+
+    async def reconcile(self, live_user_vms: Callable[[], Awaitable[set[str]]]) -> Reconciled:
+        """One reconciler pass; ``live_user_vms`` reads the store's live VMs
+        (called after the host and the ledger were read, see ``Pipeline``)."""
+
+        async def live() -> set[str]:
+            return await live_user_vms() | set(self._transient)
+
+        return await self.pipeline.reconcile(live)

@@ -1,0 +1,116 @@
+"""qcow2 disks: overlays, switching a running VM to a new overlay, flattening."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+from kiln.runtime.qemu.paths import SavedPaths
+from kiln.runtime.qemu.process import run_tool
+from kiln.runtime.qemu.qmp import QemuError, QmpConnection
+
+log = logging.getLogger(__name__)
+
+QEMU_IMG = "qemu-img"
+READ_ONLY_FILE_MODE = 0o444
+
+
+async def disk_format(path: Path) -> str:
+    info = json.loads(await run_tool(QEMU_IMG, "info", "--output=json", str(path)))
+    return str(info["format"])
+
+
+async def create_overlay(overlay: Path, backing: Path, size: int | None = None) -> None:
+    """A qcow2 overlay on ``backing``. With ``size`` (and a qcow2 backing file)
+    qemu-img need not open the backing file, which a running QEMU may hold."""
+    overlay.unlink(missing_ok=True)
+    if size is None:
+        backing = backing.resolve()
+        argv = ["-F", await disk_format(backing), "-b", str(backing), str(overlay)]
+    else:
+        argv = ["-F", "qcow2", "-b", str(backing), "-u", str(overlay), str(size)]
+    await run_tool(QEMU_IMG, "create", "-q", "-f", "qcow2", *argv)
+
+
+async def root_disk(qmp: QmpConnection) -> dict:
+    """``query-block``'s description of the VM's root disk as it is now."""
+    blocks = await qmp.execute("query-block")
+    for block in blocks if isinstance(blocks, list) else []:
+        if block.get("device") == "root" and "inserted" in block:
+            return dict(block["inserted"])
+    raise QemuError("the VM has no root disk")
+
+
+async def switch_to_overlay(qmp: QmpConnection, overlay: Path) -> None:
+    """Put ``overlay`` (whose backing file is the current top's file) on top of
+    the root disk's chain; the old top becomes its read-only backing node.
+
+    File locking is off on every node a VM writes through (see ``build_argv``):
+    QEMU 7.2 fails to take back the write lock of a former top node when a
+    migration hands the disks back (``cont`` says 'Failed to get "write" lock').
+    Nothing else ever opens a VM's overlay, so the lock protects nothing here."""
+    top = str((await root_disk(qmp))["node-name"])
+    node = f"overlay-{uuid.uuid4().hex[:12]}"
+    node_options: dict[str, object] = {
+        "driver": "qcow2",
+        "node-name": node,
+        "file": {"driver": "file", "filename": str(overlay), "locking": "off"},
+        "discard": "unmap",
+        "backing": None,
+    }
+    await qmp.run("blockdev-add", node_options)
+    await qmp.execute("blockdev-snapshot", node=top, overlay=node)
+
+
+async def flatten_saved_disk(directory: Path) -> None:
+    """Rewrite a saved disk onto the image alone (same content), see ``Hypervisor``."""
+    disk = SavedPaths(directory).disk
+    # -U: VMs may have the chain open; nothing writes to a saved disk.
+    chain = json.loads(
+        await run_tool(QEMU_IMG, "info", "-U", "--backing-chain", "--output=json", str(disk))
+    )
+    if len(chain) <= 2:
+        return  # already on the image itself
+    image = chain[-1]
+    flat = disk.with_name(f".{disk.name}.flat")
+    try:
+        await run_tool(
+            QEMU_IMG, "convert", "-U", "-O", "qcow2", "-B", image["filename"],
+            "-F", image["format"], str(disk), str(flat),
+        )  # fmt: skip
+        flat.chmod(READ_ONLY_FILE_MODE)
+        os.replace(flat, disk)
+    finally:
+        flat.unlink(missing_ok=True)
+    log.info("flattened %s (%d layers) onto %s", disk, len(chain) - 1, image["filename"])
+
+
+async def rebase_saved_disk(directory: Path, backing: Path) -> None:
+    """Point a saved disk at ``backing``, the same content moved elsewhere."""
+    disk = SavedPaths(directory).disk
+    backing = backing.resolve()
+    backing_format = await disk_format(backing)
+    disk.chmod(0o644)
+    try:
+        # -u: only the header changes; the content is the same file's, moved.
+        await run_tool(
+            QEMU_IMG, "rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(disk)
+        )  # fmt: skip
+    finally:
+        disk.chmod(READ_ONLY_FILE_MODE)
+
+
+def move_file(source: Path, target: Path) -> None:
+    """Rename, or copy (keeping holes) when the two are on different file systems."""
+    try:
+        os.replace(source, target)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
+        source.unlink()

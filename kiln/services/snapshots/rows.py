@@ -1,0 +1,52 @@
+"""Snapshot rows: ids, loading, recording an outcome, what depends on one."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+
+from kiln.services.errors import NotFound
+from kiln.services.states import STATES_WITH_A_DISK
+from kiln.store.db import Database
+from kiln.store.models import Snapshot
+from kiln.store.repositories import SnapshotRepository, VmRepository
+
+# An imported image's rootfs, inside its snapshot's directory (under its saved disk).
+IMPORTED_ROOTFS_NAME = "rootfs.ext4"
+
+
+def new_snapshot_id() -> str:
+    return "snap-" + secrets.token_hex(8)
+
+
+def base_snapshot_id(key: str) -> str:
+    return "base-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def reload(db: Database, snapshot_id: str) -> Snapshot:
+    async with db.transaction() as session:
+        snapshot = await SnapshotRepository(session).get_any_owner(snapshot_id)
+    if snapshot is None:
+        raise NotFound(f"snapshot {snapshot_id} not found")
+    return snapshot
+
+
+async def record(db: Database, snapshot_id: str, vm_on_it: str | None, **fields: object) -> None:
+    """Update the snapshot; ``vm_on_it``: that VM's disk is now written on top
+    of the snapshot's disk (a save froze it), in the same transaction."""
+    async with db.transaction() as session:
+        await SnapshotRepository(session).update_any_owner(snapshot_id, **fields)
+        if vm_on_it is not None:
+            await VmRepository(session).set_disk_snapshot_any_owner(vm_on_it, snapshot_id)
+
+
+async def dependents(snapshots: SnapshotRepository, snapshot_id: str) -> tuple[list[str], list[str]]:
+    """The VMs whose disk is written on top of the snapshot's, and the snapshots
+    whose disk is."""
+    vms = await snapshots.vms_on_disk_any_owner(snapshot_id, STATES_WITH_A_DISK)
+    return vms, await snapshots.children_any_owner(snapshot_id)

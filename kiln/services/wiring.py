@@ -1,0 +1,79 @@
+"""The node of this host and the VM-side services on top of it, wired once
+(the app factory uses it; so do the service tests, with a fake hypervisor)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.config import Settings
+from kiln.node.host import build_node
+from kiln.node.launcher import PipelineLauncher
+from kiln.node.pool import WarmPool
+from kiln.runtime.driver import BootImage, Hypervisor, SavedState
+from kiln.runtime.snapshots import BaseSnapshots, Shape
+from kiln.services import vm_recovery
+from kiln.services.admission import Admission
+from kiln.services.background import BackgroundTasks
+from kiln.services.host_resources import StoreLedger
+from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
+from kiln.services.snapshots.restore import RestorePlanner
+from kiln.services.snapshots.service import SnapshotService
+from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT
+from kiln.services.vms import ImageSource, VmService, new_vm_id
+from kiln.store.db import Database
+from kiln.store.repositories import ResourceUsage
+
+
+@dataclass(frozen=True)
+class VmServices:
+    vms: VmService
+    importer: ImageImporter
+    background: BackgroundTasks
+
+    async def start(self) -> None:
+        """Settle what an earlier server left, then start the loops and the pool."""
+        vms = self.vms
+        await vm_recovery.recover(vms, vms.db)
+        await vms.snapshots.fail_unfinished()
+        await vms.snapshots.housekeeping.start()
+        await vms.planner.base.remove_unfinished_builds()
+        await self.importer.remove_unfinished()
+        vms.start_loops()
+        if vms.pool is not None:
+            await vms.pool.start()
+
+    async def stop(self) -> None:
+        """Stop the loops and background work; running VMs stay for the next start."""
+        vms = self.vms
+        if vms.pool is not None:
+            await vms.pool.stop()
+        await vms.snapshots.housekeeping.stop()
+        await vms.stop()
+        await self.background.stop()
+
+
+def build_vm_services(
+    settings: Settings, db: Database, hypervisor: Hypervisor, images: ImageSource
+) -> VmServices:
+    node = build_node(settings, hypervisor, StoreLedger(db))
+    background = BackgroundTasks()
+    base = BaseSnapshots(settings, hypervisor, PipelineLauncher(node))
+    planner = RestorePlanner(db, node, base, background)
+    snapshots = SnapshotService(settings, db, node, background)
+    pool = None
+    if settings.pool_size > 0:
+        shape = Shape(settings.default_memory_mb, settings.default_vcpu_count)
+
+        async def default_base() -> tuple[BootImage, SavedState] | None:
+            image = images.get(DEFAULT_IMAGE_VARIANT)
+            if image is None:
+                return None
+            _, saved = await planner.ensure_base_snapshot(image, shape)
+            return image, saved
+
+        pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id, egress=None)
+    # The node's own VMs (idle pool VMs among them) count against the host.
+    admission = Admission(settings, lambda: ResourceUsage(*node.transient_usage()))
+    vms = VmService(settings, db, node, images, snapshots, planner, admission, pool)
+    importer = ImageImporter(settings, db, node, images if isinstance(images, ImageFiles) else None, background)
+    return VmServices(vms, importer, background)
