@@ -135,7 +135,8 @@ async def test_an_oci_layout_becomes_a_snapshot_that_vms_start_from(
     snapshot = response.json()
     assert (snapshot["status"], snapshot["type"], snapshot["name"]) == ("ready", "user", "debian via oci"), snapshot
     assert snapshot["size_bytes"] > 0 and snapshot["source_vm_id"] is None
-    assert (snapshot["memory_mb"], snapshot["vcpu_count"]) == (api.settings.default_memory_mb, api.settings.default_vcpu_count)
+    defaults = (api.settings.default_memory_mb, api.settings.default_vcpu_count)
+    assert (snapshot["memory_mb"], snapshot["vcpu_count"]) == defaults
     timings = [r.getMessage() for r in caplog.records if "imported snapshot" in r.getMessage()]
     print(f"\nimport (POST to ready): {took:.1f}s; {timings}")
     assert_nothing_left(api)
