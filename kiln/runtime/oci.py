@@ -17,9 +17,19 @@ and applies the layers in order (image-spec ``layer.md``):
 - nothing is written outside the tree: entry names with ``..`` are refused, and
   every path is resolved as the guest would, with symlinks (absolute ones
   too) taken relative to the tree, never the host's root;
-- device nodes: only the harmless character devices (null, zero, full, random,
-  urandom, tty) are made, and only as root; the rest are skipped (a guest's
-  ``/dev`` is a devtmpfs anyway). FIFOs are kept; ownership is kept as root.
+- nothing that grants privileges is kept: setuid and setgid bits are cleared,
+  device nodes are never made (a guest's ``/dev`` is a devtmpfs anyway), and of
+  the extended attributes only ``user.*`` ones are set (never
+  ``security.capability``, ACLs or ``trusted.*``). FIFOs are kept; ownership is
+  kept as root. The tree is unpacked inside a private (0700) directory
+  (``private_dir``), so no other host user can reach it while it exists;
+- an image is bounded: ``UnpackLimits`` caps the bytes of file content and the
+  number of entries, and tar metadata headers (PAX, GNU long names) are capped
+  before they are read into memory.
+
+Blobs are opened without following symlinks below the layout directory, must
+be regular files, and each layer is hashed and then unpacked from the same open
+file: nothing is read again by path between its digest check and its unpacking.
 
 Registry references are pulled into a layout with ``skopeo`` when the server
 has it (``pull``); without it, or without network, ``pull`` fails within a
@@ -32,13 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import tarfile
@@ -47,6 +57,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from kiln.runtime import registry
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
@@ -57,6 +69,15 @@ PLATFORM = ("linux", "amd64")
 MAX_JSON_BLOB_BYTES = 8 * 1024 * 1024
 MAX_SYMLINK_HOPS = 40
 COPY_CHUNK_BYTES = 1024 * 1024
+# A manifest listing more layers than this is not an image anyone builds.
+MAX_LAYERS = 256
+# PAX headers and GNU long names are read whole into memory by tarfile.
+MAX_TAR_METADATA_BYTES = 1024 * 1024
+PRIVATE_DIR_NAME = "private"
+# Mode bits an unpacked entry may keep: everything but setuid and setgid.
+KEPT_MODE_BITS = 0o1777
+# Extended attributes copied from PAX headers: only these grant nothing.
+KEPT_XATTR_PREFIX = "user."
 
 INDEX_MEDIA_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -79,8 +100,6 @@ LAYER_MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
 }
 DIGEST_PATTERN = re.compile(r"(sha256):([0-9a-f]{64})|(sha512):([0-9a-f]{128})")
-# (major, minor) of the character devices a layer may create.
-SAFE_CHAR_DEVICES = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0)}
 
 
 class OciError(Exception):
@@ -142,11 +161,18 @@ class OciImage:
     layers: tuple[Descriptor, ...]
 
 
-def blob_path(layout: Path, digest: str) -> Path:
+def _digest_parts(digest: str) -> tuple[str, str]:
     match = DIGEST_PATTERN.fullmatch(digest)
     if match is None:
         raise OciError(f"unsupported or malformed digest {digest!r}")
-    algorithm, hexdigest = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    if match.group(1):
+        return match.group(1), match.group(2)
+    return match.group(3), match.group(4)
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    """Where a blob is in a layout (for writing layouts; reading goes through ``open_blob``)."""
+    algorithm, hexdigest = _digest_parts(digest)
     return layout / "blobs" / algorithm / hexdigest
 
 
@@ -154,16 +180,55 @@ def _hasher(digest: str) -> hashlib._Hash:
     return hashlib.new(digest.split(":", 1)[0])
 
 
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted as a blob must not hang the server.
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _open_in_layout(layout: Path, parts: tuple[str, ...]) -> IO[bytes]:
+    """``layout/<parts...>`` opened for reading, following no symlink below
+    ``layout``, and only if it is a regular file. OSError otherwise."""
+    opened: list[int] = []
+    try:
+        directory = os.open(layout, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        opened.append(directory)
+        for part in parts[:-1]:
+            directory = os.open(part, DIRECTORY_FLAGS, dir_fd=directory)
+            opened.append(directory)
+        descriptor = os.open(parts[-1], FILE_FLAGS, dir_fd=directory)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, "not a regular file")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def open_blob(layout: Path, digest: str, what: str) -> IO[bytes]:
+    """A blob's open file (see ``_open_in_layout``); OciError if there is none."""
+    algorithm, hexdigest = _digest_parts(digest)
+    try:
+        return _open_in_layout(layout, ("blobs", algorithm, hexdigest))
+    except OSError as error:
+        raise OciError(f"{what} {digest} is missing from the layout ({error.strerror})") from None
+
+
+def _read_layout_file(layout: Path, name: str) -> bytes | None:
+    try:
+        with _open_in_layout(layout, (name,)) as file:
+            return file.read(MAX_JSON_BLOB_BYTES + 1)
+    except OSError:
+        return None
+
+
 def read_json_blob(layout: Path, descriptor: Descriptor, what: str) -> dict:
     """A small blob, its size and digest checked, parsed as a JSON object."""
     if descriptor.size > MAX_JSON_BLOB_BYTES:
         raise OciError(f"{what} {descriptor.digest} is too large ({descriptor.size} bytes)")
-    path = blob_path(layout, descriptor.digest)
-    try:
-        with path.open("rb") as blob:
-            data = blob.read(MAX_JSON_BLOB_BYTES + 1)
-    except OSError as error:
-        raise OciError(f"{what} {descriptor.digest} is missing from the layout ({error.strerror})") from None
+    with open_blob(layout, descriptor.digest, what) as blob:
+        data = blob.read(MAX_JSON_BLOB_BYTES + 1)
     check_content(data, descriptor, what)
     try:
         parsed = json.loads(data)
@@ -186,16 +251,16 @@ def check_content(data: bytes, descriptor: Descriptor, what: str) -> None:
         raise DigestMismatch(f"{what}: digest mismatch: expected {descriptor.digest}, content is {actual}")
 
 
-def verify_blob(layout: Path, descriptor: Descriptor, what: str) -> None:
-    """Hash a (large) blob from disk against its descriptor."""
-    path = blob_path(layout, descriptor.digest)
+def verify_open_blob(blob: IO[bytes], descriptor: Descriptor, what: str) -> None:
+    """Hash an open (large) blob against its descriptor, then rewind it: the
+    caller unpacks exactly the file that was hashed."""
     hasher = _hasher(descriptor.digest)
     size = 0
+    blob.seek(0)
     try:
-        with path.open("rb") as blob:
-            while chunk := blob.read(COPY_CHUNK_BYTES):
-                hasher.update(chunk)
-                size += len(chunk)
+        while chunk := blob.read(COPY_CHUNK_BYTES):
+            hasher.update(chunk)
+            size += len(chunk)
     except OSError as error:
         raise OciError(f"{what} {descriptor.digest} cannot be read ({error.strerror})") from None
     actual = f"{hasher.name}:{hasher.hexdigest()}"
@@ -203,10 +268,20 @@ def verify_blob(layout: Path, descriptor: Descriptor, what: str) -> None:
         raise DigestMismatch(f"{what} {descriptor.digest} is {size} bytes, its descriptor says {descriptor.size}")
     if actual != descriptor.digest:
         raise DigestMismatch(f"{what}: digest mismatch: expected {descriptor.digest}, content is {actual}")
+    blob.seek(0)
 
 
-def is_layout(path: Path) -> bool:
-    return (path / LAYOUT_FILE).is_file() and (path / INDEX_FILE).is_file()
+def private_dir(parent: Path) -> Path:
+    """``parent/private``, a directory only this process's user can enter (0700):
+    unpacked trees and pulled layouts live in it, out of other host users' reach."""
+    path = parent / PRIVATE_DIR_NAME
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise OciError(f"{path} is not a directory of this server's user")
+    os.chmod(path, 0o700)  # exact, whatever the umask and an earlier mode were
+    return path
 
 
 def open_layout(layout: Path, platform: tuple[str, str] = PLATFORM) -> OciImage:
@@ -217,12 +292,16 @@ def open_layout(layout: Path, platform: tuple[str, str] = PLATFORM) -> OciImage:
     layout = Path(layout)
     if not layout.is_dir():
         raise NotALayout(f"{layout} is not a directory")
-    if not is_layout(layout):
-        raise NotALayout(f"{layout} is not an OCI image layout (it needs {LAYOUT_FILE} and {INDEX_FILE})")
+    marker_bytes = _read_layout_file(layout, LAYOUT_FILE)
+    index_bytes = _read_layout_file(layout, INDEX_FILE)
+    if marker_bytes is None or index_bytes is None:
+        raise NotALayout(
+            f"{layout} is not an OCI image layout (it needs the files {LAYOUT_FILE} and {INDEX_FILE})"
+        )
     try:
-        marker = json.loads((layout / LAYOUT_FILE).read_text())
-        index = json.loads((layout / INDEX_FILE).read_text())
-    except (OSError, ValueError) as error:
+        marker = json.loads(marker_bytes)
+        index = json.loads(index_bytes)
+    except ValueError as error:
         raise NotALayout(f"{layout} is not an OCI image layout: {error}") from None
     if not isinstance(marker, dict) or not isinstance(marker.get("imageLayoutVersion"), str):
         raise NotALayout(f"{layout}/{LAYOUT_FILE} has no imageLayoutVersion")
@@ -234,17 +313,17 @@ def open_layout(layout: Path, platform: tuple[str, str] = PLATFORM) -> OciImage:
     raw_layers = manifest.get("layers")
     if not isinstance(raw_layers, list):
         raise OciError(f"manifest {manifest_descriptor.digest} has no layers list")
+    if len(raw_layers) > MAX_LAYERS:
+        raise OciError(f"manifest {manifest_descriptor.digest} lists {len(raw_layers)} layers (at most {MAX_LAYERS})")
     layers = tuple(Descriptor.parse(entry, f"layer {number}") for number, entry in enumerate(raw_layers))
     for number, layer in enumerate(layers):
         if layer.media_type not in LAYER_MEDIA_TYPES:
             raise OciError(f"layer {number} ({layer.digest}) has an unsupported media type {layer.media_type!r}")
-        path = blob_path(layout, layer.digest)
-        if not path.is_file():
-            raise OciError(f"layer {number} ({layer.digest}) is missing from the layout")
-        if path.stat().st_size != layer.size:
+        with open_blob(layout, layer.digest, f"layer {number}") as blob:
+            size = os.fstat(blob.fileno()).st_size
+        if size != layer.size:
             raise DigestMismatch(
-                f"layer {number} ({layer.digest}) is {path.stat().st_size} bytes, "
-                f"its descriptor says {layer.size}"
+                f"layer {number} ({layer.digest}) is {size} bytes, its descriptor says {layer.size}"
             )
     config = read_json_blob(layout, config_descriptor, "image config")
     return OciImage(
@@ -394,25 +473,70 @@ def remove_path(path: str) -> None:
 class UnpackReport:
     entries: int = 0
     whiteouts: int = 0
+    members: int = 0  # every tar entry read, whiteouts and skipped ones included
+    unpacked_bytes: int = 0  # file content written
     skipped_devices: list[str] = field(default_factory=list)
     skipped_other: list[str] = field(default_factory=list)
+    cleared_setid: list[str] = field(default_factory=list)
+    skipped_unsafe: list[str] = field(default_factory=list)  # names, hard link targets climbing out
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """What one image may unpack to (``KILN_OCI_MAX_UNPACKED_BYTES``, ``KILN_OCI_MAX_ENTRIES``)."""
+
+    max_bytes: int = 16 * 1024**3
+    max_entries: int = 1_000_000
+
+    def count(self, report: UnpackReport, member: tarfile.TarInfo) -> None:
+        """Count ``member`` into ``report``; OciError once a cap is passed."""
+        report.members += 1
+        if report.members > self.max_entries:
+            raise OciError(f"the image has more than {self.max_entries} entries (this server's limit)")
+        if member.isreg():
+            report.unpacked_bytes += member.size
+            if report.unpacked_bytes > self.max_bytes:
+                raise OciError(
+                    f"the image unpacks to more than {self.max_bytes} bytes (this server's limit)"
+                )
+
+
+METADATA_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses a metadata header (PAX, GNU long name) too large to
+    read: tarfile reads these whole into memory, so a layer could claim gigabytes."""
+
+    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in METADATA_TYPES and self.size > MAX_TAR_METADATA_BYTES:
+            raise OciError(
+                f"a tar metadata header of {self.size} bytes (at most {MAX_TAR_METADATA_BYTES} are read)"
+            )
+        return super()._proc_member(tarfile)  # type: ignore[misc]
 
 
 @contextlib.contextmanager
-def open_layer(path: Path, compression: str) -> Iterator[IO[bytes]]:
-    """The layer's uncompressed tar stream."""
+def decompressed(blob: IO[bytes], compression: str) -> Iterator[IO[bytes]]:
+    """The uncompressed tar stream of an open layer blob (read from where it is)."""
     if compression == "none":
-        with path.open("rb") as raw:
-            yield raw
+        yield blob
     elif compression == "gzip":
-        with gzip.open(path, "rb") as stream:
-            yield stream
+        with gzip.GzipFile(fileobj=blob, mode="rb") as stream:
+            yield stream  # type: ignore[misc]
     elif compression == "zstd":
         zstd = shutil.which("zstd")
         if zstd is None:
             raise OciError("a layer is zstd-compressed and this server has no zstd tool")
+        # The tool reads the open blob itself (its stdin), not the blob's path.
         process = subprocess.Popen(
-            [zstd, "-d", "-c", "-q", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [zstd, "-d", "-c", "-q"], stdin=blob, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         try:
             assert process.stdout is not None
@@ -430,22 +554,28 @@ def open_layer(path: Path, compression: str) -> Iterator[IO[bytes]]:
         raise OciError(f"unsupported layer compression {compression!r}")
 
 
-def unpack(image: OciImage, target: Path) -> UnpackReport:
+def unpack(image: OciImage, target: Path, limits: UnpackLimits | None = None) -> UnpackReport:
     """Verify every layer's digest, then apply the layers in order onto ``target``
-    (an existing, empty directory)."""
-    for number, layer in enumerate(image.layers):
-        verify_blob(image.layout, layer, f"layer {number}")
+    (an existing, empty directory, best inside a ``private_dir``). Each layer is
+    opened once: the open file that was hashed is the one unpacked."""
+    limits = limits or UnpackLimits()
     report = UnpackReport()
     directories: dict[str, tuple[int, int, int, float]] = {}
-    for number, layer in enumerate(image.layers):
-        compression = LAYER_MEDIA_TYPES[layer.media_type]
-        try:
-            with open_layer(blob_path(image.layout, layer.digest), compression) as stream:
-                apply_layer(stream, target, report, directories)
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as error:
-            raise OciError(f"layer {number} ({layer.digest}) is not a valid tar archive: {error}") from None
-        except OciError as error:
-            raise OciError(f"layer {number} ({layer.digest}): {error}") from None
+    with contextlib.ExitStack() as stack:
+        blobs = []
+        for number, layer in enumerate(image.layers):
+            blob = stack.enter_context(open_blob(image.layout, layer.digest, f"layer {number}"))
+            verify_open_blob(blob, layer, f"layer {number}")
+            blobs.append(blob)
+        for number, (layer, blob) in enumerate(zip(image.layers, blobs, strict=True)):
+            compression = LAYER_MEDIA_TYPES[layer.media_type]
+            try:
+                with decompressed(blob, compression) as stream:
+                    apply_layer(stream, target, report, directories, limits)
+            except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+                raise OciError(f"layer {number} ({layer.digest}) is not a valid tar archive: {error}") from None
+            except OciError as error:
+                raise OciError(f"layer {number} ({layer.digest}): {error}") from None
     finish_directories(directories)
     return report
 
@@ -455,22 +585,30 @@ def apply_layer(
     root: str | Path,
     report: UnpackReport | None = None,
     directories: dict[str, tuple[int, int, int, float]] | None = None,
+    limits: UnpackLimits | None = None,
 ) -> UnpackReport:
     """Apply one uncompressed layer tar onto the tree at ``root``.
 
     ``directories`` collects each directory's metadata, applied by
     ``finish_directories`` once every layer is in (a read-only directory must
-    not stop later entries); without it they are applied at the end of this layer."""
+    not stop later entries); without it they are applied at the end of this layer.
+    ``limits`` count over every layer that shares ``report``."""
     root = os.fspath(root)
     report = report if report is not None else UnpackReport()
+    limits = limits or UnpackLimits()
     own_directories = directories is None
     directories = {} if directories is None else directories
     touched: set[str] = set()  # paths this layer made, with their parents
     opaque: list[str] = []
     as_root = os.geteuid() == 0
-    with tarfile.open(fileobj=stream, mode="r|") as archive:
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as archive:
         for member in archive:
-            relative = entry_path(member.name)
+            limits.count(report, member)
+            try:
+                relative = entry_path(member.name)
+            except OciError:
+                report.skipped_unsafe.append(member.name)  # ``..`` or NUL: never written
+                continue
             if not relative:
                 if member.isdir():
                     directories[root] = (member.mode, member.uid, member.gid, member.mtime)
@@ -544,16 +682,25 @@ def _apply_member(
         if existing is None:
             os.mkdir(destination, 0o700)
         directories[destination] = (member.mode, member.uid, member.gid, member.mtime)
+        if member.mode & ~KEPT_MODE_BITS & 0o7777:
+            report.cleared_setid.append("/" + relative)
         if as_root:
             os.lchown(destination, member.uid, member.gid)
         return
     if member.ischr() or member.isblk():
-        if not (as_root and member.ischr() and (member.devmajor, member.devminor) in SAFE_CHAR_DEVICES):
-            report.skipped_devices.append("/" + relative)
-            return
-    elif not (member.isreg() or member.issym() or member.islnk() or member.isfifo()):
+        # Never a device node: one owned by a user could open the host's disks.
+        report.skipped_devices.append("/" + relative)
+        return
+    if not (member.isreg() or member.issym() or member.islnk() or member.isfifo()):
         report.skipped_other.append("/" + relative)
         return
+    linked = ""
+    if member.islnk():
+        try:
+            linked = entry_path(member.linkname)
+        except OciError:
+            report.skipped_unsafe.append("/" + relative)  # a hard link to ``../``: never made
+            return
     if existing is not None:
         remove_path(destination)
     if member.isreg():
@@ -565,7 +712,6 @@ def _apply_member(
     elif member.issym():
         os.symlink(member.linkname, destination)
     elif member.islnk():
-        linked = entry_path(member.linkname)
         source_path = resolve_in_root(root, linked, follow_last=False)
         try:
             info = os.lstat(source_path)
@@ -575,27 +721,28 @@ def _apply_member(
             raise OciError(f"hard link /{relative} names the directory /{linked}")
         os.link(source_path, destination, follow_symlinks=False)
         return  # the link shares its target's inode and metadata
-    elif member.isfifo():
-        os.mkfifo(destination, 0o600)
     else:
-        os.mknod(destination, 0o600 | stat.S_IFCHR, os.makedev(member.devmajor, member.devminor))
+        os.mkfifo(destination, 0o600)
     if as_root:
         os.lchown(destination, member.uid, member.gid)
     if not member.issym():
-        # After chown, which clears set-id bits.
-        os.chmod(destination, member.mode & 0o7777)
-        _set_xattrs(destination, member, as_root)
+        if member.mode & ~KEPT_MODE_BITS & 0o7777:
+            report.cleared_setid.append("/" + relative)
+        os.chmod(destination, member.mode & KEPT_MODE_BITS)
+        _set_xattrs(destination, member)
     with contextlib.suppress(OSError):
         os.utime(destination, (member.mtime, member.mtime), follow_symlinks=False)
 
 
-def _set_xattrs(path: str, member: tarfile.TarInfo, as_root: bool) -> None:
-    """File capabilities and other extended attributes from PAX headers."""
+def _set_xattrs(path: str, member: tarfile.TarInfo) -> None:
+    """``user.*`` extended attributes from PAX headers. The others can grant
+    privileges or access (``security.capability``, ACLs, ``trusted.*``) or label
+    files for a host policy (``security.selinux``): never set."""
     for key, value in (member.pax_headers or {}).items():
         if not key.startswith("SCHILY.xattr."):
             continue
         name = key[len("SCHILY.xattr."):]
-        if not as_root and not name.startswith("user."):
+        if not name.startswith(KEPT_XATTR_PREFIX):
             continue
         raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
         with contextlib.suppress(OSError):
@@ -609,7 +756,7 @@ def finish_directories(directories: dict[str, tuple[int, int, int, float]]) -> N
         try:
             if not stat.S_ISDIR(os.lstat(path).st_mode):
                 continue
-            os.chmod(path, mode & 0o7777)
+            os.chmod(path, mode & KEPT_MODE_BITS)
             os.utime(path, (mtime, mtime))
         except FileNotFoundError:
             continue  # removed by a later layer
@@ -667,44 +814,106 @@ def parse_reference(text: str) -> Reference | None:
     return Reference(registry, path, tag if tag or digest else "latest", digest)
 
 
-async def pull(reference: Reference, layout: Path, timeout: float, connect_timeout: float = 10.0) -> None:
-    """Copy the image into a new OCI layout at ``layout`` with skopeo, within
-    ``timeout`` seconds; RegistryError (saying why) otherwise. Whether the
-    registry answers at all is known within ``connect_timeout``."""
-    host, _, port = reference.registry.partition(":")
+ANONYMOUS_POLICY = '{"default": [{"type": "insecureAcceptAnything"}]}'
+PULL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+async def pull(
+    reference: Reference,
+    layout: Path,
+    timeout: float,
+    connect_timeout: float = 10.0,
+    resolver: registry.Resolver = registry.system_resolver,
+    allow: registry.AddressCheck = registry.is_public,
+) -> None:
+    """Copy the image into a new OCI layout at ``layout`` (best inside a
+    ``private_dir``) with skopeo, within ``timeout`` seconds; RegistryError
+    (saying why) otherwise. Whether the registry answers at all is known within
+    ``connect_timeout``.
+
+    The pull reaches public addresses only, through a ``registry.PinnedProxy``,
+    and runs with none of the operator's registry configuration: no credentials
+    (``--src-no-creds``, an empty auth file, a HOME of its own), no client
+    certificates, no mirrors or insecure registries (an empty registries.conf)."""
+    host, _, port_text = reference.registry.partition(":")
+    port = int(port_text or 443)
     try:
-        await asyncio.wait_for(
-            asyncio.to_thread(_connect, host, int(port or 443), connect_timeout), connect_timeout
-        )
+        reader_writer = await registry.open_checked(host, port, connect_timeout, resolver, allow)
+    except registry.AddressRefused as error:
+        raise RegistryError(f"cannot pull {reference}: {error}") from None
     except OSError as error:  # TimeoutError included
-        reason = "timed out" if isinstance(error, TimeoutError) else str(error)
+        reason = "timed out" if isinstance(error, TimeoutError) else str(error) or type(error).__name__
         raise RegistryError(
             f"cannot pull {reference}: the registry {reference.registry} is unreachable from this "
             f"server ({reason}); import a local OCI image layout directory instead"
         ) from None
+    reader_writer[1].close()
     skopeo = shutil.which("skopeo")
     if skopeo is None:
         raise RegistryError(
             f"cannot pull {reference}: this server has no registry client (skopeo); "
             f"copy the image into an OCI layout (skopeo copy docker://... oci:DIR) and import DIR"
         )
-    source = f"docker://{reference}"
-    process = await asyncio.create_subprocess_exec(
-        skopeo, "copy", "--override-os", PLATFORM[0], "--override-arch", PLATFORM[1],
-        source, f"oci:{layout}:image",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except asyncio.TimeoutError:
-        process.kill()
-        await process.wait()
-        raise RegistryError(f"cannot pull {reference}: no answer within {timeout:g}s") from None
+    scratch = layout.with_name(layout.name + ".skopeo")
+    async with registry.PinnedProxy({443, port}, connect_timeout, resolver, allow) as proxy:
+        argv, env = _skopeo_command(skopeo, reference, layout, scratch, await proxy.start())
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            _, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise RegistryError(f"cannot pull {reference}: no answer within {timeout:g}s") from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     if process.returncode != 0:
+        if proxy.refusals:
+            raise RegistryError(f"cannot pull {reference}: refused {proxy.refusals[0]}")
         tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise RegistryError(f"cannot pull {reference}: {' '.join(tail) or 'skopeo failed'}")
 
 
-def _connect(host: str, port: int, timeout: float) -> None:
-    with socket.create_connection((host, port), timeout=timeout):
-        pass
+def _skopeo_command(
+    skopeo: str, reference: Reference, layout: Path, scratch: Path, proxy_url: str
+) -> tuple[list[str], dict[str, str]]:
+    """skopeo's argv and whole environment for an anonymous pull through the
+    proxy, with its configuration files made empty in ``scratch`` (0700)."""
+    scratch.mkdir(mode=0o700)
+    for name in ("home", "certs", "registries.d", "tmp", "run"):
+        (scratch / name).mkdir(mode=0o700)
+    (scratch / "auth.json").write_text("{}")
+    (scratch / "registries.conf").write_text("")
+    (scratch / "policy.json").write_text(ANONYMOUS_POLICY)
+    argv = [
+        skopeo,
+        "--policy", str(scratch / "policy.json"),
+        "--registries.d", str(scratch / "registries.d"),
+        "--tmpdir", str(scratch / "tmp"),
+        "--override-os", PLATFORM[0], "--override-arch", PLATFORM[1],
+        "copy",
+        "--src-no-creds",
+        "--src-authfile", str(scratch / "auth.json"),
+        "--src-cert-dir", str(scratch / "certs"),
+        "--src-tls-verify=true",
+        f"docker://{reference}", f"oci:{layout}:image",
+    ]  # fmt: skip
+    # The whole environment: nothing of the server's (its proxies, its HOME with
+    # ~/.docker/config.json, REGISTRY_AUTH_FILE) reaches the pull.
+    env = {
+        "PATH": PULL_PATH,
+        "HOME": str(scratch / "home"),
+        "XDG_RUNTIME_DIR": str(scratch / "run"),
+        "XDG_CONFIG_HOME": str(scratch / "home"),
+        "DOCKER_CONFIG": str(scratch / "home"),
+        "REGISTRY_AUTH_FILE": str(scratch / "auth.json"),
+        "CONTAINERS_REGISTRIES_CONF": str(scratch / "registries.conf"),
+        "HTTPS_PROXY": proxy_url,
+        "https_proxy": proxy_url,
+        "HTTP_PROXY": proxy_url,
+        "http_proxy": proxy_url,
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    return argv, env
