@@ -100,15 +100,12 @@ def create_app(
         db = Database(settings.database)
         try:
             await db.migrate()
+            # First: an unusable secret stops the start before anything is made.
+            token_secret = load_or_create_secret(settings.data_dir / TOKEN_SECRET_FILE)
             key_cache = ApiKeyCache()
             user_service = UserService(db, key_cache)
             await _bootstrap_admin(user_service, settings)
-            auth_service = AuthService(
-                db,
-                load_or_create_secret(settings.data_dir / TOKEN_SECRET_FILE),
-                settings.token_ttl_seconds,
-                key_cache,
-            )
+            auth_service = AuthService(db, token_secret, settings.token_ttl_seconds, key_cache)
             vm_service = VmService(settings, db, *runtime)
             snapshot_service = SnapshotService(settings, db, runtime[0], vm_service, runtime[1])
             vm_service.snapshots = snapshot_service
