@@ -28,7 +28,7 @@ REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(
             r"(?i)\b(authorization|proxy-authorization|x-api-key|cookie|set-cookie)"
-            r"(['\"]?\s*[:=,]\s*b?['\"]?)(?:(?:bearer|basic)\s+)?[^\s'\"\)\],;]+"
+            r"(['\"]?\s*[:=,]\s*(?:b?['\"])?)(?:(?:bearer|basic)\s+)?[^\s'\"\)\],;]+"
         ),
         r"\1\2" + REDACTED,
     ),
