@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
+from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, users, vms
 from kiln.api.routers import snapshots
 from kiln.config import Settings
@@ -120,7 +121,7 @@ def create_app(
                 vms=vm_service,
                 sessions=SessionService(vm_service),
                 execution=execution_service,
-                files=FileService(vm_service),
+                files=FileService(vm_service, settings.max_upload_bytes, settings.max_download_bytes),
                 pty=PtyService(),
                 snapshots=snapshot_service,
             )
@@ -144,6 +145,11 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=settings.max_request_bytes,
+        limits_by_path={"/upload": settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+    )
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
         app.include_router(module.router)
     app.include_router(snapshots.router)
