@@ -23,7 +23,6 @@ import httpx
 import pytest
 import websockets
 from instavm import InstaVM
-
 from live_server import (
     KILN,
     LiveServer,
@@ -76,7 +75,7 @@ def cli(server: LiveServer, *args: str, stdin: str | None = None) -> str:
     env = {**os.environ, "KILN_DATA_DIR": str(server.data_dir)}
     env.pop("KILN_DATABASE_URL", None)
     done = subprocess.run(
-        [str(KILN), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120
+        [str(KILN), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
