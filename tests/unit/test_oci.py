@@ -349,7 +349,7 @@ def test_the_hashed_file_is_the_unpacked_file(tmp_path: Path, monkeypatch: pytes
         swapped.write_bytes(tar_bytes(member("f", data=b"evil")))
         os.replace(swapped, path)
 
-    monkeypatch.setattr(oci, "verify_open_blob", verify_then_swap)
+    monkeypatch.setattr(oci.layers, "verify_open_blob", verify_then_swap)
     tree = tmp_path / "tree"
     tree.mkdir()
     oci.unpack(image, tree)

@@ -112,7 +112,7 @@ def test_skopeo_gets_no_credentials_and_none_of_the_servers_environment(
     monkeypatch.setenv("REGISTRY_AUTH_FILE", "/root/.secret-auth.json")
     monkeypatch.setenv("HTTPS_PROXY", "http://operator-proxy:3128")
     reference = oci.Reference("ghcr.io", "o/r", "v1", None)
-    argv, env = oci._skopeo_command("skopeo", reference, tmp_path / "layout", tmp_path / "scratch",
+    argv, env = oci.skopeo_command("skopeo", reference, tmp_path / "layout", tmp_path / "scratch",
                                     "http://127.0.0.1:1")  # fmt: skip
     assert "--src-no-creds" in argv and "--src-tls-verify=true" in argv
     for option in ("--src-authfile", "--src-cert-dir", "--policy", "--registries.d"):
