@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import shlex
 import sys
@@ -63,14 +62,25 @@ def serve(
     """Run the API server in the foreground. SIGTERM stops it and leaves VMs running."""
     import uvicorn
 
-    from kiln.api.app import create_app
+    from kiln.api import logs
+    from kiln.api.app import TOKEN_SECRET_FILE, create_app
+    from kiln.services.auth import InvalidTokenSecret, load_or_create_secret
 
     settings = get_settings()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level)
+    try:
+        # Checked here too (the app's start-up does it again) so that an unusable
+        # secret ends the command with its message, not uvicorn's traceback.
+        load_or_create_secret(settings.data_dir / TOKEN_SECRET_FILE)
+    except InvalidTokenSecret as error:
+        fail(str(error))
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,
         port=port or settings.port,
+        # Logging is configured above (kiln.api.logs): one redacting handler.
+        log_config=None,
+        log_level=settings.log_level,
         # Connections still open after this are cut; the VMs themselves keep running.
         timeout_graceful_shutdown=10,
     )
@@ -104,11 +114,68 @@ def create_user(
     ] = False,
 ) -> None:
     """Create a user and print its id."""
-    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
-    if password_stdin and not password:
-        fail("no password on stdin")
+    password = read_password(name, True) if password_stdin else None
     user = on_database(lambda users: users.create_user(name, password))
     print(user.id)
+
+
+def read_password(name: str, from_stdin: bool) -> str:
+    """The first line of stdin (--password-stdin), or asked twice without echo."""
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            fail("no password on stdin")
+        return password
+    password = typer.prompt(f"New password for {name}", hide_input=True, confirmation_prompt=True)
+    if not password:
+        fail("the password must not be empty")
+    return str(password)
+
+
+@users_app.command("passwd")
+def set_password(
+    name: str,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+    ] = False,
+) -> None:
+    """Set a user's password (for POST /v1/auth/token); asks for it unless --password-stdin.
+
+    Bearer tokens issued before keep working until they expire (KILN_TOKEN_TTL_SECONDS)."""
+    password = read_password(name, password_stdin)
+    on_database(lambda users: users.set_password(name, password))
+    err.print(f"password of {name!r} changed")
+
+
+@keys_app.command("ls")
+def list_keys(
+    user: Annotated[str, typer.Option("--user", help="The user whose keys to list.")],
+) -> None:
+    """List a user's API keys (ids, names and the first characters; never the keys)."""
+
+    async def work(users: UserService) -> list[Any]:
+        owner = await users.get_user_by_name(user)
+        return await users.list_api_keys(owner.id)
+
+    table = Table("id", "name", "prefix", "created at", "last used at")
+    for key in on_database(work):
+        table.add_row(
+            str(key.id), key.name, key.prefix + "...", str(key.created_at), str(key.last_used_at or "")
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def revoke_key(key_id: Annotated[int, typer.Argument(help="The key's id (see kiln keys ls).")]) -> None:
+    """Delete an API key of any user. A running server stops accepting it within
+    a few seconds (its cache of checked keys lives that long)."""
+    from kiln.services.users import REVOCATION_DELAY_SECONDS
+
+    key = on_database(lambda users: users.revoke_api_key(key_id))
+    err.print(
+        f"revoked key {key.id} ({key.name!r}, {key.prefix}...); a running server refuses it "
+        f"within {REVOCATION_DELAY_SECONDS:g} s"
+    )
 
 
 @keys_app.command("create")
@@ -196,7 +263,7 @@ def list_images() -> None:
         table.add_row(
             row["variant"],
             "yes" if row.get("built") else "no",
-            {True: "yes", False: "no"}.get(row.get("stale"), ""),
+            {True: "yes", False: "no"}.get(bool(row["stale"]), "") if "stale" in row else "",
             size,
             str(row.get("built_at") or ""),
             str(row.get("path") or ""),
@@ -328,12 +395,12 @@ def remove_vm(vm_id: str) -> None:
 
 def server_sent_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event, data) pairs of a text/event-stream, one per blank-line-ended block."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     for line in lines:
         if not line:
             if data:
                 yield event, "\n".join(data)
-            event, data = "message", []
+            event, data = "message", list[str]()
         elif line.startswith("event:"):
             event = line[len("event:") :].strip()
         elif line.startswith("data:"):

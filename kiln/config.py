@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _host_memory_mb() -> int:
@@ -62,6 +63,31 @@ class Settings(BaseSettings):
     # Snapshots: a snapshot's disk is written on top of its parent's; past this
     # many snapshot layers it is flattened (in the background) onto the image.
     max_disk_chain: int = 8
+
+    # Logging of `kiln serve` (secrets are redacted at every level: kiln.api.logs).
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # OCI imports (POST /v1/snapshots with oci_image). Comma-separated in the
+    # environment. Empty: no local layout and no registry may be imported from.
+    oci_import_roots: Annotated[list[Path], NoDecode] = []
+    oci_registries: Annotated[list[str], NoDecode] = []
+    # What one import may unpack: bytes of file content, and tar entries.
+    oci_max_unpacked_bytes: int = 16 * 1024**3
+    oci_max_entries: int = 1_000_000
+
+    # Request and transfer limits (413 past them). A request body (counted as it
+    # arrives, chunked or not), except POST /upload, whose body may be as large
+    # as the upload limit plus the multipart framing.
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_upload_bytes: int = 1024**3
+    max_download_bytes: int = 1024**3
+
+    @field_validator("oci_import_roots", "oci_registries", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @property
     def database(self) -> str:

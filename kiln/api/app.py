@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
+from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, snapshots, users, vms
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
@@ -98,15 +99,12 @@ def create_app(
         db = Database(settings.database)
         try:
             await db.migrate()
+            # First: an unusable secret stops the start before anything is made.
+            token_secret = load_or_create_secret(settings.data_dir / TOKEN_SECRET_FILE)
             key_cache = ApiKeyCache()
             user_service = UserService(db, key_cache)
             await _bootstrap_admin(user_service, settings)
-            auth_service = AuthService(
-                db,
-                load_or_create_secret(settings.data_dir / TOKEN_SECRET_FILE),
-                settings.token_ttl_seconds,
-                key_cache,
-            )
+            auth_service = AuthService(db, token_secret, settings.token_ttl_seconds, key_cache)
             vm_side = build_vm_services(settings, db, *runtime)
             await vm_side.start()
             vm_service = vm_side.vms
@@ -118,7 +116,7 @@ def create_app(
                 vms=vm_service,
                 sessions=SessionService(vm_service),
                 execution=execution_service,
-                files=FileService(vm_service),
+                files=FileService(vm_service, settings.max_upload_bytes, settings.max_download_bytes),
                 pty=PtyService(),
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
@@ -140,6 +138,11 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=settings.max_request_bytes,
+        limits_by_path={"/upload": settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+    )
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
         app.include_router(module.router)
     app.include_router(snapshots.router)

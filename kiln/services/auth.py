@@ -4,16 +4,28 @@ An API key is ``kiln_`` followed by 43 url-safe characters; only its SHA-256 is
 stored. A bearer token is an HS256 JWT signed with a secret kept in the data
 dir. Every protected route accepts either kind, in either header, so that the
 instavm SDK (which sends its key as ``X-API-Key``) and OAuth2 clients both work.
+
+Against a caller who guesses: scrypt runs in a worker thread (a login never
+stalls the event loop), a login for a user that does not exist verifies the
+password against a dummy hash (it costs one scrypt, like a wrong password),
+password digests are compared with ``hmac.compare_digest`` and JWT signatures
+by PyJWT (which does the same). API keys are found by the SHA-256 of the key:
+timing can at most tell something about a hash, never about a key. The token
+secret must be at least ``MIN_TOKEN_SECRET_BYTES`` long: an empty, short or
+garbled secret file is refused at start (``InvalidTokenSecret``), never used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import os
 import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -40,6 +52,12 @@ SCRYPT_SALT_BYTES = 16
 # deletion drops it here); one deleted by another process (the CLI) within this.
 API_KEY_CACHE_SECONDS = 5.0
 API_KEY_CACHE_MAX_ENTRIES = 1024
+# HS256 wants a key at least as long as its hash (RFC 7518, 3.2).
+MIN_TOKEN_SECRET_BYTES = 32
+
+
+class InvalidTokenSecret(Exception):
+    """The token secret file is unusable; ``str()`` tells the operator what to do."""
 
 
 def hash_password(password: str) -> str:
@@ -71,21 +89,63 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_or_create_secret(path: Path) -> bytes:
-    """The token signing secret: made on first start, readable by its owner only."""
+@functools.cache
+def dummy_password_hash() -> str:
+    """What a login for an unknown user is verified against: made once, so
+    that such a login costs one scrypt, like a login with a wrong password."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
+async def hash_password_off_loop(password: str) -> str:
+    return await asyncio.to_thread(hash_password, password)
+
+
+async def verify_password_off_loop(password: str, stored: str) -> bool:
+    # verify_password is looked up at call time, so tests can count its calls.
+    return await asyncio.to_thread(verify_password, password, stored)
+
+
+def parse_secret(text: str, path: Path) -> bytes:
+    """The secret in a token-secret file's text; InvalidTokenSecret if it is unusable."""
     try:
-        return bytes.fromhex(path.read_text().strip())
+        secret = bytes.fromhex(text.strip())
+    except ValueError:
+        secret = b""
+    if len(secret) < MIN_TOKEN_SECRET_BYTES:
+        raise InvalidTokenSecret(
+            f"the token secret in {path} is empty, too short or not hex (it needs "
+            f"{MIN_TOKEN_SECRET_BYTES} random bytes as {2 * MIN_TOKEN_SECRET_BYTES} hex digits); "
+            f"remove the file to have a new one made at the next start (bearer tokens "
+            f"signed with the old one stop working), or restore it from a backup"
+        )
+    return secret
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The token signing secret: made on first start, readable by its owner only.
+    An existing file that holds no usable secret is refused (InvalidTokenSecret)."""
+    try:
+        return parse_secret(path.read_text(errors="replace"), path)
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    # O_EXCL: if another process (the CLI, a second server) won the race, use its secret.
+    secret = secrets.token_bytes(MIN_TOKEN_SECRET_BYTES)
+    # Written whole under a temporary name, then linked into place: a reader never
+    # sees a half-written file, and if another process (the CLI, a second server)
+    # won the race, link() fails and its secret is the one used.
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(descriptor, "w") as file:
-        file.write(secret.hex())
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret.hex())
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            return parse_secret(path.read_text(errors="replace"), path)
+    finally:
+        partial.unlink(missing_ok=True)
     return secret
 
 
@@ -96,8 +156,13 @@ class ApiKeyCache:
     began before it may not store its answer: a request that read the key just
     before its deletion cannot put it back."""
 
-    def __init__(self, ttl_seconds: float = API_KEY_CACHE_SECONDS) -> None:
+    def __init__(
+        self,
+        ttl_seconds: float = API_KEY_CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._ttl = ttl_seconds
+        self._clock = clock
         self._entries: dict[str, tuple[float, User]] = {}
         self.generation = 0
 
@@ -106,7 +171,7 @@ class ApiKeyCache:
         if entry is None:
             return None
         expires, user = entry
-        if time.monotonic() >= expires:
+        if self._clock() >= expires:
             del self._entries[key_hash]
             return None
         return user
@@ -116,7 +181,7 @@ class ApiKeyCache:
             return
         if len(self._entries) >= API_KEY_CACHE_MAX_ENTRIES:
             self._entries.clear()
-        self._entries[key_hash] = (time.monotonic() + self._ttl, user)
+        self._entries[key_hash] = (self._clock() + self._ttl, user)
 
     def forget(self, key_hash: str) -> None:
         self.generation += 1
@@ -135,6 +200,10 @@ class AuthService:
         token_ttl_seconds: int,
         key_cache: ApiKeyCache | None = None,
     ) -> None:
+        if len(token_secret) < MIN_TOKEN_SECRET_BYTES:
+            raise InvalidTokenSecret(
+                f"a token secret must be at least {MIN_TOKEN_SECRET_BYTES} bytes long"
+            )
         self._db = db
         self._token_secret = token_secret
         self._token_ttl = timedelta(seconds=token_ttl_seconds)
@@ -151,12 +220,16 @@ class AuthService:
         """A new bearer token for a username and password."""
         async with self._db.transaction() as session:
             user = await UserRepository(session).by_username(username)
-        if user is None or user.password_hash is None:
-            # Hash anyway so a missing user costs as long as a wrong password.
-            verify_password(password, hash_password("timing"))
+        # A user without a password (or none at all) is verified against the
+        # dummy hash: the answer takes as long as for a wrong password.
+        known = user is not None and user.password_hash is not None
+        if user is not None and user.password_hash is not None:
+            stored = user.password_hash
+        else:
+            stored = await asyncio.to_thread(dummy_password_hash)  # made once, in a thread
+        if not await verify_password_off_loop(password, stored) or not known:
             raise Unauthenticated("incorrect username or password")
-        if not verify_password(password, user.password_hash):
-            raise Unauthenticated("incorrect username or password")
+        assert user is not None
         return self.issue_token(user)
 
     def issue_token(self, user: User) -> str:

@@ -5,9 +5,18 @@ Data crosses the agent in ``protocol.CHUNK_BYTES`` pieces (``write_file`` and
 the limits below and not by the agent protocol. Relative guest paths are
 relative to the image's working directory (``/app`` in the default image).
 
-An upload writes its target in place: if the transfer breaks off, a partial
-file is left behind (a retry overwrites it). A recursive upload is a tar
-archive, staged in the guest's /tmp and unpacked with the guest's ``tar``.
+An upload (at most ``max_upload_bytes``) is written under a temporary name
+beside its target (``.<name>.kiln-upload-<random>``, with the mode of the file
+it replaces) and moved into place with ``mv -f`` only once it is complete; if
+the transfer fails or is cut, the temporary file is removed (best effort: a
+guest whose agent died keeps it), so the target is never left half-written.
+Replacing makes a new file: a symlink at the target is replaced, not followed.
+A recursive upload is a tar archive, staged in the guest's /tmp and unpacked
+with the guest's ``tar``.
+
+A download (at most ``max_download_bytes``) is streamed: ``Download.chunks``
+reads the guest file chunk by chunk while the answer is being sent, so the
+server holds one chunk at a time, never the file.
 """
 
 from __future__ import annotations
@@ -16,20 +25,31 @@ import base64
 import contextlib
 import posixpath
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from kiln.guest import protocol
 from kiln.runtime.errors import RuntimeFailure
-from kiln.services.errors import Conflict, GuestRefused, InvalidRequest, NotFound, TooLarge
+from kiln.services.errors import (
+    Conflict,
+    GuestRefused,
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    TooLarge,
+)
 from kiln.services.guest import GuestTarget, agent_errors, session_target
 from kiln.services.vms import VmService
 
-# The whole file is held in memory and sent base64 in one JSON answer.
-MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_UPLOAD_BYTES = 1024**3
+DEFAULT_MAX_DOWNLOAD_BYTES = 1024**3
 TAR_STAGING_DIR = "/tmp"
 # tar's stderr quoted in an error, at most.
 MAX_TOOL_ERROR_CHARS = 2000
+UPLOAD_SUFFIX = ".kiln-upload-"
+# A file name is at most 255 bytes; the temporary name adds a dot and the suffix.
+MAX_KEPT_NAME_CHARS = 200
 
 
 class ByteSource(Protocol):
@@ -44,10 +64,45 @@ class Uploaded:
     size: int
 
 
-@dataclass(frozen=True)
-class Downloaded:
+@dataclass
+class Download:
+    """A guest file being read: ``chunks()`` yields its bytes, the first chunk
+    already read (so that an unreadable file is an error before the answer starts)."""
+
     path: str
-    data: bytes
+    target: GuestTarget
+    first: bytes
+    at_end: bool
+    limit: int
+    size: int = 0  # bytes yielded so far; the file's size once ``chunks`` is done
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The file's bytes. Past ``limit`` (the file grew while read) or when the
+        guest fails midway it raises: the answer is then cut, never short."""
+        offset = len(self.first)
+        self.size = offset
+        if self.first:
+            yield self.first
+        at_end = self.at_end
+        while not at_end:
+            with agent_errors(self.target.vm.id):
+                chunk = await self.target.agent.call(
+                    "read_file", path=self.path, offset=offset, length=protocol.CHUNK_BYTES
+                )
+            data = base64.b64decode(chunk["data"])
+            at_end = bool(chunk["eof"]) or not data
+            offset += len(data)
+            if offset > self.limit:
+                raise TooLarge(f"{self.path} grew past {self.limit} bytes while read")
+            self.size = offset
+            if data:
+                yield data
+
+
+def upload_name(path: str) -> str:
+    """The temporary name an upload to ``path`` is written under, beside it."""
+    parent, name = posixpath.split(path)
+    return posixpath.join(parent, f".{name[:MAX_KEPT_NAME_CHARS]}{UPLOAD_SUFFIX}{secrets.token_hex(6)}")
 
 
 def _check_path(path: str, field: str) -> None:
@@ -56,8 +111,15 @@ def _check_path(path: str, field: str) -> None:
 
 
 class FileService:
-    def __init__(self, vms: VmService) -> None:
+    def __init__(
+        self,
+        vms: VmService,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+    ) -> None:
         self._vms = vms
+        self.max_upload_bytes = max_upload_bytes
+        self.max_download_bytes = max_download_bytes
 
     async def upload(
         self,
@@ -68,16 +130,19 @@ class FileService:
         recursive: bool,
     ) -> Uploaded:
         _check_path(remote_path, "remote_path")
+        self._check_upload_size(getattr(source, "size", None))
         target = await session_target(self._vms, owner_id, session_id)
         with agent_errors(target.vm.id):
             path = await self._guest_path(target, remote_path)
             if recursive:
                 return await self._upload_archive(target, path, source)
-            await self._check_writable_file(target, path)
-            size = await self._write(target, path, source)
+            existing = await self._check_writable_file(target, path)
+            mode = existing["mode"] if existing is not None else None
+            size = await self._write_then_move(target, path, source, mode)
         return Uploaded(path=path, size=size)
 
-    async def download(self, owner_id: int, session_id: str, filename: str) -> Downloaded:
+    async def download(self, owner_id: int, session_id: str, filename: str) -> Download:
+        """A download of ``filename``, checked (404, 409, 413) and its first chunk read."""
         _check_path(filename, "filename")
         target = await session_target(self._vms, owner_id, session_id)
         with agent_errors(target.vm.id):
@@ -87,22 +152,20 @@ class FileService:
                 raise NotFound(f"no such file in the guest: {path}")
             if info["is_dir"]:
                 raise Conflict(f"{path} is a directory; download files one by one")
-            if info["size"] > MAX_DOWNLOAD_BYTES:
+            if info["size"] > self.max_download_bytes:
                 raise TooLarge(
                     f"{path} is {info['size']} bytes; downloads are limited to "
-                    f"{MAX_DOWNLOAD_BYTES} bytes"
+                    f"{self.max_download_bytes} bytes"
                 )
-            data = bytearray()
-            while True:
-                chunk = await target.agent.call(
-                    "read_file", path=path, offset=len(data), length=protocol.CHUNK_BYTES
-                )
-                data += base64.b64decode(chunk["data"])
-                if chunk["eof"] or not chunk["data"]:
-                    break
-                if len(data) > MAX_DOWNLOAD_BYTES:  # it grew while we read it
-                    raise TooLarge(f"{path} grew past {MAX_DOWNLOAD_BYTES} bytes while read")
-        return Downloaded(path=path, data=bytes(data))
+            chunk = await target.agent.call("read_file", path=path, offset=0, length=protocol.CHUNK_BYTES)
+        first = base64.b64decode(chunk["data"])
+        return Download(path, target, first, bool(chunk["eof"]) or not first, self.max_download_bytes)
+
+    def _check_upload_size(self, size: int | None) -> None:
+        if size is not None and size > self.max_upload_bytes:
+            raise TooLarge(
+                f"the upload is {size} bytes; uploads are limited to {self.max_upload_bytes} bytes"
+            )
 
     # -- internals -------------------------------------------------------------------
 
@@ -120,7 +183,8 @@ class FileService:
         except NotFound:
             return None
 
-    async def _check_writable_file(self, target: GuestTarget, path: str) -> None:
+    async def _check_writable_file(self, target: GuestTarget, path: str) -> dict | None:
+        """The stat of the file at ``path`` (None if there is none), if one may be written there."""
         existing = await self._stat(target, path)
         if existing is not None and existing["is_dir"]:
             raise Conflict(f"{path} is a directory; give the full path of the file to write")
@@ -130,12 +194,39 @@ class FileService:
             raise NotFound(f"directory {parent} does not exist in the guest")
         if not parent_info["is_dir"]:
             raise Conflict(f"{parent} is not a directory")
+        return existing
 
-    async def _write(self, target: GuestTarget, path: str, source: ByteSource) -> int:
-        """Copy ``source`` into ``path`` chunk by chunk; returns the bytes written."""
+    async def _write_then_move(
+        self, target: GuestTarget, path: str, source: ByteSource, mode: int | None
+    ) -> int:
+        """Write ``source`` beside ``path`` and move it there once complete."""
+        temporary = upload_name(path)
+        moved = False
+        try:
+            size = await self._write(target, temporary, source, mode)
+            exit_code, errors = await self._run_tool(
+                target, ["/bin/sh", "-c", 'exec mv -f -- "$1" "$2"', "move", temporary, path]
+            )
+            if exit_code != 0:
+                raise GuestRefused(
+                    f"could not move the upload into {path}: "
+                    f"{errors[-MAX_TOOL_ERROR_CHARS:].strip() or f'mv exited with {exit_code}'}"
+                )
+            moved = True
+            return size
+        finally:
+            if not moved:
+                await self._remove_quietly(target, temporary)
+
+    async def _write(
+        self, target: GuestTarget, path: str, source: ByteSource, mode: int | None = None
+    ) -> int:
+        """Copy ``source`` into ``path`` chunk by chunk; returns the bytes written.
+        TooLarge once more than ``max_upload_bytes`` came (a source of unknown size)."""
         offset = 0
         while True:
             chunk = await source.read(protocol.CHUNK_BYTES)
+            self._check_upload_size(offset + len(chunk))
             # The first write (offset 0) truncates, so an empty upload still makes the file.
             if chunk or offset == 0:
                 await target.agent.call(
@@ -143,10 +234,16 @@ class FileService:
                     path=path,
                     data=base64.b64encode(chunk).decode("ascii"),
                     offset=offset,
+                    **({"mode": mode} if mode is not None and offset == 0 else {}),
                 )
             offset += len(chunk)
             if not chunk:
                 return offset
+
+    async def _remove_quietly(self, target: GuestTarget, path: str) -> None:
+        # Best effort: a failure to clean up must not hide why the upload failed.
+        with contextlib.suppress(RuntimeFailure, ServiceError), agent_errors(target.vm.id):
+            await self._run_tool(target, ["rm", "-f", "--", path])
 
     async def _upload_archive(
         self, target: GuestTarget, directory: str, source: ByteSource
@@ -164,9 +261,7 @@ class FileService:
                  "unpack", directory, staged],
             )
         finally:
-            # Best effort: a failure to clean up must not hide why the upload failed.
-            with contextlib.suppress(RuntimeFailure):
-                await self._run_tool(target, ["rm", "-f", "--", staged])
+            await self._remove_quietly(target, staged)
         if exit_code != 0:
             raise GuestRefused(
                 f"could not unpack the archive into {directory}: "

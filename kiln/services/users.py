@@ -10,10 +10,11 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 
 from kiln.services.auth import (
+    API_KEY_CACHE_SECONDS,
     API_KEY_DISPLAY_CHARS,
     ApiKeyCache,
     hash_api_key,
-    hash_password,
+    hash_password_off_loop,
     new_api_key,
 )
 from kiln.services.errors import Conflict, InvalidRequest, NotFound
@@ -22,6 +23,8 @@ from kiln.store.models import ApiKey, User
 from kiln.store.repositories import ApiKeyRepository, UserRepository
 
 ADMIN_USERNAME = "admin"
+# How long a key revoked by another process may still work in a running server.
+REVOCATION_DELAY_SECONDS = API_KEY_CACHE_SECONDS
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_KEY_NAME_LENGTH = 128
 
@@ -43,12 +46,24 @@ class UserService:
             raise InvalidRequest.single(
                 ("username",), "must be 1-64 letters, digits, '_', '.' or '-'"
             )
-        password_hash = hash_password(password) if password else None
+        password_hash = await hash_password_off_loop(password) if password else None
         try:
             async with self._db.transaction() as session:
                 return await UserRepository(session).add(username, password_hash)
         except IntegrityError:
             raise Conflict(f"user {username!r} already exists") from None
+
+    async def set_password(self, username: str, password: str) -> User:
+        """``kiln users passwd``. Bearer tokens issued before stay valid until they expire."""
+        if not password:
+            raise InvalidRequest.single(("password",), "must not be empty")
+        password_hash = await hash_password_off_loop(password)
+        async with self._db.transaction() as session:
+            user = await UserRepository(session).by_username(username)
+            if user is None:
+                raise NotFound(f"user {username!r} not found")
+            user.password_hash = password_hash
+            return user
 
     async def get_user(self, user_id: int) -> User:
         async with self._db.transaction() as session:
@@ -93,6 +108,19 @@ class UserService:
             # After the commit, and bumping the cache's generation: a lookup that
             # read the key before the commit cannot cache it again.
             self._key_cache.forget(key_hash)
+
+    async def revoke_api_key(self, key_id: int) -> ApiKey:
+        """``kiln keys revoke``: delete a key of any user. A server running in another
+        process keeps accepting it for at most ``API_KEY_CACHE_SECONDS`` (its cache)."""
+        async with self._db.transaction() as session:
+            keys = ApiKeyRepository(session)
+            key = await keys.get_any_owner(key_id)
+            if key is None:
+                raise NotFound(f"api key {key_id} not found")
+            await keys.delete(key)
+        if self._key_cache is not None:
+            self._key_cache.forget(key.key_hash)
+        return key
 
     async def bootstrap_admin(self, key_file: Path) -> str | None:
         """On the first start: create ``admin`` and an API key, saved to ``key_file``.

@@ -75,6 +75,10 @@ class ApiKeyRepository:
             select(ApiKey).where(ApiKey.owner_id == owner_id, ApiKey.id == key_id)
         )
 
+    async def get_any_owner(self, key_id: int) -> ApiKey | None:
+        """For the operator's CLI (``kiln keys revoke``), which acts for every user."""
+        return await self.session.get(ApiKey, key_id)
+
     async def delete(self, key: ApiKey) -> None:
         await self.session.delete(key)
         await self.session.flush()

@@ -63,9 +63,14 @@ def server() -> Iterator[LiveServer]:
             live.stop()
             destroy_leftover_vms(settings)
             leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
+            log = live.log_path.read_text(errors="replace")
+            admin_key = live.admin_key
             shutil.rmtree(data_dir, ignore_errors=True)
             live.log_path.unlink(missing_ok=True)
             assert not leftovers, f"VM run dirs left behind: {leftovers}"
+            # The key went in headers and in the PTY WebSocket's ?api_key= all along:
+            # it is in the log once, where the first start printed it (CONTRACT.md).
+            assert log.count(admin_key) == 1, "the admin's API key reached the server's log"
 
 
 @pytest.fixture(scope="module")

@@ -109,8 +109,15 @@ def debian_layout(vm_settings: Settings, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture
-async def api(vm_settings: Settings, base_snapshot: SavedState) -> AsyncIterator[Api]:
-    async with running_api(vm_settings, base_snapshot) as started:
+async def api(
+    vm_settings: Settings, base_snapshot: SavedState, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Api]:
+    # Every layout these tests build is under pytest's temporary directory: the
+    # operator's import root here. Docker Hub is allowed, and unreachable from CI.
+    async with running_api(
+        vm_settings, base_snapshot,
+        oci_import_roots=[tmp_path_factory.getbasetemp()], oci_registries=["docker.io"],
+    ) as started:  # fmt: skip
         yield started
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -65,10 +66,15 @@ class Api:
 
 @asynccontextmanager
 async def running_api(
-    vm_settings: Settings, base_snapshot: SavedState, pool_size: int = 0, max_disk_chain: int = 8
+    vm_settings: Settings,
+    base_snapshot: SavedState,
+    pool_size: int = 0,
+    max_disk_chain: int = 8,
+    **settings_overrides: Any,
 ) -> AsyncIterator[Api]:
     """A started app over a fresh data dir whose default VM shape is the base
-    snapshot's, so creates restore (the cache is the shared KILN_CACHE_DIR)."""
+    snapshot's, so creates restore (the cache is the shared KILN_CACHE_DIR).
+    ``settings_overrides``: more Settings fields (e.g. the OCI import roots)."""
     data_dir = Path(vm_settings.data_dir) / f"api-{time.monotonic_ns() % 10**8}"
     settings = Settings(
         data_dir=data_dir,
@@ -78,6 +84,7 @@ async def running_api(
         default_vcpu_count=base_snapshot.vcpu_count,
         pool_size=pool_size,
         max_disk_chain=max_disk_chain,
+        **settings_overrides,
     )
     hypervisor = QemuHypervisor(settings)
     app: FastAPI = create_app(settings, hypervisor=hypervisor)

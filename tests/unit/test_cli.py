@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from kiln.cli import app
 from kiln.config import get_settings
 from kiln.services.auth import AuthService
+from kiln.services.errors import Unauthenticated
 from kiln.store.db import Database
 
 runner = CliRunner()
@@ -64,3 +65,57 @@ def test_vm_commands_need_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["vm", "ls"])
     assert result.exit_code == 1
     assert "KILN_API_KEY" in result.output
+
+
+def test_keys_ls_and_revoke() -> None:
+    assert runner.invoke(app, ["users", "create", "gina"]).exit_code == 0
+    first = runner.invoke(app, ["keys", "create", "--user", "gina", "--name", "laptop"]).stdout.split()[-1]
+    second = runner.invoke(app, ["keys", "create", "--user", "gina", "--name", "ci"]).stdout.split()[-1]
+    listed = runner.invoke(app, ["keys", "ls", "--user", "gina"], terminal_width=200)
+    assert listed.exit_code == 0, listed.output
+    assert "laptop" in listed.stdout and "ci" in listed.stdout
+    assert first not in listed.stdout and second not in listed.stdout
+    assert first[:12] in listed.stdout  # the prefix, to tell keys apart
+
+    key_id = next(line.split()[1] for line in listed.stdout.splitlines() if "laptop" in line)
+    revoked = runner.invoke(app, ["keys", "revoke", key_id])
+    assert revoked.exit_code == 0, revoked.output
+    assert "within 5 s" in " ".join(revoked.output.split())
+    with pytest.raises(Unauthenticated):
+        owner_of(first)
+    assert owner_of(second) == "gina"
+    again = runner.invoke(app, ["keys", "revoke", key_id])
+    assert again.exit_code == 1 and "not found" in again.output
+    assert runner.invoke(app, ["keys", "ls", "--user", "nobody"]).exit_code == 1
+
+
+def login(username: str, password: str) -> bool:
+    async def attempt() -> bool:
+        db = Database(get_settings().database)
+        try:
+            await AuthService(db, b"x" * 32, 60).login(username, password)
+            return True
+        except Unauthenticated:
+            return False
+        finally:
+            await db.close()
+
+    return asyncio.run(attempt())
+
+
+def test_users_passwd_from_stdin_or_a_prompt() -> None:
+    assert runner.invoke(app, ["users", "create", "hank"]).exit_code == 0
+    assert not login("hank", "first")
+    changed = runner.invoke(app, ["users", "passwd", "hank", "--password-stdin"], input="first\n")
+    assert changed.exit_code == 0, changed.output
+    assert login("hank", "first")
+    prompted = runner.invoke(app, ["users", "passwd", "hank"], input="second\nsecond\n")
+    assert prompted.exit_code == 0, prompted.output
+    assert "second" not in prompted.output  # not echoed
+    assert login("hank", "second") and not login("hank", "first")
+    mismatch = runner.invoke(app, ["users", "passwd", "hank"], input="third\nother\n")
+    assert mismatch.exit_code != 0 and login("hank", "second")
+    empty = runner.invoke(app, ["users", "passwd", "hank", "--password-stdin"], input="\n")
+    assert empty.exit_code == 1 and "no password" in empty.output
+    unknown = runner.invoke(app, ["users", "passwd", "nobody", "--password-stdin"], input="pw\n")
+    assert unknown.exit_code == 1 and "not found" in unknown.output

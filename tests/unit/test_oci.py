@@ -119,8 +119,7 @@ def test_a_layer_makes_files_dirs_links(tmp_path: Path) -> None:
     assert (tmp_path / "etc/hello").stat().st_mode & 0o7777 == 0o640
     assert os.readlink(tmp_path / "usr/bin/alias") == "/usr/bin/tool"
     assert (tmp_path / "usr/bin/same").stat().st_ino == (tmp_path / "usr/bin/tool").stat().st_ino
-    if os.geteuid() == 0:
-        assert (tmp_path / "usr/bin/tool").stat().st_mode & 0o7777 == 0o4755
+    assert (tmp_path / "usr/bin/tool").stat().st_mode & 0o7777 == 0o755  # setuid cleared
     assert (tmp_path / "etc/hello").stat().st_mtime == 1_700_000_000
 
 
@@ -177,13 +176,14 @@ def test_a_file_never_writes_through_an_old_symlink_or_hardlink(tmp_path: Path) 
     assert (root / "a").read_bytes() == b"A"
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "./../x"])
-def test_entries_climbing_out_are_refused(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "./../x", "/../x"])
+def test_entries_climbing_out_are_left_out(tmp_path: Path, name: str) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    with pytest.raises(oci.OciError, match="climbs out"):
-        apply(root, member(name, data=b"x"))
+    report = apply(root, member(name, data=b"x"), member("kept", data=b"k"))
+    assert report.skipped_unsafe == [name]
     assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()
+    assert [p.name for p in root.iterdir()] == ["kept"]
 
 
 def test_symlinks_are_resolved_inside_the_root_never_on_the_host(tmp_path: Path) -> None:
@@ -207,8 +207,8 @@ def test_hardlinks_to_outside_paths_stay_inside(tmp_path: Path) -> None:
     secret.write_text("host secret")
     root = tmp_path / "root"
     root.mkdir()
-    with pytest.raises(oci.OciError):
-        apply(root, member("steal", "hardlink", target="../secret"))
+    report = apply(root, member("steal", "hardlink", target="../secret"))
+    assert report.skipped_unsafe == ["/steal"] and not (root / "steal").exists()
     with pytest.raises(oci.OciError, match="not there"):
         apply(root, member("steal", "hardlink", target=str(secret)))  # /<tmp>/secret inside the tree
     apply(root, member("escape", "symlink", target=str(tmp_path)))
@@ -216,15 +216,69 @@ def test_hardlinks_to_outside_paths_stay_inside(tmp_path: Path) -> None:
         apply(root, member("steal", "hardlink", target="escape/secret"))
 
 
-def test_device_nodes_are_a_safe_subset(tmp_path: Path) -> None:
-    report = apply(tmp_path, member("dev/null", "chr", dev=(1, 3)), member("dev/sda", "chr", dev=(8, 0)),
-                   member("dev/mem", "chr", dev=(1, 1)))
-    assert "/dev/sda" in report.skipped_devices and "/dev/mem" in report.skipped_devices
-    assert not (tmp_path / "dev/mem").exists()
-    if os.geteuid() == 0:
-        assert (tmp_path / "dev/null").is_char_device()
-    else:
-        assert report.skipped_devices == ["/dev/null", "/dev/sda", "/dev/mem"]
+def test_device_nodes_are_never_made(tmp_path: Path) -> None:
+    block = member("dev/sda1", "chr", dev=(8, 1))
+    block[0].type = tarfile.BLKTYPE
+    report = apply(tmp_path, member("dev/null", "chr", dev=(1, 3)), member("dev/mem", "chr", dev=(1, 1)),
+                   block, member("dev/kept", data=b"a file"))
+    assert report.skipped_devices == ["/dev/null", "/dev/mem", "/dev/sda1"]
+    assert sorted(os.listdir(tmp_path / "dev")) == ["kept"]
+
+
+def test_setuid_and_setgid_bits_are_cleared_and_reported(tmp_path: Path) -> None:
+    report = apply(
+        tmp_path,
+        member("bin/su", data=b"\x7fELF", mode=0o4755, uid=0),
+        member("bin/wall", data=b"\x7fELF", mode=0o2755),
+        member("srv/shared", "dir", mode=0o2775),
+        member("tmp", "dir", mode=0o1777),
+        member("bin/plain", data=b"x", mode=0o755),
+    )
+    modes = {name: (tmp_path / name).stat().st_mode & 0o7777 for name in ("bin/su", "bin/wall", "srv/shared", "tmp")}
+    assert modes == {"bin/su": 0o755, "bin/wall": 0o755, "srv/shared": 0o775, "tmp": 0o1777}  # sticky is harmless
+    assert sorted(report.cleared_setid) == ["/bin/su", "/bin/wall", "/srv/shared"]
+
+
+def test_only_user_xattrs_are_set(tmp_path: Path) -> None:
+    info, data = member("bin/ping", data=b"\x7fELF", mode=0o755)
+    info.pax_headers = {
+        "SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x00\x20\x00\x00",
+        "SCHILY.xattr.trusted.overlay.opaque": "y",
+        "SCHILY.xattr.system.posix_acl_access": "\x02\x00\x00\x00",
+        "SCHILY.xattr.user.note": "kept",
+    }
+    apply(tmp_path, (info, data))
+    assert os.listxattr(tmp_path / "bin/ping") == ["user.note"]
+    assert os.getxattr(tmp_path / "bin/ping", "user.note") == b"kept"
+
+
+def test_an_image_over_the_byte_or_entry_cap_is_refused(tmp_path: Path) -> None:
+    files = [member(f"f{n}", data=b"x" * 100) for n in range(10)]
+    exactly = oci.UnpackLimits(max_bytes=1000, max_entries=10)
+    assert oci.apply_layer(io.BytesIO(tar_bytes(*files)), tmp_path, limits=exactly).unpacked_bytes == 1000
+    for limits, message in (
+        (oci.UnpackLimits(max_bytes=999, max_entries=100), "more than 999 bytes"),
+        (oci.UnpackLimits(max_bytes=10**6, max_entries=9), "more than 9 entries"),
+    ):
+        tree = tmp_path / f"tree-{limits.max_entries}"
+        tree.mkdir()
+        with pytest.raises(oci.OciError, match=message):
+            oci.apply_layer(io.BytesIO(tar_bytes(*files)), tree, limits=limits)
+    # Over several layers of one image: the count goes on from layer to layer.
+    layout = make_layout(tmp_path / "layout", [(TAR, tar_bytes(*files[:6])), (TAR, tar_bytes(*files[6:]))])
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with pytest.raises(oci.OciError, match="layer 1 .*more than 900 bytes"):
+        oci.unpack(oci.open_layout(layout), tree, oci.UnpackLimits(max_bytes=900))
+
+
+def test_a_huge_tar_metadata_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = 64 * 1024 * 1024  # claimed, never sent: it must not be read
+    stream = io.BytesIO(header.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * 1024)
+    with pytest.raises(oci.OciError, match="metadata header of 67108864 bytes"):
+        oci.apply_layer(stream, tmp_path)
 
 
 def test_a_read_only_directory_does_not_block_later_entries(tmp_path: Path) -> None:
@@ -280,6 +334,60 @@ def test_a_layer_whose_digest_does_not_match_is_refused_before_unpacking(tmp_pat
     with pytest.raises(oci.DigestMismatch, match="digest mismatch"):
         oci.unpack(image, tree)
     assert list(tree.iterdir()) == []
+
+
+def test_the_hashed_file_is_the_unpacked_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob swapped by path after its digest check does not get unpacked."""
+    layout = make_layout(tmp_path / "layout", [(TAR, tar_bytes(member("f", data=b"good")))])
+    image = oci.open_layout(layout)
+    path = oci.blob_path(layout, image.layers[0].digest)
+    verify = oci.verify_open_blob
+
+    def verify_then_swap(blob, descriptor, what):  # type: ignore[no-untyped-def]
+        verify(blob, descriptor, what)
+        swapped = tmp_path / "evil"
+        swapped.write_bytes(tar_bytes(member("f", data=b"evil")))
+        os.replace(swapped, path)
+
+    monkeypatch.setattr(oci.layers, "verify_open_blob", verify_then_swap)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    oci.unpack(image, tree)
+    assert (tree / "f").read_bytes() == b"good"
+
+
+def test_blobs_are_never_read_through_a_symlink_or_from_a_fifo(tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(tar_bytes(member("f", data=b"host data")))
+    layout = make_layout(tmp_path / "layout", [(TAR, secret.read_bytes())])
+    path = oci.blob_path(layout, oci.open_layout(layout).layers[0].digest)
+    path.unlink()
+    path.symlink_to(secret)  # same content and digest: only the symlink is wrong
+    with pytest.raises(oci.OciError, match="missing from the layout"):
+        oci.open_layout(layout)
+    path.unlink()
+    os.mkfifo(path)  # opening a FIFO for reading would block until a writer comes
+    with pytest.raises(oci.OciError, match="missing from the layout .*not a regular file"):
+        oci.open_layout(layout)
+    # The layout's own files too: an index.json that is a symlink is not read.
+    (layout / "index.json").rename(tmp_path / "index.json")
+    (layout / "index.json").symlink_to(tmp_path / "index.json")
+    with pytest.raises(oci.NotALayout):
+        oci.open_layout(layout)
+
+
+def test_a_private_dir_is_0700_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        private = oci.private_dir(tmp_path)
+    finally:
+        os.umask(old)
+    assert private.stat().st_mode & 0o7777 == 0o700
+    assert oci.private_dir(tmp_path) == private  # idempotent
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "private").symlink_to(tmp_path)
+    with pytest.raises(oci.OciError, match="not a directory"):
+        oci.private_dir(tmp_path / "other")
 
 
 def test_a_tampered_manifest_or_config_is_refused_when_opening(tmp_path: Path) -> None:
@@ -340,6 +448,17 @@ def test_what_is_not_a_registry_reference(text: str) -> None:
 
 
 async def test_an_unreachable_registry_fails_quickly(tmp_path: Path) -> None:
-    reference = oci.Reference("127.0.0.1:9", "library/python", "3.12", None)  # port 9: nothing listens
+    reference = oci.Reference("registry.test:9", "library/python", "3.12", None)
+
+    async def loopback(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]  # port 9: nothing listens
+
     with pytest.raises(oci.RegistryError, match="unreachable"):
+        await oci.pull(reference, tmp_path / "layout", timeout=30, connect_timeout=3,
+                       resolver=loopback, allow=lambda address: True)
+
+
+async def test_a_registry_on_a_private_address_is_never_contacted(tmp_path: Path) -> None:
+    reference = oci.Reference("127.0.0.1:9", "library/python", "3.12", None)
+    with pytest.raises(oci.RegistryError, match="127.0.0.1, a loopback, link-local or private address"):
         await oci.pull(reference, tmp_path / "layout", timeout=30, connect_timeout=3)

@@ -107,3 +107,23 @@ async def test_the_services_work_on_this_database(database_url: str, tmp_path) -
     finally:
         await service.stop()
         await db.close()
+
+
+async def test_passwords_and_revoking_keys_of_any_user(store: Database) -> None:
+    from kiln.services.auth import AuthService
+    from kiln.services.errors import NotFound, Unauthenticated
+
+    users = UserService(store)
+    owner = await users.create_user("lou")
+    created = await users.create_api_key(owner.id, "laptop")
+    await users.set_password("lou", "new password")
+    auth = AuthService(store, b"s" * 32, 60)
+    assert await auth.login("lou", "new password")
+    revoked = await users.revoke_api_key(created.record.id)
+    assert revoked.name == "laptop" and revoked.owner_id == owner.id
+    with pytest.raises(Unauthenticated):
+        await auth.authenticate(created.key)
+    with pytest.raises(NotFound):
+        await users.revoke_api_key(created.record.id)
+    with pytest.raises(NotFound):
+        await users.set_password("nobody", "pw")

@@ -4,24 +4,33 @@
 ``recursive``) writes the file at ``remote_path`` in the session's VM; with
 ``recursive=true`` the file is a tar archive unpacked under ``remote_path``.
 ``POST /download`` (form: ``filename``, ``session_id``) answers the file
-base64-encoded. Relative paths are relative to the image's working directory.
-Errors: a missing file or parent directory 404, a directory where a file is
-expected 409, a file over the size limit 413, a malformed body 400/422.
+base64-encoded, as ``{"filename", "content", "size"}`` (what the instavm SDK
+reads), streamed: the JSON is sent piece by piece while the guest file is read,
+``content`` base64-encoded chunk by chunk on 3-byte boundaries (so the pieces
+join into one valid base64 text) and ``size`` last. A failure after the answer
+started cuts it (the client sees an incomplete body, never a short file).
+Relative paths are relative to the image's working directory. Errors: a missing
+file or parent directory 404, a directory where a file is expected 409, a file
+or upload over its size limit 413 (KILN_MAX_DOWNLOAD_BYTES,
+KILN_MAX_UPLOAD_BYTES), a malformed body 400/422.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Coroutine
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.types import Message
 
 from kiln.api.deps import CurrentUser, Files
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.files import DownloadResponse, UploadResponse
+from kiln.services.files import Download
 
 
 class BodyDrainingRoute(APIRoute):
@@ -74,16 +83,29 @@ async def upload(
     return UploadResponse(success=True, path=uploaded.path, size=uploaded.size)
 
 
-@router.post("/download", responses=FILE_ERRORS)
+@router.post(
+    "/download",
+    responses={**FILE_ERRORS, 200: {"model": DownloadResponse, "content": {"application/json": {}}}},
+    response_class=StreamingResponse,
+)
 async def download(
     filename: Annotated[str, Form()],
     session_id: Annotated[str, Form()],
     user: CurrentUser,
     files: Files,
-) -> DownloadResponse:
+) -> StreamingResponse:
     downloaded = await files.download(user.id, session_id, filename)
-    return DownloadResponse(
-        filename=filename,
-        content=base64.b64encode(downloaded.data).decode("ascii"),
-        size=len(downloaded.data),
-    )
+    return StreamingResponse(download_json(filename, downloaded), media_type="application/json")
+
+
+async def download_json(filename: str, download: Download) -> AsyncIterator[bytes]:
+    """``{"filename": ..., "content": "<base64>", "size": N}``, one piece at a time."""
+    yield b'{"filename": ' + json.dumps(filename).encode() + b', "content": "'
+    pending = b""  # bytes not yet encoded: fewer than 3
+    async for chunk in download.chunks():
+        data = pending + chunk
+        aligned = len(data) - len(data) % 3
+        pending = data[aligned:]
+        if aligned:
+            yield base64.b64encode(data[:aligned])
+    yield base64.b64encode(pending) + b'", "size": ' + str(download.size).encode() + b"}"

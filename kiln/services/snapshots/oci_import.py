@@ -29,6 +29,7 @@ from kiln.runtime.driver import BootImage, MachineSpec
 from kiln.runtime.images import UnsuitableRootfs, find_guest_python, install_guest, make_ext4
 from kiln.runtime.snapshots import Shape, directory_size, remove_saved
 from kiln.schemas.snapshots import SnapshotImportRequest
+from kiln.services import oci_sources
 from kiln.services.background import BackgroundTasks
 from kiln.services.errors import FieldProblem, ImageNotBuilt, InvalidRequest, Unsupported
 from kiln.services.snapshots.rows import IMPORTED_ROOTFS_NAME, new_snapshot_id, now, record, reload
@@ -198,20 +199,10 @@ class ImageImporter:
         plan = ImportPlan(source, dict(env), workdir, free_space_mb)
         return plan, Shape(memory_mb, vcpu_count), snapshot_type
 
-    @staticmethod
-    async def _import_source(text: str) -> oci.OciImage | oci.Reference:
-        """A local OCI layout (read and checked now), or a registry reference."""
-        path = Path(text).expanduser()
-        if text and path.is_dir():
-            return await asyncio.to_thread(oci.open_layout, path)
-        if text.startswith(("/", ".", "~")):
-            raise oci.NotALayout(f"{text} is not a directory (an OCI image layout was expected)")
-        reference = oci.parse_reference(text)
-        if reference is None:
-            raise oci.OciError(
-                f"{text!r} is neither an OCI image layout directory nor a registry reference"
-            )
-        return reference
+    async def _import_source(self, text: str) -> oci.OciImage | oci.Reference:
+        """A local OCI layout (read and checked now), or a registry reference;
+        only from where the operator allows (kiln.services.oci_sources)."""
+        return await oci_sources.import_source(self._settings, text)
 
     async def _import(self, snapshot_id: str, plan: ImportPlan, shape: Shape, default: BootImage) -> None:
         """Assemble, boot and save an imported image into the snapshot's directory;
@@ -229,17 +220,17 @@ class ImageImporter:
             work.chmod(0o755)  # QEMU may run as another user
             image = plan.source
             if isinstance(image, oci.Reference):
-                await oci.pull(
-                    image, work / "layout", REGISTRY_PULL_TIMEOUT_SECONDS, REGISTRY_CONNECT_TIMEOUT_SECONDS
-                )
-                image = await asyncio.to_thread(oci.open_layout, work / "layout")
+                layout = oci.private_dir(work) / "layout"
+                await oci.pull(image, layout, REGISTRY_PULL_TIMEOUT_SECONDS, REGISTRY_CONNECT_TIMEOUT_SECONDS)
+                image = await asyncio.to_thread(oci.open_layout, layout)
                 timings["pull"] = time.monotonic() - started
             store = self._images
             assert store is not None, "import_image checked it"
             busybox = await asyncio.to_thread(store.guest_busybox, DEFAULT_IMAGE_VARIANT)
+            limits = oci.UnpackLimits(self._settings.oci_max_unpacked_bytes, self._settings.oci_max_entries)
             rootfs = await asyncio.to_thread(
                 assemble_rootfs, image, work, busybox, store.init_dir,
-                plan.workdir, plan.free_space_mb, timings,
+                plan.workdir, plan.free_space_mb, timings, limits,
             )  # fmt: skip
             boot_image = dataclasses.replace(default, rootfs=rootfs)
             mark = time.monotonic()
@@ -310,16 +301,21 @@ def assemble_rootfs(
     workdir: str | None,
     free_space_mb: int,
     timings: dict[str, float],
+    limits: oci.UnpackLimits | None = None,
 ) -> Path:
     """The image's layers, plus the guest agent and init, as ``work/rootfs.ext4``
-    (blocking: run it in a thread). UnsuitableRootfs without a usable python3."""
-    tree = work / "tree"
+    (blocking: run it in a thread). UnsuitableRootfs without a usable python3.
+    The tree is unpacked in a private (0700) directory, within ``limits``."""
+    tree = oci.private_dir(work) / "tree"
     tree.mkdir()
     tree.chmod(0o755)
     started = time.monotonic()
-    report = oci.unpack(image, tree)
+    report = oci.unpack(image, tree, limits)
     if report.skipped_devices:
         log.info("import: skipped %d device nodes (%s ...)", len(report.skipped_devices), report.skipped_devices[0])
+    if report.cleared_setid:
+        cleared = report.cleared_setid
+        log.info("import: cleared set-id bits of %d entries (%s ...)", len(cleared), cleared[0])
     timings["unpack"] = time.monotonic() - started
     python = find_guest_python(tree)
     install_guest(tree, busybox, init_dir, workdir=workdir or image.config.working_dir or "/", python=python)
