@@ -203,4 +203,6 @@ def test_install_guest_never_writes_through_the_trees_symlinks(tmp_path: Path) -
     assert (etc / "hostname").read_text() == "kiln\n"
     assert (tree / "work dir").is_dir()
     assert os.readlink(tree / "bin" / "sh") == "/opt/kiln/busybox"
-    assert (tree / "opt/kiln/agent.py").is_file() and (tree / "opt/kiln/busybox").stat().st_mode & 0o111
+    assert (tree / "opt/kiln/agent/__main__.py").is_file() and (tree / "opt/kiln/protocol.py").is_file()
+    assert (tree / "opt/kiln/agent/__pycache__").is_dir(), "the agent is precompiled"
+    assert (tree / "opt/kiln/busybox").stat().st_mode & 0o111
