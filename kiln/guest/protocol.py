@@ -63,6 +63,13 @@ OPS = (
     "pty_resize",
     "pty_kill",
     "pty_list",
+    "net_config",
+    "mount",
+    "umount",
+    "fsfreeze",
+    "fsthaw",
+    "disk_usage",
+    "trust_ca",
 )
 
 

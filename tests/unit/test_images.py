@@ -40,7 +40,7 @@ def test_base_layer_key_ignores_what_does_not_reach_mmdebstrap(tmp_path: Path) -
     text = (REPO_IMAGES_DIR / "minimal.toml").read_text()
     (tmp_path / "a.toml").write_text(text)
     (tmp_path / "b.toml").write_text(text.replace("free_space_mb = 256", "free_space_mb = 300"))
-    (tmp_path / "c.toml").write_text(text.replace('packages = ["python3"]', 'packages = ["python3", "vim"]'))
+    (tmp_path / "c.toml").write_text(text.replace('packages = ["python3", "e2fsprogs"]', 'packages = ["python3", "e2fsprogs", "vim"]'))
     key = {name: Manifest.load(name, tmp_path / f"{name}.toml").base_layer_key() for name in "abc"}
     assert key["a"] == key["b"]
     assert key["a"] != key["c"]

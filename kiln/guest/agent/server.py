@@ -14,10 +14,13 @@ from .config import AgentConfig
 from .env import Environment
 from .errors import AgentError, ConnectionLost, error_from_oserror
 from .exec import Commands
+from .mounts import Mounts
+from .net import Network
 from .pty import Terminals
 from .python_session import PythonSessions
 from .system import System
 from .transport import Connection, Transport
+from .trust import Trust
 from .wire import Emit, Handler, log, protocol
 
 
@@ -36,6 +39,9 @@ class Agent:
             self.sessions.handlers(),
             self.system.handlers(),
             Terminals(self.env.for_exec, config.workdir).handlers(),
+            Network(config, self.system).handlers(),
+            Mounts(config, self.system).handlers(),
+            Trust(config, self.env).handlers(),
         ):
             twice = self.handlers.keys() & group.keys()
             if twice:
