@@ -101,3 +101,15 @@ def run_app(settings: Settings, hypervisor: FakeHypervisor, images: FakeImageSto
 def admin_key(settings: Settings) -> Callable[[], str]:
     """The bootstrap admin's key, readable once an app has started."""
     return lambda: (settings.data_dir / ADMIN_KEY_FILE).read_text().strip()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Under ``CI=true`` nothing may be skipped: a part missing on the CI host
+    (QEMU, an image, PostgreSQL, a tool) is a failure of the run, not a pass."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") == "true":
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (a part this host must have is missing): {reason}"

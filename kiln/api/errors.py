@@ -18,10 +18,12 @@ from kiln.services.errors import (
     CapacityExhausted,
     Conflict,
     GuestRefused,
+    GuestTimedOut,
     GuestUnavailable,
     ImageNotBuilt,
     InvalidRequest,
     NotFound,
+    OutOfSpace,
     QuotaExceeded,
     ServiceError,
     TooLarge,
@@ -43,6 +45,8 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     GuestUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
     GuestRefused: status.HTTP_400_BAD_REQUEST,
     TooLarge: status.HTTP_413_CONTENT_TOO_LARGE,
+    GuestTimedOut: status.HTTP_504_GATEWAY_TIMEOUT,
+    OutOfSpace: status.HTTP_507_INSUFFICIENT_STORAGE,
     Unsupported: status.HTTP_400_BAD_REQUEST,
 }
 

@@ -1,6 +1,7 @@
 """The agent wire protocol, shared by the guest agent and the host client.
 
-Stdlib only: this module is copied into every guest image next to ``agent.py``.
+Stdlib only: this module is copied into every guest image next to the agent
+package (``/opt/kiln/protocol.py`` beside ``/opt/kiln/agent/``).
 
 A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON.
 Many requests share one channel at once; each carries an integer ``id`` and every
@@ -41,8 +42,8 @@ KIND_STDOUT = "stdout"
 KIND_STDERR = "stderr"
 FINAL_KINDS = (KIND_RESULT, KIND_ERROR)
 
-# Operations the agent implements; the docstring of each handler in agent.py
-# documents its arguments and result.
+# Operations the agent implements; the docstring of each handler (``op_*`` in
+# the agent package) documents its arguments and result.
 OPS = (
     "ping",
     "exec",
@@ -52,6 +53,7 @@ OPS = (
     "list",
     "set_env",
     "post_restore",
+    "set_clock",
     "python_exec",
     "shutdown",
     "pty_open",
@@ -61,6 +63,13 @@ OPS = (
     "pty_resize",
     "pty_kill",
     "pty_list",
+    "net_config",
+    "mount",
+    "umount",
+    "fsfreeze",
+    "fsthaw",
+    "disk_usage",
+    "trust_ca",
 )
 
 

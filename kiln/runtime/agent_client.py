@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 # Ops whose ``timeout`` argument the agent itself enforces; for them the host
 # forwards ``timeout`` and waits a little longer, so the agent's own result
 # (``timed_out: true`` with the output so far) arrives instead of a host timeout.
-OPS_WITH_GUEST_TIMEOUT = frozenset({"exec", "python_exec"})
+OPS_WITH_GUEST_TIMEOUT = frozenset(
+    {"exec", "python_exec", "net_config", "mount", "umount", "fsfreeze", "fsthaw", "disk_usage"}
+)
 RESULT_GRACE_SECONDS = 5.0
 
 # Every request has a deadline: a wedged or hostile guest gets its caller an

@@ -73,7 +73,10 @@ DPKG_PATH_FILTERS = (
 # Bump when the mmdebstrap invocation changes: it is part of the base layer's key.
 BASE_LAYER_FORMAT = 1
 BUSYBOX_PACKAGE = "busybox-static"
-GUEST_FILES = ("agent.py", "protocol.py")
+# The guest agent: the package kiln/guest/agent/ and protocol.py beside it, as
+# /opt/kiln/agent/ and /opt/kiln/protocol.py (see guest_files).
+GUEST_PACKAGE = "agent"
+GUEST_MODULES = ("protocol.py",)
 INIT_FILES = ("initramfs-init", "rc.sysinit", "inittab")
 # Where the guest agent's interpreter may be, first match wins; and how old it may be.
 GUEST_PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
@@ -237,7 +240,8 @@ class ImageStore:
     def _local_inputs_digest(self, manifest: Manifest) -> str:
         return digest_of(
             manifest.source,
-            *((GUEST_DIR / name).read_bytes() for name in GUEST_FILES),
+            # Names too: a renamed or added agent module changes the image.
+            *(part for name in guest_files() for part in (name.encode(), (GUEST_DIR / name).read_bytes())),
             *((self.manifests_dir / "init" / name).read_bytes() for name in INIT_FILES),
             Path(__file__).read_bytes(),
         )
@@ -413,7 +417,8 @@ def install_guest(
     root = str(tree)
     remove_path(resolve_in_root(root, "opt/kiln", follow_last=False))
     kiln_dir = Path(ensure_directory(root, "opt/kiln"))
-    for name in GUEST_FILES:
+    ensure_directory(root, f"opt/kiln/{GUEST_PACKAGE}")
+    for name in guest_files():
         shutil.copyfile(GUEST_DIR / name, kiln_dir / name)
         # Compiling the agent costs over half a second under TCG on every
         # boot; the host's CPython 3.11 writes bytecode the guest's can use.
@@ -432,6 +437,13 @@ def install_guest(
     if not os.path.lexists(resolve_in_root(root, "bin/sh")):
         # busybox init starts the agent through /bin/sh (its inittab line has an "=").
         os.symlink("/opt/kiln/busybox", os.path.join(ensure_directory(root, "bin"), "sh"))
+
+
+def guest_files() -> list[str]:
+    """The agent's source files, relative to kiln/guest/ (and to /opt/kiln/ in
+    the guest): every module of the agent package, and protocol.py."""
+    package = sorted(path.name for path in (GUEST_DIR / GUEST_PACKAGE).glob("*.py"))
+    return [f"{GUEST_PACKAGE}/{name}" for name in package] + list(GUEST_MODULES)
 
 
 def _replace_file(root: str, path: str, text: str) -> None:

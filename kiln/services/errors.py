@@ -76,6 +76,14 @@ class GuestRefused(ServiceError):
     """The guest refused an operation because of what was asked (400), e.g. a bad path."""
 
 
+class GuestTimedOut(ServiceError):
+    """An operation in the guest ran past its own time limit (504)."""
+
+
+class OutOfSpace(ServiceError):
+    """A disk is full: the VM's own, or the host's data disk (507)."""
+
+
 class TooLarge(ServiceError):
     """The request or the data it asks for is over a size limit (413)."""
 

@@ -14,13 +14,21 @@ from dataclasses import dataclass
 
 from kiln.runtime.driver import AgentChannel, Machine
 from kiln.runtime.errors import AgentError, AgentTimeout, AgentUnavailable
-from kiln.services.errors import Conflict, GuestRefused, GuestUnavailable, NotFound
+from kiln.services.errors import (
+    Conflict,
+    GuestRefused,
+    GuestTimedOut,
+    GuestUnavailable,
+    NotFound,
+    OutOfSpace,
+    Unsupported,
+)
 from kiln.services.vms import VmService
 from kiln.store.models import Vm
 
-# The agent's error codes (kiln.guest.agent.ERRNO_CODES and its own) by what they mean here.
+# The agent's error codes (kiln.guest.agent.errors.ERRNO_CODES and its own) by what they mean here.
 NOT_FOUND_CODES = frozenset({"ENOENT"})
-CONFLICT_CODES = frozenset({"EISDIR", "ENOTDIR", "EEXIST"})
+CONFLICT_CODES = frozenset({"EISDIR", "ENOTDIR", "EEXIST", "EBUSY"})
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,13 @@ def agent_errors(vm_id: str) -> Iterator[None]:
                 f"vm {vm_id}: its guest agent is older than this server ({error.message}); "
                 "rebuild the image (kiln images build) and start a new VM"
             ) from error
-        if error.code == "EINTERNAL":
+        if error.code == "ENOSPC":
+            raise OutOfSpace(f"vm {vm_id}: no space left on its disk ({error.message})") from error
+        if error.code == "ETIMEDOUT":
+            raise GuestTimedOut(f"vm {vm_id}: {error.message}") from error
+        if error.code == "ENOTSUP":
+            raise Unsupported(f"vm {vm_id}: its image cannot do this: {error.message}") from error
+        if error.code in ("EINTERNAL", "EIO"):
             raise GuestUnavailable(f"vm {vm_id}: the guest agent failed: {error.message}") from error
         raise GuestRefused(error.message or error.code) from error
     except AgentTimeout as error:

@@ -4,83 +4,16 @@ from __future__ import annotations
 
 import base64
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from unit.agent_process import AgentConnection, agent_command, agent_env
 
 from kiln.guest import protocol
-
-AGENT = Path(__file__).resolve().parents[2] / "kiln" / "guest" / "agent.py"
-
-
-class AgentConnection:
-    """A minimal multiplexing client: frames are routed to per-request queues by id."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.next_id = 0
-        self.queues: dict[int, queue.Queue] = {}
-        self.lock = threading.Lock()
-        self.reader = threading.Thread(target=self._read_frames, daemon=True)
-        self.reader.start()
-
-    def _read_exact(self, count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = self.sock.recv(count - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    def _read_frames(self) -> None:
-        try:
-            while True:
-                length = protocol.frame_length(self._read_exact(protocol.HEADER.size))
-                frame = protocol.decode_body(self._read_exact(length))
-                self.queues[frame["id"]].put(frame)
-        except (EOFError, OSError):
-            pass
-
-    def start(self, op: str, **args) -> int:
-        with self.lock:
-            self.next_id += 1
-            request_id = self.next_id
-            self.queues[request_id] = queue.Queue()
-            self.sock.sendall(protocol.encode_frame({"id": request_id, "op": op, **args}))
-        return request_id
-
-    def wait(self, request_id: int, timeout: float = 30) -> tuple[list[dict], dict]:
-        """(events, final frame) of one request."""
-        events = []
-        while True:
-            frame = self.queues[request_id].get(timeout=timeout)
-            if frame["kind"] in protocol.FINAL_KINDS:
-                return events, frame
-            events.append(frame)
-
-    def call(self, op: str, **args) -> dict:
-        _, final = self.wait(self.start(op, **args))
-        assert final["kind"] == "result", final
-        return final["value"]
-
-    def error(self, op: str, **args) -> str:
-        _, final = self.wait(self.start(op, **args))
-        assert final["kind"] == "error", final
-        return final["error"]
-
-    def run(self, op: str = "exec", **args) -> tuple[bytes, bytes, dict]:
-        events, final = self.wait(self.start(op, **args))
-        assert final["kind"] == "result", final
-        out = b"".join(base64.b64decode(e["data"]) for e in events if e["kind"] == "stdout")
-        err = b"".join(base64.b64decode(e["data"]) for e in events if e["kind"] == "stderr")
-        return out, err, final["value"]
 
 
 @pytest.fixture
@@ -89,9 +22,10 @@ def agent(tmp_path: Path):
     etc = tmp_path / "etc"
     etc.mkdir()
     process = subprocess.Popen(
-        [sys.executable, str(AGENT), "--fd", str(guest_end.fileno()), "--no-system",
-         "--etc-dir", str(etc), "--workdir", str(tmp_path)],
+        agent_command("--fd", str(guest_end.fileno()), "--no-system",
+                      "--etc-dir", str(etc), "--workdir", str(tmp_path)),
         pass_fds=(guest_end.fileno(),),
+        env=agent_env(),
     )
     guest_end.close()
     connection = AgentConnection(host_end)
@@ -291,7 +225,8 @@ def test_python_sessions_persist_and_recover(agent: AgentConnection) -> None:
 
 def test_python_timeout_loses_state_and_next_call_starts_fresh(agent: AgentConnection) -> None:
     agent.run("python_exec", session="t", code="y = 1")
-    out, err, result = agent.run("python_exec", session="t", code="print('before', flush=True)\nimport time\ntime.sleep(30)", timeout=1)
+    slow = "print('before', flush=True)\nimport time\ntime.sleep(30)"
+    out, err, result = agent.run("python_exec", session="t", code=slow, timeout=1)
     assert result["timed_out"] is True and result["exit_code"] == 1
     assert out == b"before\n" and b"state was lost" in err
     _, err, result = agent.run("python_exec", session="t", code="print(y)")
@@ -314,8 +249,8 @@ def test_shutdown_replies_then_exits(agent: AgentConnection) -> None:
 
 def test_listening_socket_serves_the_next_connection(tmp_path: Path) -> None:
     path = str(tmp_path / "agent.sock")
-    process = subprocess.Popen([sys.executable, str(AGENT), "--socket", path, "--no-system",
-                                "--etc-dir", str(tmp_path)])
+    process = subprocess.Popen(agent_command("--socket", path, "--no-system", "--etc-dir", str(tmp_path)),
+                               env=agent_env())
     try:
         for _ in range(100):
             if os.path.exists(path):

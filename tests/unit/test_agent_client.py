@@ -6,18 +6,16 @@ import asyncio
 import base64
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from unit.agent_process import AGENT_PACKAGE, agent_command, agent_env
 
 from kiln.guest import protocol
 from kiln.runtime.agent_client import AgentClient
 from kiln.runtime.errors import AgentError, AgentTimeout, AgentUnavailable
-
-AGENT_SCRIPT = Path(__file__).resolve().parents[2] / "kiln" / "guest" / "agent.py"
 
 
 @pytest.fixture
@@ -29,9 +27,7 @@ def short_tmp() -> Iterator[Path]:
 
 def start_host_agent(socket_path: Path, workdir: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            str(AGENT_SCRIPT),
+        agent_command(
             "--socket",
             str(socket_path),
             "--workdir",
@@ -39,7 +35,8 @@ def start_host_agent(socket_path: Path, workdir: Path) -> subprocess.Popen:
             "--etc-dir",
             str(workdir),
             "--no-system",  # never touch the host's clock or hostname, never power off
-        ],
+        ),
+        env=agent_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -52,8 +49,7 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture
 async def host_agent(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, Path]]:
-    if not AGENT_SCRIPT.exists():
-        pytest.skip("kiln/guest/agent.py is not written yet")
+    assert AGENT_PACKAGE.is_dir(), "kiln/guest/agent/ is missing"
     socket_path = short_tmp / "agent.sock"
     process = start_host_agent(socket_path, short_tmp)
     client = AgentClient(socket_path)
@@ -133,8 +129,7 @@ async def test_file_round_trip(host_agent: tuple[AgentClient, Path]) -> None:
 
 
 async def test_reconnects_after_the_agent_restarts(short_tmp: Path) -> None:
-    if not AGENT_SCRIPT.exists():
-        pytest.skip("kiln/guest/agent.py is not written yet")
+    assert AGENT_PACKAGE.is_dir(), "kiln/guest/agent/ is missing"
     socket_path = short_tmp / "agent.sock"
     client = AgentClient(socket_path)
     first = start_host_agent(socket_path, short_tmp)

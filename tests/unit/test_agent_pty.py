@@ -9,25 +9,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from unit.agent_process import agent_command, agent_env
 
 from kiln.runtime.agent_client import AgentClient
 from kiln.runtime.errors import AgentError
-
-AGENT = Path(__file__).resolve().parents[2] / "kiln" / "guest" / "agent.py"
 
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[AgentClient]:
     socket_path = tmp_path / "agent.sock"
     process = subprocess.Popen(
-        [sys.executable, str(AGENT), "--socket", str(socket_path), "--no-system",
-         "--workdir", str(tmp_path), "--etc-dir", str(tmp_path)],
+        agent_command("--socket", str(socket_path), "--no-system",
+                      "--workdir", str(tmp_path), "--etc-dir", str(tmp_path)),
+        env=agent_env(),
     )
     client = AgentClient(socket_path)
     try:

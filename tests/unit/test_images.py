@@ -40,7 +40,8 @@ def test_base_layer_key_ignores_what_does_not_reach_mmdebstrap(tmp_path: Path) -
     text = (REPO_IMAGES_DIR / "minimal.toml").read_text()
     (tmp_path / "a.toml").write_text(text)
     (tmp_path / "b.toml").write_text(text.replace("free_space_mb = 256", "free_space_mb = 300"))
-    (tmp_path / "c.toml").write_text(text.replace('packages = ["python3"]', 'packages = ["python3", "vim"]'))
+    more = 'packages = ["python3", "e2fsprogs", "vim"]'
+    (tmp_path / "c.toml").write_text(text.replace('packages = ["python3", "e2fsprogs"]', more))
     key = {name: Manifest.load(name, tmp_path / f"{name}.toml").base_layer_key() for name in "abc"}
     assert key["a"] == key["b"]
     assert key["a"] != key["c"]
@@ -203,4 +204,6 @@ def test_install_guest_never_writes_through_the_trees_symlinks(tmp_path: Path) -
     assert (etc / "hostname").read_text() == "kiln\n"
     assert (tree / "work dir").is_dir()
     assert os.readlink(tree / "bin" / "sh") == "/opt/kiln/busybox"
-    assert (tree / "opt/kiln/agent.py").is_file() and (tree / "opt/kiln/busybox").stat().st_mode & 0o111
+    assert (tree / "opt/kiln/agent/__main__.py").is_file() and (tree / "opt/kiln/protocol.py").is_file()
+    assert (tree / "opt/kiln/agent/__pycache__").is_dir(), "the agent is precompiled"
+    assert (tree / "opt/kiln/busybox").stat().st_mode & 0o111

@@ -90,7 +90,8 @@ def make_layout(
                **write_blob(layout, b'{"not": "used"}'), "platform": {"os": "linux", "architecture": "arm64"}}
         nested = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
             arm, {**manifest_descriptor, "platform": {"os": "linux", "architecture": "amd64"}}]}
-        top = [{"mediaType": "application/vnd.oci.image.index.v1+json", **write_blob(layout, json.dumps(nested).encode())}]
+        index_blob = write_blob(layout, json.dumps(nested).encode())
+        top = [{"mediaType": "application/vnd.oci.image.index.v1+json", **index_blob}]
     else:
         top = [manifest_descriptor]
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": top}))
