@@ -1,0 +1,242 @@
+"""Fixtures for tests of guest networking with real VMs, namespaces, nftables,
+the egress daemon and the outside world (``outside_world.py``).
+
+Import them into a test module with ``from net_fixtures import *``.
+
+- ``net_settings``: this session's own prefix, nft table, outside pool, host
+  address and data dir (two sessions at once never collide);
+- ``world``: the outside world, the uplink ``KILN_UPLINK`` names;
+- ``egress_daemon``: the egress daemon of this session (Kiln's table installed first);
+- ``network``: a ``NetParticipant`` on those settings (one per test);
+- ``net_vm``: ``await net_vm(rules)``: a VM restored from the base snapshot on a
+  network its participant made; after the test, the VM is destroyed and its
+  network released, and nothing of it may remain.
+
+Everything is removed at the end, pass or fail. Under ``CI=true`` a host that
+cannot run these tests fails them; elsewhere they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import secrets
+import shlex
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from kiln.config import Settings
+from kiln.net import netns
+from kiln.net import nft as nft_lib
+from kiln.net.host import uninstall
+from kiln.net.links import host_links
+from kiln.net.participant import NetParticipant
+from kiln.node.participant import EgressRules, HostResource, Launch, VmContext
+from kiln.proxy.supervisor import EgressSupervisor
+from kiln.runtime.driver import BootImage, Machine, MachineSpec, SavedState
+from kiln.runtime.qemu import QemuHypervisor, QemuMachine
+from kiln.runtime.snapshots import reset_identity
+from outside_world import OutsideWorld, can_build_worlds
+
+__all__ = ["egress_daemon", "egress_settings", "net_settings", "net_vm", "network", "world"]
+
+
+def require_networking() -> None:
+    reason = can_build_worlds()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+class MemoryLedger:
+    """The ledger, in memory (the store's comes with the pipeline)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], HostResource] = {}
+        self.events: list[tuple[str, str, str]] = []
+
+    async def record(self, resource: HostResource) -> None:
+        self.rows[(resource.kind, resource.name)] = resource
+        self.events.append(("record", resource.kind, resource.name))
+
+    async def forget(self, resource: HostResource) -> None:
+        self.rows.pop((resource.kind, resource.name), None)
+        self.events.append(("forget", resource.kind, resource.name))
+
+    async def of_vm(self, vm_id: str) -> list[HostResource]:
+        return [r for r in self.rows.values() if r.vm_id == vm_id]
+
+    async def all(self) -> list[HostResource]:
+        return list(self.rows.values())
+
+
+async def configure_by_exec(machine: Machine, config: dict[str, object]) -> None:
+    """Until the agent has ``net_config``: the same settings through ``ip`` in the guest."""
+    nameservers = "".join(f"nameserver {ns}\n" for ns in config["nameservers"])  # type: ignore[attr-defined]
+    script = (
+        f"ip link set eth0 address {config['mac']} mtu {config['mtu']} up && "
+        f"ip -4 address flush dev eth0 && ip address add {config['address']} dev eth0 && "
+        f"ip route replace default via {config['gateway']} dev eth0 && "
+        f"printf %s {shlex.quote(nameservers)} > /etc/resolv.conf"
+    )
+    result = await machine.agent.call("exec", shell=script, timeout=20)
+    assert result["exit_code"] == 0, result
+
+
+@dataclass
+class Ran:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class NetVm:
+    vm: VmContext
+    machine: QemuMachine
+    ledger: MemoryLedger
+    launch: Launch = field(default_factory=Launch)
+
+    @property
+    def vm_id(self) -> str:
+        return self.vm.vm_id
+
+    async def run(self, command: str, *, stdin: str | None = None, timeout: float = 40) -> Ran:
+        out, err, code = b"", b"", -1
+        args: dict[str, object] = {"shell": command, "timeout": timeout}
+        if stdin is not None:
+            args["stdin"] = base64.b64encode(stdin.encode()).decode()
+        async for frame in self.machine.agent.stream("exec", **args):  # type: ignore[arg-type]
+            if frame["kind"] == "stdout":
+                out += base64.b64decode(frame["data"])
+            elif frame["kind"] == "stderr":
+                err += base64.b64decode(frame["data"])
+            elif frame["kind"] == "result":
+                code = frame["value"]["exit_code"]
+        return Ran(code, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    async def python(self, source: str, timeout: float = 40) -> Ran:
+        return await self.run("python3 -", stdin=source, timeout=timeout)
+
+
+NetVmFactory = Callable[..., Awaitable[NetVm]]
+
+
+@pytest.fixture(scope="session")
+def net_settings(vm_settings: Settings) -> Settings:
+    require_networking()
+    tag = secrets.token_hex(2)
+    return vm_settings.model_copy(
+        update={
+            "net_prefix": f"kt{tag}",
+            "net_nft_table": f"kiln_test_{tag}",
+            "net_outside_pool": f"198.18.{random.randint(1, 254)}.0/24",
+            "net_host_address": f"198.19.{random.randint(1, 250)}.{random.randint(1, 254)}",
+            "net_dns_max_ttl": 60,
+            # The world lives in TEST-NET-3: here it stands for the public internet.
+            "net_blocked_cidrs": [c for c in vm_settings.net_blocked_cidrs if c != "203.0.113.0/24"],
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def world(net_settings: Settings) -> Iterator[OutsideWorld]:
+    made = asyncio.run(OutsideWorld.create(net_settings.net_prefix))
+    try:
+        yield made
+    finally:
+        asyncio.run(made.close())
+
+
+@pytest.fixture(scope="session")
+def egress_settings(net_settings: Settings, world: OutsideWorld) -> Settings:
+    return net_settings.model_copy(update={"uplink": world.uplink, "dns_upstream": world.dns})
+
+
+@pytest.fixture(scope="session")
+def egress_daemon(egress_settings: Settings) -> Iterator[EgressSupervisor]:
+    supervisor = EgressSupervisor(egress_settings)
+
+    async def start() -> None:
+        status = await NetParticipant(egress_settings).start()
+        assert status.available, status.reason
+        await supervisor.start()
+
+    asyncio.run(start())
+    try:
+        yield supervisor
+    finally:
+        asyncio.run(supervisor.stop())
+        asyncio.run(uninstall(egress_settings))
+        assert_nothing_left(egress_settings)
+
+
+def assert_nothing_left(settings: Settings) -> None:
+    prefix = settings.net_prefix
+    assert not [n for n in netns.names() if n.startswith(f"{prefix}ns-")]
+    links = asyncio.run(host_links())
+    assert not [name for name in links if name.startswith(f"{prefix}v")], links
+
+
+@pytest.fixture
+async def network(egress_settings: Settings, egress_daemon: EgressSupervisor) -> NetParticipant:
+    participant = NetParticipant(egress_settings, configure_guest=configure_by_exec)
+    status = await participant.start()
+    assert status.available, status.reason
+    return participant
+
+
+@pytest.fixture
+async def net_vm(
+    network: NetParticipant,
+    hypervisor: QemuHypervisor,
+    boot_image: BootImage,
+    base_snapshot: SavedState,
+    egress_settings: Settings,
+) -> AsyncIterator[NetVmFactory]:
+    made: list[NetVm] = []
+
+    async def make(rules: EgressRules | None = EgressRules(), *, saved: SavedState | None = None) -> NetVm:
+        saved = saved or base_snapshot
+        vm_id = f"n{uuid.uuid4().hex[:10]}"
+        vm = VmContext(
+            vm_id=vm_id, owner_id=None, vcpu_count=saved.vcpu_count, memory_mb=saved.memory_mb,
+            image=boot_image, run_dir=egress_settings.vms_dir / vm_id, restore_from=saved, egress=rules,
+        )  # fmt: skip
+        ledger = MemoryLedger()
+        launch = Launch()
+        net = NetVm(vm, None, ledger, launch)  # type: ignore[arg-type]
+        made.append(net)
+        try:
+            await network.prepare(vm, launch, ledger)
+            spec = MachineSpec(
+                vm_id=vm_id, vcpu_count=saved.vcpu_count, memory_mb=saved.memory_mb, image=boot_image,
+                run_dir=vm.run_dir, restore_from=saved, **({"nic": launch.nic} if launch.nic else {}),
+            )  # fmt: skip
+            net.machine = await hypervisor.start(spec)
+        finally:
+            for fd in launch.owned_fds:  # as the pipeline does once QEMU has them
+                os.close(fd)
+            launch.owned_fds.clear()
+        await net.machine.wait_ready(egress_settings.boot_timeout_seconds)
+        await reset_identity(net.machine, vm_id)
+        await network.ready(vm, net.machine, restored=True)
+        return net
+
+    try:
+        yield make
+    finally:
+        for net in made:
+            await hypervisor.destroy(net.vm_id, net.vm.run_dir)
+            await network.release(net.vm_id, await net.ledger.of_vm(net.vm_id), net.ledger)
+            assert net.ledger.rows == {}, net.ledger.rows
+        table = nft_lib.list_ruleset_of("inet", egress_settings.net_nft_table)
+        leftovers = [o["chain"]["name"] for o in table if "chain" in o and o["chain"]["name"].startswith("vm")]
+        assert leftovers == [], leftovers
