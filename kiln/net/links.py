@@ -61,6 +61,9 @@ async def create(plan: AddressPlan, lease: Lease, *, tap_uid: int, tap_gid: int,
                 f"link set {INNER_VETH_NAME} mtu {plan.mtu} up",
                 f"route add {host}/32 dev {INNER_VETH_NAME} scope link",
                 f"route add default via {host} dev {INNER_VETH_NAME}",
+                # Only for the namespace's refusals of IPv6 (resets, ICMPv6 errors),
+                # which go back to whatever source address the guest used.
+                f"route add ::/0 dev {TAP_NAME}",
             ],
         )
 
