@@ -83,6 +83,9 @@ class NetParticipant:
         self._lease_lock = asyncio.Lock()
         self._vm_locks: dict[str, asyncio.Lock] = {}
         self._networks: dict[str, VmNetwork] = {}
+        # Leases handed out by this process and not yet released: a concurrent
+        # prepare sees them before their namespaces exist.
+        self._reserved: dict[int, str] = {}
 
     # ---- the host
 
@@ -117,6 +120,7 @@ class NetParticipant:
         plan = self.plan
         async with self._lease_lock:
             lease = plan.lease(await self._free_lease(ledger))
+            self._reserved[lease.n] = vm.vm_id
             await ledger.record(self._resource(LEASE, vm, lease))
         await ledger.record(self._resource(NETNS, vm, lease))
         await netns.add(lease.netns)
@@ -159,6 +163,8 @@ class NetParticipant:
         for resource in ours:
             await self._remove(resource)
             await ledger.forget(resource)
+            if resource.kind == LEASE and (lease := self._lease_of(resource)) is not None:
+                self._reserved.pop(lease.n, None)
         self._vm_locks.pop(vm_id, None)
 
     async def inventory(self) -> list[HostResource]:
@@ -272,6 +278,7 @@ class NetParticipant:
         plan = self.plan
         used = {int(r.detail["n"]) for r in await ledger.all() if r.kind in self.kinds and "n" in r.detail and self._is_ours(r)}
         used |= {int(r.detail["n"]) for r in await self.inventory()}
+        used |= set(self._reserved)
         for n in range(1, plan.max_lease + 1):
             if n not in used:
                 return n

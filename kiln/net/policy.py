@@ -86,7 +86,7 @@ def domain_allowed(name: str, domains: Iterable[str]) -> bool:
 def parse_domain(domain: str) -> str:
     wildcard = domain.strip().startswith("*.")
     canonical = normalise_name(domain.strip()[2:] if wildcard else domain)
-    if canonical is None or (wildcard and "." not in canonical):
+    if canonical is None:
         raise PolicyError(f"allowed_domains: {domain!r} is not a host name or a '*.domain' wildcard")
     return f"*.{canonical}" if wildcard else canonical
 

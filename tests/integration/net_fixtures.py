@@ -25,10 +25,12 @@ import random
 import secrets
 import shlex
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
+from outside_world import OutsideWorld, can_build_worlds
 
 from kiln.config import Settings
 from kiln.net import netns
@@ -41,8 +43,8 @@ from kiln.proxy.supervisor import EgressSupervisor
 from kiln.runtime.driver import BootImage, Machine, MachineSpec, SavedState
 from kiln.runtime.qemu import QemuHypervisor, QemuMachine
 from kiln.runtime.snapshots import reset_identity
-from outside_world import OutsideWorld, can_build_worlds
 
+T = TypeVar("T")
 __all__ = ["egress_daemon", "egress_settings", "net_settings", "net_vm", "network", "world"]
 
 
@@ -127,13 +129,28 @@ class NetVm:
 
 
 NetVmFactory = Callable[..., Awaitable[NetVm]]
+DENY_ALL = EgressRules()
+
+
+# Test modules import these fixtures, and pytest then holds one "session"
+# fixture per module: the world, the daemon and the settings are made once per
+# session here, and removed when the session ends.
+_shared: dict[str, object] = {}
+
+
+def _once(request: pytest.FixtureRequest, key: str, make: Callable[[], T], close: Callable[[T], None]) -> T:
+    if key not in _shared:
+        made = make()
+        _shared[key] = made
+        request.config.add_cleanup(lambda: close(made))
+    return _shared[key]  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="session")
-def net_settings(vm_settings: Settings) -> Settings:
+def net_settings(request: pytest.FixtureRequest, vm_settings: Settings) -> Settings:
     require_networking()
     tag = secrets.token_hex(2)
-    return vm_settings.model_copy(
+    settings = vm_settings.model_copy(
         update={
             "net_prefix": f"kt{tag}",
             "net_nft_table": f"kiln_test_{tag}",
@@ -144,15 +161,17 @@ def net_settings(vm_settings: Settings) -> Settings:
             "net_blocked_cidrs": [c for c in vm_settings.net_blocked_cidrs if c != "203.0.113.0/24"],
         }
     )
+    return _once(request, "settings", lambda: settings, lambda _: None)
 
 
 @pytest.fixture(scope="session")
-def world(net_settings: Settings) -> Iterator[OutsideWorld]:
-    made = asyncio.run(OutsideWorld.create(net_settings.net_prefix))
-    try:
-        yield made
-    finally:
-        asyncio.run(made.close())
+def world(request: pytest.FixtureRequest, net_settings: Settings) -> OutsideWorld:
+    return _once(
+        request,
+        "world",
+        lambda: asyncio.run(OutsideWorld.create(net_settings.net_prefix)),
+        lambda made: asyncio.run(made.close()),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -161,21 +180,24 @@ def egress_settings(net_settings: Settings, world: OutsideWorld) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def egress_daemon(egress_settings: Settings) -> Iterator[EgressSupervisor]:
-    supervisor = EgressSupervisor(egress_settings)
+def egress_daemon(request: pytest.FixtureRequest, egress_settings: Settings) -> EgressSupervisor:
+    def start() -> EgressSupervisor:
+        supervisor = EgressSupervisor(egress_settings)
 
-    async def start() -> None:
-        status = await NetParticipant(egress_settings).start()
-        assert status.available, status.reason
-        await supervisor.start()
+        async def go() -> None:
+            status = await NetParticipant(egress_settings).start()
+            assert status.available, status.reason
+            await supervisor.start()
 
-    asyncio.run(start())
-    try:
-        yield supervisor
-    finally:
+        asyncio.run(go())
+        return supervisor
+
+    def stop(supervisor: EgressSupervisor) -> None:
         asyncio.run(supervisor.stop())
         asyncio.run(uninstall(egress_settings))
         assert_nothing_left(egress_settings)
+
+    return _once(request, "daemon", start, stop)
 
 
 def assert_nothing_left(settings: Settings) -> None:
@@ -202,15 +224,15 @@ async def net_vm(
     egress_settings: Settings,
 ) -> AsyncIterator[NetVmFactory]:
     made: list[NetVm] = []
+    ledger = MemoryLedger()  # one per test, as the store is one per host
 
-    async def make(rules: EgressRules | None = EgressRules(), *, saved: SavedState | None = None) -> NetVm:
+    async def make(rules: EgressRules | None = DENY_ALL, *, saved: SavedState | None = None) -> NetVm:
         saved = saved or base_snapshot
         vm_id = f"n{uuid.uuid4().hex[:10]}"
         vm = VmContext(
             vm_id=vm_id, owner_id=None, vcpu_count=saved.vcpu_count, memory_mb=saved.memory_mb,
             image=boot_image, run_dir=egress_settings.vms_dir / vm_id, restore_from=saved, egress=rules,
         )  # fmt: skip
-        ledger = MemoryLedger()
         launch = Launch()
         net = NetVm(vm, None, ledger, launch)  # type: ignore[arg-type]
         made.append(net)
@@ -236,7 +258,8 @@ async def net_vm(
         for net in made:
             await hypervisor.destroy(net.vm_id, net.vm.run_dir)
             await network.release(net.vm_id, await net.ledger.of_vm(net.vm_id), net.ledger)
-            assert net.ledger.rows == {}, net.ledger.rows
+            assert await net.ledger.of_vm(net.vm_id) == []
+        assert ledger.rows == {}, ledger.rows
         table = nft_lib.list_ruleset_of("inet", egress_settings.net_nft_table)
         leftovers = [o["chain"]["name"] for o in table if "chain" in o and o["chain"]["name"].startswith("vm")]
         assert leftovers == [], leftovers

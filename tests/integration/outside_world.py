@@ -51,7 +51,7 @@ DOT_PORT = 853
 
 def free_world_subnet() -> ipaddress.IPv4Network:
     """A /28 of TEST-NET-3 that no route on this host touches."""
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True).stdout
     used = []
     for line in routes.splitlines():
         word = line.split()[0] if line.split() else ""
@@ -334,7 +334,7 @@ def respond_http(connection: socket.socket, name: str, seen: Seen, head: bytes =
 def self_signed(names: list[str]) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject)

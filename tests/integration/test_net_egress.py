@@ -8,13 +8,13 @@ reached them, while a control shows the same server answers when allowed.
 from __future__ import annotations
 
 import pytest
-
 from guest_probes import probe, statuses
-from kiln.config import Settings
-from kiln.node.participant import EgressRules
-from net_fixtures import *  # noqa: F403
+from net_fixtures import *
 from net_fixtures import NetVmFactory
 from outside_world import DOT_PORT, RAW_PORT, UDP_PORT, OutsideWorld
+
+from kiln.config import Settings
+from kiln.node.participant import EgressRules
 
 pytestmark = pytest.mark.vm
 
@@ -44,10 +44,10 @@ async def test_no_policy_reaches_nothing(net_vm: NetVmFactory, world: OutsideWor
     assert not world.seen.datagrams
 
 
-async def test_no_egress_means_no_network_at_all(network, egress_settings: Settings) -> None:  # noqa: ANN001
-    from kiln.node.participant import Launch, VmContext
-
+async def test_no_egress_means_no_network_at_all(network, egress_settings: Settings) -> None:
     from net_fixtures import MemoryLedger
+
+    from kiln.node.participant import Launch, VmContext
 
     vm = VmContext("nonet1", None, 1, 256, None, egress_settings.vms_dir / "nonet1", egress=None)  # type: ignore[arg-type]
     launch, ledger = Launch(), MemoryLedger()
