@@ -318,11 +318,20 @@ def respond_http(connection: socket.socket, name: str, seen: Seen, head: bytes =
             return
         head += data
     host = ""
+    target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
     for line in head.split(b"\r\n")[1:]:
         if line.lower().startswith(b"host:"):
             host = line.split(b":", 1)[1].strip().decode()
     with seen.lock:
         seen.hosts.append(host)
+    if target.startswith(b"/bytes/"):  # /bytes/N: N bytes, for throughput
+        size = int(target[len(b"/bytes/"):])
+        connection.sendall(f"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {size}\r\n\r\n".encode())
+        block = b"k" * 65536
+        while size > 0:
+            connection.sendall(block[: min(size, len(block))])
+            size -= len(block)
+        return
     body = f"{name} host={host}\n".encode()
     connection.sendall(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
