@@ -16,9 +16,8 @@ def _host_memory_mb() -> int:
 
 
 class Settings(BaseSettings):
-    # CONTRACT.md also names KILN_SHARE_DOMAIN, KILN_MASTER_KEY, KILN_UPLINK,
-    # KILN_DNS_UPSTREAM and KILN_EGRESS_CA_BUNDLE: they arrive with the networking
-    # and vault features that read them.
+    # CONTRACT.md also names KILN_SHARE_DOMAIN, KILN_MASTER_KEY and
+    # KILN_EGRESS_CA_BUNDLE: they arrive with the features that read them.
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
 
     data_dir: Path = Path("./var")
@@ -89,6 +88,46 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # Guest networking (kiln.net) and the egress daemon (kiln.proxy).
+    # The host interface allowed VM egress is routed and NATed out of; empty:
+    # no VM traffic leaves the host at all.
+    uplink: str = ""
+    # IP[:PORT] the guest DNS asks for allowed names; empty: the host's first resolver.
+    dns_upstream: str = ""
+    # Every name Kiln makes on the host (namespaces <prefix>ns-<n>, veths
+    # <prefix>v<n>) starts with this; at most 9 characters (IFNAMSIZ).
+    net_prefix: str = "kiln"
+    # The nftables table (family inet) that holds every VM's rules.
+    net_nft_table: str = "kiln"
+    # Each VM's address outside its namespace is one address of this pool.
+    net_outside_pool: str = "198.18.0.0/16"
+    # The host's address on every VM link: the guest DNS and the egress proxy
+    # listen here (not inside the pool).
+    net_host_address: str = "198.19.0.1"
+    # The same in every VM's namespace: the guest is the last usable address of
+    # this subnet, its gateway (and DNS server) the first.
+    net_guest_subnet: str = "198.19.255.252/30"
+    net_mtu: int = 1500
+    net_dns_port: int = 53
+    net_proxy_port: int = 15001
+    # Owner of each VM's TAP when the VM's confinement names no user.
+    net_tap_uid: int = 0
+    # DNS answers the guest gets live at most this long (seconds); the kernel
+    # admits their addresses this much longer, so a guest that uses a cached
+    # answer until its TTL ends still reaches it.
+    net_dns_max_ttl: int = 300
+    net_dns_grace_seconds: int = 60
+    # Firewall mark of the egress proxy's upstream connections (they may only
+    # leave through the uplink).
+    net_egress_mark: int = 0x4B494C4E
+    # Never reachable from a VM unless one of its allowed CIDRs lies inside
+    # them; DNS answers in them are dropped (no rebinding onto internal hosts).
+    net_blocked_cidrs: list[str] = [
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+        "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    ]  # fmt: skip
+
     @property
     def database(self) -> str:
         if self.database_url:
@@ -136,6 +175,11 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.cache_dir / "images"
+
+    @property
+    def net_state_dir(self) -> Path:
+        """Each VM's egress policy for the egress daemon, its control socket (0700)."""
+        return self.data_dir / "net"
 
 
 @lru_cache

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils   # the hypervisor and qcow2 tooling
   mmdebstrap busybox-static e2fsprogs cpio zstd  # image builds
-  nftables iproute2            # guest networking
+  nftables iproute2 conntrack  # guest networking (conntrack: closing flows a policy change forbids)
   skopeo                       # OCI imports from registries (KILN_OCI_REGISTRIES)
   python3-venv                 # the project's virtualenv
 )

@@ -9,18 +9,18 @@ from kiln.node.participant import HostResource
 
 class MemoryLedger:
     def __init__(self) -> None:
-        self._rows: dict[tuple[str, str], HostResource] = {}
+        self.rows: dict[tuple[str, str], HostResource] = {}
 
     async def record(self, *resources: HostResource) -> None:
         for resource in resources:
-            self._rows[(resource.kind, resource.name)] = resource
+            self.rows[(resource.kind, resource.name)] = resource
 
     async def forget(self, *resources: HostResource) -> None:
         for resource in resources:
-            self._rows.pop((resource.kind, resource.name), None)
+            self.rows.pop((resource.kind, resource.name), None)
 
     async def of_vm(self, vm_id: str) -> list[HostResource]:
-        return [row for row in self._rows.values() if row.vm_id == vm_id]
+        return [row for row in self.rows.values() if row.vm_id == vm_id]
 
     async def all(self) -> list[HostResource]:
-        return list(self._rows.values())
+        return list(self.rows.values())

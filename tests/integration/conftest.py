@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+# The guest networking fixtures (net_fixtures.py), for every test here.
+from net_fixtures import egress_daemon, egress_settings, net_settings, net_vm, network, world  # noqa: F401
+
 from kiln.config import Settings
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor, QemuMachine

@@ -1,0 +1,388 @@
+"""A local "outside world" for networking tests: hosts in a network namespace,
+named by a real DNS server (dnsmasq), serving HTTP, HTTPS, raw TCP and UDP.
+
+Reusable: ``OutsideWorld.create(prefix)`` in a fixture, ``await world.close()``
+at its end (also after a failure). Nothing of it is on the real network:
+
+    host namespace                       world namespace <prefix>w
+    <prefix>up  <gateway>/28  =========  eth0  dns, allowed, denied, raw, other /28
+      (the uplink the tests set:                private/32 (an RFC 1918 host)
+       KILN_UPLINK=<prefix>up)
+      route private/32 via dns
+
+The /28 is chosen inside TEST-NET-3 (203.0.113.0/24) among those no route on
+the host uses yet, so test sessions running at once get different worlds;
+tests drop TEST-NET-3 from ``net_blocked_cidrs`` so that the world counts as
+the public internet. The private host lives in 172.31.0.0/16 (blocked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import os
+import random
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from kiln.net import netns
+
+WORLD_RANGE = ipaddress.IPv4Network("203.0.113.0/24")
+PRIVATE_RANGE = ipaddress.IPv4Network("172.31.0.0/16")
+DNSMASQ = "dnsmasq"
+RAW_PORT = 7000
+UDP_PORT = 9999
+DOT_PORT = 853
+
+
+def free_world_subnet() -> ipaddress.IPv4Network:
+    """A /28 of TEST-NET-3 that no route on this host touches."""
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True
+    ).stdout
+    used = []
+    for line in routes.splitlines():
+        word = line.split()[0] if line.split() else ""
+        if word in ("local", "broadcast") and len(line.split()) > 1:
+            word = line.split()[1]
+        with contextlib.suppress(ValueError):
+            used.append(ipaddress.IPv4Network(word, strict=False))
+    candidates = [
+        net for net in WORLD_RANGE.subnets(new_prefix=28) if not any(net.overlaps(u) for u in used if u.prefixlen > 0)
+    ]
+    if not candidates:
+        raise RuntimeError("every /28 of 203.0.113.0/24 is in use on this host")
+    return random.choice(candidates)
+
+
+@dataclass
+class Seen:
+    """What a world server received, for tests that assert nothing arrived."""
+
+    connections: list[tuple[str, str]] = field(default_factory=list)  # (server, peer address)
+    hosts: list[str] = field(default_factory=list)  # Host headers / SNI the servers saw
+    datagrams: list[tuple[str, bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_connection(self, server: str, peer: str) -> None:
+        with self.lock:
+            self.connections.append((server, peer))
+
+    def to(self, server: str) -> list[str]:
+        with self.lock:
+            return [peer for name, peer in self.connections if name == server]
+
+
+@dataclass
+class OutsideWorld:
+    prefix: str
+    netns: str
+    uplink: str
+    subnet: ipaddress.IPv4Network
+    private: str
+    certificate_pem: bytes
+    seen: Seen = field(default_factory=Seen)
+    _dnsmasq: subprocess.Popen | None = None
+    _sockets: list[socket.socket] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workdir: Path | None = None
+
+    # -- addresses and names
+
+    def address(self, index: int) -> str:
+        return str(self.subnet.network_address + index)
+
+    @property
+    def gateway(self) -> str:  # the host's end of the uplink
+        return self.address(1)
+
+    @property
+    def dns(self) -> str:
+        return self.address(2)
+
+    @property
+    def allowed(self) -> str:
+        return self.address(3)
+
+    @property
+    def denied(self) -> str:
+        return self.address(4)
+
+    @property
+    def raw(self) -> str:
+        return self.address(5)
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {
+            "allowed.test": self.allowed,
+            "api.allowed.test": self.allowed,
+            "denied.test": self.denied,
+            "raw.test": self.raw,
+            "internal.test": self.private,
+        }
+
+    # -- life
+
+    @classmethod
+    async def create(cls, prefix: str) -> OutsideWorld:
+        if shutil.which(DNSMASQ) is None:
+            raise RuntimeError("dnsmasq is not installed (Debian: dnsmasq-base)")
+        subnet = free_world_subnet()
+        private = str(PRIVATE_RANGE.network_address + random.randint(256, 65000))
+        world = cls(prefix, f"{prefix}w", f"{prefix}up", subnet, private, b"")
+        try:
+            await world._wire()
+            world._workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-world-"))
+            world._start_dns()
+            await world._start_servers()
+        except BaseException:
+            await world.close()
+            raise
+        return world
+
+    async def _wire(self) -> None:
+        await netns.add(self.netns)
+        await netns.run_ip(["link", "add", self.uplink, "type", "veth", "peer", "name", "eth0", "netns", self.netns])
+        await netns.run_ip(
+            [],
+            batch=[
+                f"address add {self.gateway}/{self.subnet.prefixlen} dev {self.uplink}",
+                f"link set {self.uplink} up",
+            ],
+        )
+        inside = [f"address add {self.address(i)}/{self.subnet.prefixlen} dev eth0" for i in range(2, 7)]
+        inside += [
+            f"address add {self.private}/32 dev eth0",
+            "link set eth0 up",
+            "link set lo up",
+            f"route add default via {self.gateway}",
+        ]
+        await netns.run_ip(["-n", self.netns], batch=inside)
+        # The private host is "somewhere behind the uplink", as an internal network would be.
+        await netns.run_ip(["route", "add", f"{self.private}/32", "via", self.dns, "dev", self.uplink])
+
+    def _start_dns(self) -> None:
+        assert self._workdir is not None
+        records = [f"--host-record={name},{address}" for name, address in self.names.items()]
+        self._dnsmasq = subprocess.Popen(
+            [
+                "ip", "netns", "exec", self.netns, DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null",
+                "--no-resolv", "--no-hosts", "--bind-interfaces", f"--listen-address={self.dns}", "--port=53",
+                "--user=root", "--group=root", "--pid-file=", "--log-queries", "--log-facility=-",
+                "--local-ttl=60", *records,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self._workdir / "dnsmasq.log").open("wb"),
+        )  # fmt: skip
+
+    async def _start_servers(self) -> None:
+        assert self._workdir is not None
+        key, pem = self_signed(list(self.names))
+        self.certificate_pem = pem
+        (self._workdir / "cert.pem").write_bytes(pem)
+        (self._workdir / "key.pem").write_bytes(key)
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(self._workdir / "cert.pem", self._workdir / "key.pem")
+        listeners: list[tuple[str, str, int, Callable[[socket.socket, str], None]]] = []
+        for label, address in (("allowed", self.allowed), ("denied", self.denied)):
+            listeners.append((f"{label}-http", address, 80, self._http(f"{label}-http")))
+            listeners.append((f"{label}-https", address, 443, self._https(f"{label}-https", tls)))
+            listeners.append((f"{label}-dot", address, DOT_PORT, self._echo(f"{label}-dot")))
+        listeners.append(("raw", self.raw, RAW_PORT, self._echo("raw")))
+        listeners.append(("private-http", self.private, 80, self._http("private-http")))
+        listeners.append(("private-raw", self.private, RAW_PORT, self._echo("private-raw")))
+
+        def make_sockets() -> list[tuple[str, socket.socket, Callable[[socket.socket, str], None]]]:
+            made = []
+            for name, address, port, handler in listeners:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((address, port))
+                sock.listen(64)
+                made.append((name, sock, handler))
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind((self.allowed, UDP_PORT))
+            made.append(("udp", udp, self._udp))
+            return made
+
+        # Sockets made inside the world's namespace stay there; they are served from here.
+        for name, sock, handler in await netns.run_in(self.netns, make_sockets):
+            self._sockets.append(sock)
+            target = self._serve_udp if name == "udp" else self._serve_tcp
+            threading.Thread(target=target, args=(sock, handler), name=f"world:{name}", daemon=True).start()
+
+    async def close(self) -> None:
+        self._stop.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if self._dnsmasq is not None:
+            self._dnsmasq.terminate()
+            try:
+                self._dnsmasq.wait(5)
+            except subprocess.TimeoutExpired:
+                self._dnsmasq.kill()
+                self._dnsmasq.wait()
+        with contextlib.suppress(netns.NetnsError):
+            await netns.run_ip(["link", "delete", self.uplink])
+        await netns.delete(self.netns)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def dnsmasq_log(self) -> str:
+        assert self._workdir is not None
+        return (self._workdir / "dnsmasq.log").read_text(errors="replace")
+
+    # -- servers
+
+    def _serve_tcp(self, sock: socket.socket, handler: Callable[[socket.socket, str], None]) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, peer = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._guarded, args=(handler, connection, peer[0]), daemon=True).start()
+
+    @staticmethod
+    def _guarded(handler: Callable[[socket.socket, str], None], connection: socket.socket, peer: str) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError), connection:
+            connection.settimeout(30)
+            handler(connection, peer)
+
+    def _serve_udp(self, sock: socket.socket, handler: Callable[[socket.socket, str], None]) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = sock.recvfrom(2048)
+            except OSError:
+                return
+            if peer is None or self._stop.is_set():
+                return
+            with self.seen.lock:
+                self.seen.datagrams.append((peer[0], data))
+            with contextlib.suppress(OSError):
+                sock.sendto(data, peer)
+
+    def _udp(self, sock: socket.socket, peer: str) -> None:  # pragma: no cover - only a marker
+        raise NotImplementedError
+
+    def _http(self, name: str) -> Callable[[socket.socket, str], None]:
+        def serve(connection: socket.socket, peer: str) -> None:
+            self.seen.add_connection(name, peer)
+            respond_http(connection, name, self.seen)
+
+        return serve
+
+    def _https(self, name: str, context: ssl.SSLContext) -> Callable[[socket.socket, str], None]:
+        def serve(connection: socket.socket, peer: str) -> None:
+            self.seen.add_connection(name, peer)
+            with context.wrap_socket(connection, server_side=True) as tls:
+                first = tls.recv(4096)
+                if first.startswith(b"ECHO"):
+                    echo(tls, first)
+                else:
+                    respond_http(tls, name, self.seen, first)
+
+        return serve
+
+    def _echo(self, name: str) -> Callable[[socket.socket, str], None]:
+        def serve(connection: socket.socket, peer: str) -> None:
+            self.seen.add_connection(name, peer)
+            echo(connection, b"")
+
+        return serve
+
+
+def echo(connection: socket.socket, first: bytes) -> None:
+    if first:
+        connection.sendall(first)
+    while data := connection.recv(4096):
+        connection.sendall(data)
+
+
+def respond_http(connection: socket.socket, name: str, seen: Seen, head: bytes = b"") -> None:
+    while b"\r\n\r\n" not in head:
+        data = connection.recv(4096)
+        if not data:
+            return
+        head += data
+    host = ""
+    target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
+    for line in head.split(b"\r\n")[1:]:
+        if line.lower().startswith(b"host:"):
+            host = line.split(b":", 1)[1].strip().decode()
+    with seen.lock:
+        seen.hosts.append(host)
+    if target.startswith(b"/bytes/"):  # /bytes/N: N bytes, for throughput
+        size = int(target[len(b"/bytes/") :])
+        connection.sendall(f"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {size}\r\n\r\n".encode())
+        block = b"k" * 65536
+        while size > 0:
+            connection.sendall(block[: min(size, len(block))])
+            size -= len(block)
+        return
+    body = f"{name} host={host}\n".encode()
+    connection.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+def self_signed(names: list[str]) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def can_build_worlds() -> str | None:
+    """Why this host cannot run networking tests, or None."""
+    if os.geteuid() != 0:
+        return "networking tests need root"
+    for tool in ("ip", DNSMASQ, "conntrack"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not Path("/dev/net/tun").exists():
+        return "no /dev/net/tun"
+    return None
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (a bound, not a measurement)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
