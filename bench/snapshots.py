@@ -112,7 +112,7 @@ async def measure(samples: int) -> dict:
         figures["save_and_stop_s"] = summary(save_stopping)
 
         node = build_node(settings, hypervisor, MemoryLedger())
-        pool = WarmPool(node, settings.vms_dir, 1, _constant_source(image, base), _pool_id(started_ids), egress=None)
+        pool = WarmPool(node, settings.vms_dir, 1, _constant_source(image, base), _pool_id(started_ids))
         claims = []
         for _ in range(samples):
             await pool.fill()

@@ -88,7 +88,9 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    # Guest networking (kiln.net) and the egress daemon (kiln.proxy).
+    # Guest networking (kiln.net) and the egress daemon (kiln.proxy). "off": VMs
+    # get no network at all (an unwired card), whatever the host can do.
+    networking: Literal["auto", "off"] = "auto"
     # The host interface allowed VM egress is routed and NATed out of; empty:
     # no VM traffic leaves the host at all.
     uplink: str = ""

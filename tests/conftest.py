@@ -60,6 +60,8 @@ def settings(tmp_path: Path) -> Settings:
         max_memory_mb=4096,
         max_vcpus=16,
         boot_timeout_seconds=5,
+        # Service tests run no network (no nftables, no egress daemon on the host).
+        networking="off",
     )
 
 

@@ -10,6 +10,7 @@ kills any VM process a test left behind, whatever happened to the server.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -25,6 +26,10 @@ import httpx
 import pytest
 
 from kiln.config import Settings
+from kiln.net import netns
+from kiln.net.host import uninstall
+from kiln.net.links import host_links
+from kiln.proxy.supervisor import EgressSupervisor
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor
 
 STARTUP_SECONDS = 60.0
@@ -44,8 +49,9 @@ def short_data_dir(prefix: str) -> Path:
 
 def server_settings(data_dir: Path) -> Settings:
     """What the server subprocess reads from its environment (KILN_CACHE_DIR,
-    KILN_ACCEL pass through), with the test's data dir."""
-    return Settings(data_dir=data_dir)
+    KILN_ACCEL pass through), with the test's data dir and network names."""
+    names = {key.removeprefix("KILN_").lower(): value for key, value in network_env(data_dir).items()}
+    return Settings(data_dir=data_dir, **names)
 
 
 def ensure_default_image(settings: Settings) -> None:
@@ -81,13 +87,27 @@ class LiveServer:
             self.process.wait(timeout=30)
 
 
+def network_env(data_dir: Path) -> dict[str, str]:
+    """Host names and addresses of this server's guest networking, its own (from
+    its data dir's name): servers running at once never share a namespace
+    prefix, an nftables table, outside addresses or the egress daemon's address."""
+    tag = hashlib.sha256(str(data_dir).encode()).hexdigest()
+    number = int(tag[:8], 16)
+    return {
+        "KILN_NET_PREFIX": f"ks{tag[:4]}",
+        "KILN_NET_NFT_TABLE": f"kiln_{tag[:8]}",
+        "KILN_NET_OUTSIDE_POOL": f"198.18.{number % 250 + 1}.0/24",
+        "KILN_NET_HOST_ADDRESS": f"198.19.{(number >> 8) % 250 + 1}.{(number >> 16) % 250 + 1}",
+    }
+
+
 def start_server(
     data_dir: Path, port: int | None = None, env: dict[str, str] | None = None
 ) -> LiveServer:
     """``env``: extra environment for the server (e.g. admission limits, KILN_CACHE_DIR)."""
     port = port or free_port()
     log_path = data_dir.with_name(data_dir.name + ".log")
-    env = {**os.environ, **(env or {}), "KILN_DATA_DIR": str(data_dir)}
+    env = {**os.environ, **network_env(data_dir), **(env or {}), "KILN_DATA_DIR": str(data_dir)}
     env.pop("KILN_DATABASE_URL", None)  # the test's own SQLite file, never a shared database
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -120,15 +140,33 @@ def terminate_live_vms(url: str, keys: list[str]) -> None:
             httpx.delete(f"{url}/v1/vms/{vm['vm_id']}", headers=headers, timeout=60)
 
 
-def destroy_leftover_vms(settings: Settings) -> None:
-    """Kill every VM process still holding a run dir under the data dir."""
-    vms_dir = settings.vms_dir
-    if not vms_dir.is_dir():
-        return
+def destroy_leftover_vms(settings: Settings) -> list[str]:
+    """After the server stopped: kill every VM process still holding a run dir
+    under the data dir, stop the server's egress daemon (it outlives servers on
+    purpose) and remove its nftables table. Returns the network namespaces and
+    links of the server that were still there (removed too): its VMs were
+    deleted, so there should be none."""
     hypervisor = QemuHypervisor(settings)
 
     async def destroy_all() -> None:
-        for run_dir in vms_dir.iterdir():
-            await hypervisor.destroy(run_dir.name, run_dir)
+        if settings.vms_dir.is_dir():
+            for run_dir in settings.vms_dir.iterdir():
+                await hypervisor.destroy(run_dir.name, run_dir)
+        left = await leftover_links(settings)
+        await EgressSupervisor(settings).stop()
+        await uninstall(settings)
+        leftovers.extend(left)
 
+    leftovers: list[str] = []
     asyncio.run(destroy_all())
+    return leftovers
+
+
+async def leftover_links(settings: Settings) -> list[str]:
+    prefix = settings.net_prefix
+    names = [name for name in netns.names() if name.startswith(f"{prefix}ns-")]
+    names += [name for name in await host_links() if name.startswith(f"{prefix}v")]
+    for name in names:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", name], capture_output=True, check=False)
+    return names

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kiln.node.machines import MachineRegistry
+from kiln.node.network import Networking
 from kiln.node.participant import HostResource, Ledger, Participant, VmContext
 from kiln.node.pipeline import Pipeline, Reconciled
 from kiln.node.vm_process import PROCESS, RUN_DIR
@@ -34,14 +35,27 @@ class Node:
         ledger: Ledger,
         *,
         boot_timeout: float,
+        networking: Networking | None = None,
     ) -> None:
         self.hypervisor = hypervisor
+        # None: no guest networking on this node at all (tests, the CLI).
+        self.networking = networking
         self.machines = MachineRegistry()
         self.pipeline = Pipeline(hypervisor, participants, ledger, boot_timeout)
         self.ledger = ledger
         # VMs the node runs for itself (pool, base-snapshot builds, imports):
         # live for the reconciler although the store has no row of them.
         self._transient: dict[str, VmContext] = {}
+
+    async def start_host(self) -> None:
+        """At server start: the host's own parts (Kiln's nftables table, the egress daemon)."""
+        if self.networking is not None:
+            await self.networking.start()
+
+    @property
+    def wires_networks(self) -> bool:
+        """True when VMs here get a network (filtered by their policy)."""
+        return self.networking is not None and self.networking.available
 
     @property
     def accel(self) -> str:

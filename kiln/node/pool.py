@@ -59,15 +59,12 @@ class WarmPool:
         size: int,
         source: PoolSource,
         new_vm_id: Callable[[], str],
-        egress: EgressRules | None,
     ) -> None:
         self._node = node
         self._vms_dir = vms_dir
         self.size = size
         self._source = source
         self._new_vm_id = new_vm_id
-        # What an idle VM may reach until it is claimed (nothing).
-        self._egress = egress
         self._idle: list[IdleVm] = []
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
@@ -138,7 +135,9 @@ class WarmPool:
                 image=image,
                 run_dir=self._vms_dir / vm_id,
                 restore_from=saved,
-                egress=self._egress,
+                # Wired where the host wires networks (a card cannot be hot-plugged),
+                # reaching nothing until the claim applies its user's policy.
+                egress=EgressRules() if self._node.wires_networks else None,
             )
         )
         log.debug("pool VM %s ready in %.2fs", vm_id, time.monotonic() - started)

@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from kiln.config import Settings
+from kiln.node.participant import EgressRules
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.errors import FieldProblem, InvalidRequest
 
@@ -33,7 +34,8 @@ RESERVED_MOUNT_ROOTS = ("/proc", "/sys", "/dev")
 MOUNT_MODES = ("rw", "ro")
 DEFAULT_IMAGE_VARIANT = "default"
 
-EGRESS_FLAGS = ("allow_package_managers", "allow_public_repos", "allow_http", "allow_https")
+PACKAGE_MANAGER_FLAGS = ("allow_package_managers", "allow_public_repos")
+EGRESS_FLAGS = (*PACKAGE_MANAGER_FLAGS, "allow_http", "allow_https")
 EGRESS_LISTS = ("allowed_domains", "allowed_cidrs")
 
 
@@ -154,8 +156,10 @@ def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProb
         refuse("volumes", "mounting volumes")
     if given.get("vault_ids"):
         refuse("vault_ids", "vault credential injection")
-    if "egress_policy" in given and not _is_deny_all(given["egress_policy"]):
-        refuse("egress_policy", "an egress policy other than deny-all")
+    policy = given.get("egress_policy") or {}
+    for flag in PACKAGE_MANAGER_FLAGS:
+        if policy.get(flag):
+            refuse("egress_policy", f"{flag} (the package-manager domain group)")
     if given.get("auto_suspend"):
         refuse("auto_suspend", "auto-suspend")
     return problems
@@ -213,9 +217,15 @@ def _check_egress_policy(check: _Checker, policy: dict[str, Any]) -> None:
             check.fail(("egress_policy", key), "unknown egress policy key")
 
 
-def _is_deny_all(policy: dict[str, Any]) -> bool:
-    return not any(policy.get(flag) for flag in EGRESS_FLAGS) and not any(
-        policy.get(key) for key in EGRESS_LISTS
+def egress_rules(policy: dict[str, Any] | None) -> EgressRules:
+    """The rules a (checked) ``egress_policy`` asks for; none given: nothing is
+    reachable (deny by default)."""
+    policy = policy or {}
+    return EgressRules(
+        allowed_cidrs=tuple(policy.get("allowed_cidrs") or ()),
+        allowed_domains=tuple(policy.get("allowed_domains") or ()),
+        allow_http=bool(policy.get("allow_http")),
+        allow_https=bool(policy.get("allow_https")),
     )
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kiln.config import Settings
+from kiln.node.network import EgressRefused
 from kiln.node.node import Node
 from kiln.node.participant import VmContext
 from kiln.node.pool import WarmPool
@@ -43,7 +44,7 @@ from kiln.services.states import (
     VmStatus,
     can_transition,
 )
-from kiln.services.vm_policy import CreatePlan, check_create, check_update
+from kiln.services.vm_policy import CreatePlan, check_create, check_update, egress_rules
 from kiln.store.db import Database
 from kiln.store.models import Vm
 from kiln.store.repositories import HostResourceRepository, SessionRepository, VmRepository
@@ -139,6 +140,7 @@ class VmService:
 
     async def create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
         plan = check_create(request, self._settings, self._images.variants())
+        self._check_egress(plan.egress_policy)
         # snapshot_id: the snapshot's shape and image (404 / 422 when it cannot be).
         plan, source = await self.planner.plan_source(owner_id, request, plan)
         image = self._images.get(plan.image_variant)
@@ -307,7 +309,9 @@ class VmService:
         return self._settings.vms_dir / vm_id
 
     def context(self, vm: Vm, image: BootImage, restore_from: SavedState | None) -> VmContext:
-        """What the pipeline needs to bring ``vm`` up from ``image`` or ``restore_from``."""
+        """What the pipeline needs to bring ``vm`` up from ``image`` or ``restore_from``.
+        Where the host wires networks every VM gets one, filtered by its policy
+        (none given: nothing is reachable); elsewhere it gets none at all."""
         return VmContext(
             vm_id=vm.id,
             owner_id=vm.owner_id,
@@ -316,6 +320,7 @@ class VmService:
             image=image,
             run_dir=self.run_dir(vm.id),
             restore_from=restore_from,
+            egress=egress_rules(vm.egress_policy) if self.node.wires_networks else None,
         )
 
     def booting(self, vm_id: str) -> bool:
@@ -395,6 +400,15 @@ class VmService:
                 await self.fail(vm_id, reason)
 
     # -- internals -----------------------------------------------------------------
+
+    def _check_egress(self, policy: dict[str, Any] | None) -> None:
+        """422 on ``egress_policy`` for a policy that cannot be enforced (a bad name or CIDR)."""
+        if policy is None or self.node.networking is None:
+            return
+        try:
+            self.node.networking.check(egress_rules(policy))
+        except EgressRefused as error:
+            raise InvalidRequest.single(("egress_policy",), str(error)) from error
 
     async def _admit(
         self,

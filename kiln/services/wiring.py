@@ -33,6 +33,7 @@ class VmServices:
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
         vms = self.vms
+        await vms.node.start_host()
         await vm_recovery.recover(vms, vms.db)
         await vms.snapshots.fail_unfinished()
         await vms.snapshots.housekeeping.start()
@@ -71,7 +72,7 @@ def build_vm_services(
             _, saved = await planner.ensure_base_snapshot(image, shape)
             return image, saved
 
-        pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id, egress=None)
+        pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id)
     # The node's own VMs (idle pool VMs among them) count against the host.
     admission = Admission(settings, lambda: ResourceUsage(*node.transient_usage()))
     vms = VmService(settings, db, node, images, snapshots, planner, admission, pool)

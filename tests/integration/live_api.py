@@ -171,9 +171,10 @@ def live_server(prefix: str, env: dict[str, str] | None = None) -> Iterator[Api]
             api.http.close()
             api.server.stop()
             left_running = qemu_pids_under(data_dir)
-            destroy_leftover_vms(server_settings(data_dir))
+            left_links = destroy_leftover_vms(server_settings(data_dir))
             left_dirs = list(api.settings.vms_dir.glob("*")) if api.settings.vms_dir.exists() else []
             shutil.rmtree(data_dir, ignore_errors=True)
             api.server.log_path.unlink(missing_ok=True)
             assert not left_running, f"QEMU processes left running: {left_running}"
             assert not left_dirs, f"VM run dirs left behind: {left_dirs}"
+            assert not left_links, f"network namespaces or links left behind: {left_links}"

@@ -17,14 +17,30 @@ class RunPaths:
 
     @property
     def overlay(self) -> Path:
-        """The VM's writable disk: the top of its qcow2 chain."""
-        return self.root / "overlay.qcow2"
+        """The disk the VM starts on: a qcow2 overlay over the image or a save."""
+        return self.layer(0)
 
-    @property
-    def next_overlay(self) -> Path:
-        """The new top a save that keeps the VM running switches to; renamed to
-        ``overlay`` once the switch is done (see ``saving.save_and_continue``)."""
-        return self.root / "overlay.next.qcow2"
+    def layer(self, generation: int) -> Path:
+        """The VM's writable disk after ``generation`` saves that kept it running.
+
+        Each save switches the VM to a new file and freezes the old one; no file
+        the VM has open is ever renamed, because QEMU reopens a node by the name
+        it was opened with (a save reopens the old top read-only)."""
+        return self.root / ("overlay.qcow2" if generation == 0 else f"overlay.{generation}.qcow2")
+
+    def layers(self) -> list[Path]:
+        """The layer files in the run dir, oldest first."""
+        found = []
+        for path in self.root.glob("overlay*.qcow2"):
+            middle = path.name.removeprefix("overlay").removesuffix(".qcow2")
+            if middle == "" or (middle.startswith(".") and middle[1:].isdigit()):
+                found.append((int(middle[1:] or 0), path))
+        return [path for _, path in sorted(found)]
+
+    def top(self) -> Path:
+        """The newest layer file (the VM's writable disk once no save is under way)."""
+        layers = self.layers()
+        return layers[-1] if layers else self.overlay
 
     @property
     def agent_socket(self) -> Path:
@@ -58,8 +74,7 @@ class RunPaths:
     def everything_but_the_console(self) -> list[Path]:
         return [
             self.memory_file,
-            self.overlay,
-            self.next_overlay,
+            *self.layers(),
             self.agent_socket,
             self.qmp_socket,
             self.qemu_log,

@@ -9,16 +9,18 @@ QEMU gets as a file descriptor. Two kinds:
   server at any point leaves a state ``recover_save`` can tell apart:
 
   1. pause the guest (QEMU drains and flushes its disks);
-  2. hard-link the VM's overlay into the save as ``disk.qcow2``: one file with
-     two names; the VM still writes it, and deleting the save only removes a
-     name;
-  3. create ``overlay.next.qcow2`` on top of ``disk.qcow2``;
+  2. hard-link the VM's top layer (``overlay.<n>.qcow2``) into the save as
+     ``disk.qcow2``: one file with two names; the VM still writes it, and
+     deleting the save only removes a name;
+  3. create ``overlay.<n+1>.qcow2`` on top of ``disk.qcow2``;
   4. switch the guest to it (``blockdev-add`` + ``blockdev-snapshot``): from
      here the VM needs ``disk.qcow2``, the save's disk, for as long as it lives;
-  5. rename ``overlay.next.qcow2`` to ``overlay.qcow2`` (the run dir's name of
-     the top again; the frozen layer keeps only its name in the save);
-  6. stream memory and devices to ``vmstate``, resume the guest, write
+  5. stream memory and devices to ``vmstate``, resume the guest, write
      ``state.json`` last.
+
+  No file the VM has open is ever renamed: QEMU reopens a node by the name it
+  opened it with (the switch reopens the old top read-only), and a renamed
+  name would lead it to another file.
 
 - **stop** (suspend, snapshot on terminate, base snapshots): stream the state,
   write ``state.pending`` (the stream is complete), stop QEMU, move the overlay
@@ -174,27 +176,28 @@ async def save(machine: QemuMachine, directory: Path, *, keep_running: bool) -> 
 
 
 async def save_and_continue(machine: QemuMachine, saved: SavedPaths, disk_size: int) -> None:
-    """Steps 2-6 of a save that keeps the VM running (the module docstring)."""
+    """Steps 2-5 of a save that keeps the VM running (the module docstring)."""
     paths = machine.paths
+    layers = paths.layers()
+    top = layers[-1]
+    following = paths.layer(len(layers))
     try:
-        os.link(paths.overlay, saved.disk)
-        await create_overlay(paths.next_overlay, saved.disk, disk_size)
+        os.link(top, saved.disk)
+        await create_overlay(following, saved.disk, disk_size)
     except BaseException as error:
-        paths.next_overlay.unlink(missing_ok=True)
+        following.unlink(missing_ok=True)
         shutil.rmtree(saved.root, ignore_errors=True)
         raise SaveError(f"cannot freeze the disk of VM {machine.vm_id}: {error}", disk_in_use=False) from error
     try:
-        await switch_to_overlay(machine.qmp, paths.next_overlay)
+        await switch_to_overlay(machine.qmp, following)
     except BaseException as error:
         # Whether QEMU took the new overlay is known only to QEMU: ask the
         # files it holds, as a restarted server would.
-        if _holds(machine.pid, paths.next_overlay):
-            os.replace(paths.next_overlay, paths.overlay)
+        if _holds(machine.pid, following):
             raise SaveError(f"cannot save VM {machine.vm_id}: {error}", disk_in_use=True) from error
-        paths.next_overlay.unlink(missing_ok=True)
+        following.unlink(missing_ok=True)
         shutil.rmtree(saved.root, ignore_errors=True)
         raise SaveError(f"cannot freeze the disk of VM {machine.vm_id}: {error}", disk_in_use=False) from error
-    os.replace(paths.next_overlay, paths.overlay)
     try:
         await machine.qmp.prepare_migration(ignore_shared_memory=False)
         await machine.qmp.migrate_to_file(saved.vmstate)
@@ -225,8 +228,10 @@ async def save_and_stop(machine: QemuMachine, saved: SavedPaths, description: di
 
 
 def _finish_stopped_save(paths: RunPaths, saved: SavedPaths, *, memory_in_file: bool) -> None:
-    if paths.overlay.exists():
-        move_file(paths.overlay, saved.disk)
+    # The newest layer is the disk: a stopping save makes none, so it is the
+    # one QEMU wrote until it stopped.
+    if not saved.disk.exists():
+        move_file(paths.top(), saved.disk)
     if memory_in_file and paths.memory_file.exists():
         move_file(paths.memory_file, saved.memory)
     os.replace(saved.pending_description, saved.description)
@@ -261,15 +266,14 @@ async def recover_save(
             await _resume_guest(qmp)
         return SaveRecovery(SaveOutcome.COMPLETED, saved_state_from(saved.root, read_saved_description(saved.root)))
     outcome = SaveOutcome.UNDONE
-    if saved.disk.exists():
-        if paths.next_overlay.exists():
-            switched = pid is not None and _holds(pid, paths.next_overlay)
-            if switched:
-                os.replace(paths.next_overlay, paths.overlay)  # step 5
-                outcome = SaveOutcome.DISK_KEPT
-        elif paths.overlay.exists() and not os.path.samefile(saved.disk, paths.overlay):
-            outcome = SaveOutcome.DISK_KEPT  # steps 4 and 5 were done
-    paths.next_overlay.unlink(missing_ok=True)
+    top = paths.top()
+    if saved.disk.exists() and top.exists() and not os.path.samefile(saved.disk, top):
+        # A layer newer than the frozen one exists (step 3): the save holds the
+        # VM's disk only if QEMU switched to it (step 4).
+        if pid is not None and _holds(pid, top):
+            outcome = SaveOutcome.DISK_KEPT
+        else:
+            top.unlink()
     if outcome == SaveOutcome.DISK_KEPT:
         # The frozen disk stays; the unfinished memory stream does not.
         for leftover in (saved.vmstate, saved.description, saved.pending_description):

@@ -1,0 +1,69 @@
+"""The node's face of guest networking (``kiln.net``): whether VMs get networks
+here, starting the egress daemon, and changing a running VM's egress policy."""
+
+from __future__ import annotations
+
+import logging
+
+from kiln.net.host import NetStatus
+from kiln.net.participant import NetError, NetParticipant
+from kiln.net.policy import PolicyError
+from kiln.node.participant import EgressRules
+from kiln.proxy.supervisor import EgressDaemonError, EgressSupervisor
+
+log = logging.getLogger(__name__)
+
+
+class EgressRefused(ValueError):
+    """An egress policy that cannot be enforced (a bad domain or CIDR); ``str()`` says why."""
+
+
+class EgressUnavailable(RuntimeError):
+    """The host could not apply a policy (the old one stays in force), or has no networking."""
+
+
+class Networking:
+    def __init__(self, participant: NetParticipant, daemon: EgressSupervisor) -> None:
+        self.participant = participant
+        self.daemon = daemon
+
+    @property
+    def status(self) -> NetStatus:
+        return self.participant.status
+
+    @property
+    def available(self) -> bool:
+        return self.participant.status.available
+
+    async def start(self) -> NetStatus:
+        """At server start: Kiln's table, then the egress daemon (adopted if it
+        survived the last server). Without them VMs get no network at all."""
+        status = await self.participant.start()
+        if status.available:
+            try:
+                await self.daemon.start()
+            except (EgressDaemonError, OSError) as error:
+                self.participant.status = NetStatus("off", f"the egress daemon did not start: {error}")
+        if not self.participant.status.available:
+            log.warning("guest networking is off: %s (VMs get no network at all)", self.participant.status.reason)
+        return self.participant.status
+
+    def check(self, rules: EgressRules) -> None:
+        """EgressRefused if the policy cannot be enforced."""
+        try:
+            self.participant.check_policy(rules)
+        except PolicyError as error:
+            raise EgressRefused(str(error)) from error
+
+    async def apply(self, vm_id: str, rules: EgressRules) -> None:
+        """Make ``rules`` the running VM's policy (atomic; the old one stays on failure)."""
+        self.check(rules)
+        try:
+            await self.participant.apply_policy(vm_id, rules)
+        except PolicyError as error:
+            raise EgressRefused(str(error)) from error
+        except NetError as error:
+            raise EgressUnavailable(str(error)) from error
+
+    def outside_address_of(self, vm_id: str) -> str | None:
+        return self.participant.outside_address_of(vm_id)
