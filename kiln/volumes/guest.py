@@ -1,6 +1,6 @@
 """What the host asks of a guest for its volumes, behind one small interface.
 
-Today every call runs ``guest_tool.py`` through the agent's ``exec`` op
+Today every call runs ``guest_tool.py`` in a python session of the agent
 (``ExecGuestVolumes``). The agent is gaining its own ``mount``, ``umount``,
 ``fsfreeze``, ``fsthaw`` and ``disk_usage`` ops; ``AgentOpsGuestVolumes`` uses
 them for those five and the tool for the rest. Switching is the one line in
@@ -10,6 +10,7 @@ them for those five and the tool for the rest. Switching is the one line in
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ from kiln.runtime.driver import RuntimeFailure
 from kiln.volumes import guest_tool
 from kiln.volumes.errors import GuestVolumeError
 
-GUEST_PYTHON = "python3"
 # Mounting waits this long for a hot-added disk to be scanned by the guest.
 DISK_APPEAR_SECONDS = 10.0
 # A freeze nobody thaws is thawed by the guest after this long.
@@ -92,24 +92,48 @@ def tool_source() -> str:
     return Path(guest_tool.__file__).read_text()
 
 
+@cache
+def tool_session() -> str:
+    """The agent's python session the tool lives in: named after its source,
+    so a guest still holding an older tool gets the new one loaded beside it."""
+    return f"kiln-volumes-{hashlib.sha256(tool_source().encode()).hexdigest()[:12]}"
+
+
+TOOL_NAME = "_kiln_volume_tool"
+NOT_LOADED = '{"ok": false, "error": "ENOTLOADED", "message": ""}'
+
+
+def call_code(request: str) -> str:
+    return (
+        f"if {TOOL_NAME!r} in globals(): {TOOL_NAME}.answer({request!r})\n"
+        f"else: print({NOT_LOADED!r})\n"
+    )
+
+
+def load_code() -> str:
+    return (
+        f"import types as _types\n"
+        f"{TOOL_NAME} = _types.ModuleType('kiln_volume_tool')\n"
+        f"exec(compile({tool_source()!r}, 'kiln/volumes/guest_tool.py', 'exec'), {TOOL_NAME}.__dict__)\n"
+    )
+
+
 class ExecGuestVolumes:
-    """Every operation is one run of ``guest_tool.py`` in the guest."""
+    """Every operation is a call of ``guest_tool.py`` in a persistent python
+    session of the agent (loaded by the first call in a VM): a python process
+    per call cost a second or more of imports and compiling under TCG."""
 
     def __init__(self, agent: Agent, timeout: float = CALL_SECONDS) -> None:
         self._agent = agent
         self._timeout = timeout
 
-    async def run_tool(self, op: str, **args: object) -> Any:
-        request = json.dumps({"op": op, "args": args}).encode()
+    async def _python(self, code: str) -> tuple[str, str, int | None]:
         stdout = bytearray()
         stderr = bytearray()
         exit_code = None
         try:
             async for frame in self._agent.stream(
-                "exec",
-                argv=[GUEST_PYTHON, "-S", "-c", tool_source()],
-                stdin=base64.b64encode(request).decode("ascii"),
-                timeout=self._timeout,
+                "python_exec", session=tool_session(), code=code, timeout=self._timeout
             ):
                 if frame.get("kind") == "stdout":
                     stdout += base64.b64decode(frame["data"])
@@ -119,21 +143,39 @@ class ExecGuestVolumes:
                     exit_code = frame["value"].get("exit_code")
         except RuntimeFailure as error:
             raise GuestVolumeError(
-                "EAGENT", f"volume op {op} failed in the guest: {error}"
+                "EAGENT", f"the guest's volume tool failed: {error}"
             ) from error
-        lines = bytes(stdout).decode(errors="replace").strip().splitlines()
-        try:
-            answer = json.loads(lines[-1])
-        except (IndexError, ValueError):
-            detail = bytes(stderr).decode(errors="replace").strip()[-1000:]
-            raise GuestVolumeError(
-                "EIO", f"volume op {op} gave no answer (exit {exit_code}): {detail}"
-            ) from None
+        return (
+            bytes(stdout).decode(errors="replace"),
+            bytes(stderr).decode(errors="replace"),
+            exit_code,
+        )
+
+    async def run_tool(self, op: str, **args: object) -> Any:
+        code = call_code(json.dumps({"op": op, "args": args}))
+        answer = await self._answer(op, code)
+        if answer.get("error") == "ENOTLOADED":
+            _, errors, exit_code = await self._python(load_code())
+            if exit_code != 0:
+                raise GuestVolumeError(
+                    "EIO", f"cannot load the volume tool in the guest: {errors[-1000:]}"
+                )
+            answer = await self._answer(op, code)
         if not answer.get("ok"):
             raise GuestVolumeError(
                 str(answer.get("error", "EIO")), str(answer.get("message", ""))
             )
         return answer.get("value")
+
+    async def _answer(self, op: str, code: str) -> dict:
+        output, errors, exit_code = await self._python(code)
+        try:
+            return dict(json.loads(output.strip().splitlines()[-1]))
+        except (IndexError, ValueError):
+            raise GuestVolumeError(
+                "EIO",
+                f"volume op {op} gave no answer (exit {exit_code}): {errors.strip()[-1000:]}",
+            ) from None
 
     async def mount(self, serial: str, mount_path: str, read_only: bool) -> str:
         value = await self.run_tool(

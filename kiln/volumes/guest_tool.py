@@ -1,12 +1,14 @@
 """Volume work inside a guest: find a disk by serial, mount, unmount, freeze,
 grow, usage, and file operations that never follow a symlink.
 
-This file runs in the guest, not on the host: the host sends its source
-through the agent's ``exec`` op (``python3 -S -c <source>``) with one JSON
-request on stdin and reads one JSON answer from stdout. So it imports the
+This file runs in the guest, not on the host: the host loads its source once
+per VM into a persistent interpreter of the agent (``python_exec``, a session
+of its own) and then calls ``answer(<JSON request>)``, which prints one JSON
+answer; run as a script it reads the request from stdin. So it imports the
 standard library only (the guest has Python 3.9+ and nothing else of Kiln's),
-and it calls the kernel directly (``mount(2)``, ``ioctl``) because the default
-image has neither util-linux's ``mount`` nor e2fsprogs.
+lazily where a module is slow to import under TCG, and it calls the kernel
+directly (``mount(2)``, ``ioctl``) because the default image has neither
+util-linux's ``mount`` nor e2fsprogs.
 
 Answers: ``{"ok": true, "value": ...}`` or ``{"ok": false, "error": CODE,
 "message": ...}``. The host side is ``kiln.volumes.guest.ExecGuestVolumes``.
@@ -17,13 +19,10 @@ inside a guest.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
 import os
-import secrets
-import shutil
 import stat
 import struct
 import sys
@@ -168,18 +167,24 @@ _libc = None
 def libc():
     global _libc
     if _libc is None:
+        import ctypes  # slow to import under TCG: only the mount ops need it
+
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
+def last_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
 def sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if (
-        libc().mount(
-            source.encode(), target.encode(), fstype.encode(), flags, data.encode()
-        )
-        != 0
-    ):
-        number = ctypes.get_errno()
+    result = libc().mount(
+        source.encode(), target.encode(), fstype.encode(), flags, data.encode()
+    )
+    if result != 0:
+        number = last_errno()
         raise refuse_oserror(
             OSError(number, os.strerror(number)), f"mount {source} on {target}"
         )
@@ -188,7 +193,7 @@ def sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> N
 def sys_umount(target: str, flags: int) -> int:
     """0, or the errno of umount2(2)."""
     if libc().umount2(target.encode(), flags) != 0:
-        return ctypes.get_errno()
+        return last_errno()
     return 0
 
 
@@ -298,7 +303,7 @@ def op_freeze(args: dict) -> dict:
     path = args["mount_path"]
     max_seconds = float(args.get("max_seconds", 60))
     os.makedirs(FREEZE_DIR, exist_ok=True)
-    token = secrets.token_hex(8)
+    token = os.urandom(8).hex()
     with open(freeze_token_path(path), "w") as file:
         file.write(token)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -323,8 +328,9 @@ def start_watchdog(path: str, token: str, max_seconds: float) -> None:
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
-        for fd in (0, 1, 2):
-            os.close(fd)
+        # Hold none of the parent's files: its output and control pipes must
+        # close when it ends, not when this watchdog does.
+        os.closerange(0, 65536)
         time.sleep(max_seconds)
         try:
             with open(freeze_token_path(path)) as file:
@@ -541,7 +547,7 @@ def op_file_begin_write(args: dict) -> dict:
     fd = walk_to_parent(args["root"], parts, create=True)
     try:
         check_replaceable(fd, parts, bool(args.get("overwrite", False)))
-        temporary = f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
+        temporary = f"{UPLOAD_PREFIX}{os.urandom(8).hex()}"
         os.close(
             os.open(
                 temporary,
@@ -629,6 +635,8 @@ def op_file_delete(args: dict) -> dict:
             raise Refused("ENOENT", f"no such file: {'/'.join(parts)}") from None
         if stat.S_ISDIR(info.st_mode):
             if args.get("recursive"):
+                import shutil
+
                 # rmtree with dir_fd walks by file descriptors and never follows links.
                 shutil.rmtree(parts[-1], dir_fd=fd)
             else:
@@ -730,24 +738,24 @@ OPS = {
 }
 
 
-def main() -> int:
+def answer(text: str) -> None:
+    """Run one JSON request; print the JSON answer as one line."""
     try:
-        request = json.loads(sys.stdin.read() or "{}")
+        request = json.loads(text or "{}")
         handler = OPS.get(request.get("op"))
         if handler is None:
             raise Refused("EINVAL", f"unknown op {request.get('op')!r}")
-        answer = {"ok": True, "value": handler(request.get("args") or {})}
+        result = {"ok": True, "value": handler(request.get("args") or {})}
     except Refused as refusal:
-        answer = {"ok": False, "error": refusal.code, "message": refusal.message}
+        result = {"ok": False, "error": refusal.code, "message": refusal.message}
     except OSError as error:
         failure = refuse_oserror(error, str(error.filename or "volume operation"))
-        answer = {"ok": False, "error": failure.code, "message": failure.message}
+        result = {"ok": False, "error": failure.code, "message": failure.message}
     except (KeyError, ValueError, TypeError) as error:
-        answer = {"ok": False, "error": "EINVAL", "message": f"bad request: {error!r}"}
-    sys.stdout.write(json.dumps(answer) + "\n")
+        result = {"ok": False, "error": "EINVAL", "message": f"bad request: {error!r}"}
+    sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    answer(sys.stdin.read())

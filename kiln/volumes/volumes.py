@@ -574,12 +574,12 @@ class Volumes:
             raise VolumeError(
                 "host-side access to an unmounted volume needs helper VMs, and none are set up"
             )
-        async with self._helpers.session() as machine:
-            vm = as_handle(machine)
+        async with self._helpers.session() as session:
+            vm = as_handle(session.machine)
             mount = Mount(meta.volume_id, HELPER_MOUNT_PATH, read_only=read_only)
             attachment = await self._plan(paths, meta, vm.vm_id, mount, set())
+            attachment = await self._plug(vm, attachment)
             try:
-                attachment = await self._plug(vm, attachment)
                 yield vm, attachment
             finally:
                 await attach.unmount_and_unplug(
@@ -591,6 +591,8 @@ class Volumes:
                     attachment,
                     force=True,
                 )
+                # Left as it was found: it may serve the next volume.
+                session.reusable = not await hotplug.drives(vm.qmp)
 
     async def upload(
         self,
@@ -624,7 +626,12 @@ class Volumes:
         async with self.files(volume_id, write=True) as files:
             await files.delete(path, recursive)
 
-    # ---- host start
+    # ---- host start and stop
+
+    async def close(self) -> None:
+        """At shutdown: stop the helper VM that waits for work."""
+        if self._helpers is not None:
+            await self._helpers.close()
 
     async def recover(self) -> None:
         """At start: finish or undo what a dead process left half done in each

@@ -74,6 +74,7 @@ async def kit(
     try:
         yield kit
     finally:
+        await helpers.close()
         for vm_id in list(helpers.active):
             await helpers.destroy(vm_id)
         for volume_id in kit.made:
