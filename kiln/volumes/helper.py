@@ -25,16 +25,10 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from kiln.config import Settings
-from kiln.runtime.driver import (
-    BootImage,
-    Confinement,
-    Hypervisor,
-    Machine,
-    MachineSpec,
-    SavedState,
-)
+from kiln.runtime.driver import BootImage, Confinement, Machine, MachineSpec, SavedState
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +46,17 @@ class HelperBase:
 
 
 BaseProvider = Callable[[], Awaitable[HelperBase]]
+
+
+class HelperHypervisor(Protocol):
+    """What helpers need of ``kiln.runtime.driver.Hypervisor`` (``QemuHypervisor``
+    is one; its methods take its own machine type, hence the ``Any``)."""
+
+    async def start(self, spec: MachineSpec) -> Machine: ...
+
+    async def destroy(self, vm_id: str, run_dir: Path) -> None: ...
+
+    def is_running(self, machine: Any) -> bool: ...
 
 
 def is_helper(vm_id: str) -> bool:
@@ -76,7 +81,7 @@ class HelperVms:
     def __init__(
         self,
         settings: Settings,
-        hypervisor: Hypervisor,
+        hypervisor: HelperHypervisor,
         base: BaseProvider,
         *,
         confinement: Callable[[str], Confinement | None] | None = None,

@@ -13,15 +13,19 @@ import uuid
 from dataclasses import replace
 
 import pytest
+from integration.volumes_fixtures import MiB, VolumeKit, kit_fixture, ok, run  # noqa: F401
 
 from kiln.config import Settings
 from kiln.node.participant import HostResource, Launch, Mount, VmContext
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState
 from kiln.runtime.qemu import QemuHypervisor, process_is_alive
-from kiln.volumes import PathRefused, VolumeFileConflict, VolumeFileNotFound, VolumeParticipant
+from kiln.volumes import (
+    PathRefused,
+    VolumeFileConflict,
+    VolumeFileNotFound,
+    VolumeParticipant,
+)
 from kiln.volumes.hotplug import drives
-
-from integration.volumes_fixtures import MiB, VolumeKit, kit, ok, run  # noqa: F401
 
 pytestmark = pytest.mark.vm
 
@@ -129,13 +133,19 @@ async def test_a_volume_through_create_suspend_resume_and_delete(
         shutil.rmtree(saved_dir, ignore_errors=True)
 
 
-async def test_files_round_trip_and_no_symlink_leads_out(kit: VolumeKit, restore_vm) -> None:
+async def test_files_round_trip_and_no_symlink_leads_out(
+    kit: VolumeKit, restore_vm
+) -> None:
     volume_id = await kit.new_volume()
     blob = bytes(range(256)) * 1024 + os.urandom(300 * 1024) + b"\0\r\n\xff"
 
     # Unmounted: a helper VM does the work.
     entry = await kit.volumes.upload(volume_id, "dir/sub/blob.bin", blob)
-    assert (entry.path, entry.size, entry.kind) == ("dir/sub/blob.bin", len(blob), "file")
+    assert (entry.path, entry.size, entry.kind) == (
+        "dir/sub/blob.bin",
+        len(blob),
+        "file",
+    )
     assert await kit.volumes.download(volume_id, "dir/sub/blob.bin") == blob
     with pytest.raises(VolumeFileConflict):
         await kit.volumes.upload(volume_id, "dir/sub/blob.bin", b"again")
@@ -144,13 +154,18 @@ async def test_files_round_trip_and_no_symlink_leads_out(kit: VolumeKit, restore
     await kit.volumes.upload(volume_id, "dir/top.txt", b"t")
     listed = await kit.volumes.list_files(volume_id, prefix="dir/", recursive=True)
     assert [e.path for e in listed] == ["dir/sub", "dir/sub/blob.bin", "dir/top.txt"]
-    assert [e.path for e in await kit.volumes.list_files(volume_id, prefix="dir/s")] == ["dir/sub"]
+    assert [
+        e.path for e in await kit.volumes.list_files(volume_id, prefix="dir/s")
+    ] == ["dir/sub"]
     assert len(await kit.volumes.list_files(volume_id, recursive=True, limit=2)) == 2
 
     # Links made by a guest, pointing out of the volume.
     vm = kit.know(await restore_vm())
     await kit.volumes.attach(vm, Mount(volume_id, "/data", read_only=False))
-    await ok(vm, "ln -s /etc/passwd /data/link && ln -s /etc /data/etc && ln -s ../../.. /data/dir/up && sync")
+    await ok(
+        vm,
+        "ln -s /etc/passwd /data/link && ln -s /etc /data/etc && ln -s ../../.. /data/dir/up && sync",
+    )
     await kit.volumes.detach(vm, volume_id, "/data")
     for refused in (
         kit.volumes.download(volume_id, "link"),
@@ -164,8 +179,12 @@ async def test_files_round_trip_and_no_symlink_leads_out(kit: VolumeKit, restore
     ):
         with pytest.raises(PathRefused):
             await refused
-    everything = {e.path: e.kind for e in await kit.volumes.list_files(volume_id, recursive=True)}
-    assert everything["etc"] == "symlink" and not any(p.startswith("etc/") for p in everything)
+    everything = {
+        e.path: e.kind for e in await kit.volumes.list_files(volume_id, recursive=True)
+    }
+    assert everything["etc"] == "symlink" and not any(
+        p.startswith("etc/") for p in everything
+    )
     await kit.volumes.delete_file(volume_id, "link")  # the link itself, not its target
     with pytest.raises(VolumeFileNotFound):
         await kit.volumes.download(volume_id, "link")
@@ -182,11 +201,16 @@ async def test_files_round_trip_and_no_symlink_leads_out(kit: VolumeKit, restore
     await kit.volumes.detach(vm, volume_id, "/data")
 
 
-async def test_kill_9_loses_no_synced_write_and_the_volume_mounts_again(kit: VolumeKit, restore_vm) -> None:
+async def test_kill_9_loses_no_synced_write_and_the_volume_mounts_again(
+    kit: VolumeKit, restore_vm
+) -> None:
     volume_id = await kit.new_volume()
     vm = kit.know(await restore_vm())
     await kit.volumes.attach(vm, Mount(volume_id, "/data", read_only=False))
-    await ok(vm, "head -c 2000000 /dev/urandom > /data/synced && md5sum /data/synced > /data/synced.md5 && sync")
+    await ok(
+        vm,
+        "head -c 2000000 /dev/urandom > /data/synced && md5sum /data/synced > /data/synced.md5 && sync",
+    )
     expected = await ok(vm, "cat /data/synced.md5")
     # Written after the sync: may or may not survive, but must not break anything.
     await ok(vm, "head -c 3000000 /dev/urandom > /data/unsynced")
@@ -198,7 +222,9 @@ async def test_kill_9_loses_no_synced_write_and_the_volume_mounts_again(kit: Vol
     assert (await kit.volumes.get(volume_id)).needs_check
 
     later = kit.know(await restore_vm())
-    await kit.volumes.attach(later, Mount(volume_id, "/data", read_only=False))  # checked first
+    await kit.volumes.attach(
+        later, Mount(volume_id, "/data", read_only=False)
+    )  # checked first
     assert not (await kit.volumes.get(volume_id)).needs_check
     assert await ok(later, "md5sum /data/synced") == expected
     await ok(later, "echo writable > /data/after && sync")

@@ -4,12 +4,10 @@ and real ext4: mounts, ro, quota, checkpoints, hot attach and detach."""
 from __future__ import annotations
 
 import pytest
+from integration.volumes_fixtures import MiB, VolumeKit, kit_fixture, ok, run  # noqa: F401
 
 from kiln.node.participant import Mount
-from kiln.volumes import VolumeBusy
-from kiln.volumes import hotplug
-
-from integration.volumes_fixtures import MiB, VolumeKit, kit, ok, run  # noqa: F401
+from kiln.volumes import VolumeBusy, hotplug
 
 pytestmark = pytest.mark.vm
 
@@ -20,7 +18,10 @@ async def test_data_written_by_one_vm_is_read_by_a_later_vm_and_ro_refuses_write
     volume_id = await kit.new_volume()
     writer = kit.know(await restore_vm())
     await kit.volumes.attach(writer, Mount(volume_id, "/data", read_only=False))
-    await ok(writer, "echo first-vm > /data/hello && mkdir -p /data/sub && echo deep > /data/sub/f && sync")
+    await ok(
+        writer,
+        "echo first-vm > /data/hello && mkdir -p /data/sub && echo deep > /data/sub/f && sync",
+    )
     await kit.volumes.detach(writer, volume_id, "/data")
     assert "/data" not in await ok(writer, "cat /proc/mounts")
     assert not await hotplug.drives(writer.qmp)  # unplugged from QEMU too
@@ -40,9 +41,18 @@ async def test_the_quota_holds_in_the_guest(kit: VolumeKit, restore_vm) -> None:
     volume_id = await kit.new_volume(32 * MiB)
     vm = kit.know(await restore_vm())
     await kit.volumes.attach(vm, Mount(volume_id, "/data", read_only=False))
-    code, _, err = await run(vm, "dd if=/dev/zero of=/data/big bs=1M count=64 conv=fsync")
+    code, _, err = await run(
+        vm, "dd if=/dev/zero of=/data/big bs=1M count=64 conv=fsync"
+    )
     assert code != 0 and "No space left on device" in err
-    total = int((await ok(vm, "stat -f -c '%b*%S' /data | tr '*' ' ' | { read b s; echo $((b*s)); }")).strip())
+    total = int(
+        (
+            await ok(
+                vm,
+                "stat -f -c '%b*%S' /data | tr '*' ' ' | { read b s; echo $((b*s)); }",
+            )
+        ).strip()
+    )
     assert total <= 32 * MiB
     await ok(vm, "rm /data/big && sync")
     await kit.volumes.detach(vm, volume_id, "/data")
@@ -67,17 +77,23 @@ async def test_rw_is_exclusive_and_ro_shares(kit: VolumeKit, restore_vm) -> None
         await kit.volumes.detach(vm, volume_id, path)
 
 
-async def test_a_checkpoint_keeps_the_old_content_while_the_volume_moves_on(kit: VolumeKit, restore_vm) -> None:
+async def test_a_checkpoint_keeps_the_old_content_while_the_volume_moves_on(
+    kit: VolumeKit, restore_vm
+) -> None:
     volume_id = await kit.new_volume()
     vm = kit.know(await restore_vm())
     await kit.volumes.attach(vm, Mount(volume_id, "/data", read_only=False))
     await ok(vm, "echo before > /data/state")
-    checkpoint = await kit.volumes.create_checkpoint(volume_id, "cp1")  # online: frozen, then thawed
+    checkpoint = await kit.volumes.create_checkpoint(
+        volume_id, "cp1"
+    )  # online: frozen, then thawed
     await ok(vm, "echo after > /data/state && echo new > /data/added && sync")
     assert checkpoint.size_bytes > 0
 
     # The checkpoint, read-only, beside the live volume in the same VM.
-    await kit.volumes.attach(vm, Mount(volume_id, "/old", read_only=True, checkpoint_id="cp1"))
+    await kit.volumes.attach(
+        vm, Mount(volume_id, "/old", read_only=True, checkpoint_id="cp1")
+    )
     assert await ok(vm, "cat /old/state") == "before\n"
     assert await ok(vm, "cat /data/state") == "after\n"
     assert (await run(vm, "test -e /old/added"))[0] != 0
@@ -85,10 +101,14 @@ async def test_a_checkpoint_keeps_the_old_content_while_the_volume_moves_on(kit:
 
     # rw on a checkpoint: the writes go to a throwaway layer.
     other = kit.know(await restore_vm())
-    await kit.volumes.attach(other, Mount(volume_id, "/scratch", read_only=False, checkpoint_id="cp1"))
+    await kit.volumes.attach(
+        other, Mount(volume_id, "/scratch", read_only=False, checkpoint_id="cp1")
+    )
     await ok(other, "echo scribbled > /scratch/state && sync")
     await kit.volumes.detach(other, volume_id, "/scratch")
-    await kit.volumes.attach(other, Mount(volume_id, "/again", read_only=True, checkpoint_id="cp1"))
+    await kit.volumes.attach(
+        other, Mount(volume_id, "/again", read_only=True, checkpoint_id="cp1")
+    )
     assert await ok(other, "cat /again/state") == "before\n"
     assert await ok(vm, "cat /data/state") == "after\n"
     await kit.volumes.detach(other, volume_id, "/again")
@@ -112,7 +132,9 @@ async def test_growing_a_mounted_volume_online(kit: VolumeKit, restore_vm) -> No
     volume_id = await kit.new_volume(32 * MiB)
     vm = kit.know(await restore_vm())
     await kit.volumes.attach(vm, Mount(volume_id, "/data", read_only=False))
-    code, _, err = await run(vm, "dd if=/dev/zero of=/data/big bs=1M count=40 conv=fsync")
+    code, _, err = await run(
+        vm, "dd if=/dev/zero of=/data/big bs=1M count=40 conv=fsync"
+    )
     assert code != 0 and "No space left on device" in err
     await ok(vm, "rm /data/big")
     info = await kit.volumes.resize(volume_id, 96 * MiB)

@@ -45,7 +45,15 @@ def require_host_tools() -> None:
     one fails the test instead of skipping it."""
     missing = [
         tool
-        for tool in ("qemu-img", "qemu-storage-daemon", "mkfs.ext4", "e2fsck", "resize2fs", "dumpe2fs", "setpriv")
+        for tool in (
+            "qemu-img",
+            "qemu-storage-daemon",
+            "mkfs.ext4",
+            "e2fsck",
+            "resize2fs",
+            "dumpe2fs",
+            "setpriv",
+        )
         if shutil.which(tool) is None
     ]
     if not os.path.exists("/dev/fuse"):
@@ -57,8 +65,8 @@ def require_host_tools() -> None:
         pytest.skip(message)
 
 
-@pytest.fixture
-async def kit(
+@pytest.fixture(name="kit")
+async def kit_fixture(
     vm_settings: Settings, boot_image: BootImage, base_snapshot: SavedState
 ) -> AsyncIterator[VolumeKit]:
     require_host_tools()
@@ -81,7 +89,9 @@ async def kit(
             shutil.rmtree(vm_settings.volumes_dir / volume_id, ignore_errors=True)
 
 
-async def run(machine: QemuMachine, command: str, timeout: float = 60) -> tuple[int, str, str]:
+async def run(
+    machine: QemuMachine, command: str, timeout: float = 60
+) -> tuple[int, str, str]:
     """``command`` in the guest's shell: exit code, stdout, stderr."""
     out = bytearray()
     err = bytearray()
