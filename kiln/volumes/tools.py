@@ -178,9 +178,12 @@ async def repair_leaks(path: Path) -> ToolResult:
 async def make_ext4(raw: Path) -> None:
     """An empty ext4 filling the raw file. No blocks reserved for root (it is
     all the user's quota); inode tables and journal zeroed now (cheap: holes
-    in a sparse file) so the guest's first mount has no lazy init to do."""
+    in a sparse file) so the guest's first mount has no lazy init to do.
+    4 KiB blocks and an inode per 16 KiB whatever the size: mke2fs would make
+    a "small" filesystem (1 KiB blocks) below 512 MiB, which resize2fs then
+    cannot shrink much after it was grown."""
     await run(
-        "mkfs.ext4", "-q", "-F", "-m", "0", "-L", "kiln-volume",
+        "mkfs.ext4", "-q", "-F", "-m", "0", "-L", "kiln-volume", "-b", "4096", "-i", "16384", "-I", "256",
         "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", str(raw),
     )  # fmt: skip
 

@@ -133,6 +133,54 @@ async def test_a_volume_through_create_suspend_resume_and_delete(
         shutil.rmtree(saved_dir, ignore_errors=True)
 
 
+async def test_a_cold_boot_starts_with_its_drives_on_the_command_line(
+    kit: VolumeKit, hypervisor: QemuHypervisor, vm_settings: Settings, boot_image: BootImage
+) -> None:
+    participant = VolumeParticipant(kit.volumes, kit.helpers)
+    ledger = MemoryLedger()
+    data, reference = await kit.new_volume(), await kit.new_volume()
+    await kit.volumes.upload(reference, "ref.txt", b"reference\n")
+    await kit.volumes.create_checkpoint(reference, "cp")
+    vm_id = f"b{uuid.uuid4().hex[:10]}"
+    context = VmContext(
+        vm_id=vm_id,
+        owner_id=None,
+        vcpu_count=1,
+        memory_mb=256,
+        image=boot_image,
+        run_dir=vm_settings.vms_dir / vm_id,
+        mounts=(
+            Mount(data, "/data", read_only=False),
+            Mount(reference, "/ref", read_only=True, checkpoint_id="cp"),
+        ),
+    )
+    launch = Launch()
+    await participant.prepare(context, launch, ledger)
+    assert [(d.read_only, d.path.suffix) for d in launch.scsi_drives] == [(False, ".qcow2"), (True, ".qcow2")]
+    try:
+        machine = await hypervisor.start(
+            MachineSpec(
+                vm_id=vm_id,
+                vcpu_count=1,
+                memory_mb=256,
+                image=boot_image,
+                run_dir=context.run_dir,
+                scsi_drives=tuple(launch.scsi_drives),
+            )
+        )
+        await machine.wait_ready(vm_settings.boot_timeout_seconds)
+        kit.know(machine)
+        await participant.ready(context, machine, restored=False)
+        assert await ok(machine, "cat /ref/ref.txt") == "reference\n"
+        await ok(machine, "echo booted > /data/f && sync")
+        await participant.release(vm_id, await ledger.of_vm(vm_id), ledger)
+        assert await ledger.all() == []
+    finally:
+        await hypervisor.destroy(vm_id, context.run_dir)
+        await kit.volumes.release(vm_id)
+    assert await kit.volumes.download(data, "f") == b"booted\n"
+
+
 async def test_files_round_trip_and_no_symlink_leads_out(
     kit: VolumeKit, restore_vm
 ) -> None:

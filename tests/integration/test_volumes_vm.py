@@ -7,7 +7,7 @@ import pytest
 from integration.volumes_fixtures import MiB, VolumeKit, kit_fixture, ok, run  # noqa: F401
 
 from kiln.node.participant import Mount
-from kiln.volumes import VolumeBusy, hotplug
+from kiln.volumes import VolumeBusy, VolumeTooSmall, hotplug
 
 pytestmark = pytest.mark.vm
 
@@ -144,4 +144,15 @@ async def test_growing_a_mounted_volume_online(kit: VolumeKit, restore_vm) -> No
     assert info.used_bytes >= 40 * MiB
     with pytest.raises(VolumeBusy):
         await kit.volumes.resize(volume_id, 64 * MiB)  # no shrinking while mounted
+    await ok(vm, "md5sum /data/big > /data/big.md5 && sync")
+    await kit.volumes.detach(vm, volume_id, "/data")
+
+    # Offline: never below what it holds; above that, the data stays.
+    with pytest.raises(VolumeTooSmall):
+        await kit.volumes.resize(volume_id, 32 * MiB)
+    assert (await kit.volumes.resize(volume_id, 64 * MiB)).size_bytes == 64 * MiB
+    await kit.volumes.attach(vm, Mount(volume_id, "/data", read_only=True))
+    await ok(vm, "cd /data && md5sum -c big.md5")
+    total = int((await ok(vm, "stat -f -c '%b %S' /data | { read b s; echo $((b*s)); }")).strip())
+    assert 48 * MiB < total <= 64 * MiB
     await kit.volumes.detach(vm, volume_id, "/data")
