@@ -437,17 +437,19 @@ class Volumes:
     async def mount_all(
         self, machine: object, keep: tuple[Mount, ...]
     ) -> list[Attachment]:
-        """Bring the VM's drives in line with ``keep`` (its mounts): every
-        recorded one plugged and mounted (idempotent: a restored guest has its
-        saved mounts already), every other one of its records taken away."""
+        """Bring the VM's drives in line with ``keep`` (its mounts): each one
+        plugged and mounted (idempotent: a restored guest has its saved mounts
+        already; a mount without a record yet is planned now), every other
+        record of the VM taken away."""
         vm = as_handle(machine)
         wanted = {
-            drive_id_for(m.volume_id, m.mount_path, m.checkpoint_id) for m in keep
+            drive_id_for(m.volume_id, m.mount_path, m.checkpoint_id): m for m in keep
         }
         mounted = []
         for attachment in self.store.of_vm(vm.vm_id):
             async with self._locked(attachment.volume_id) as (paths, meta):
                 if attachment.drive_id in wanted:
+                    del wanted[attachment.drive_id]
                     mounted.append(await self._plug(vm, attachment))
                 else:
                     await attach.unmount_and_unplug(
@@ -459,6 +461,8 @@ class Volumes:
                         attachment,
                         force=True,
                     )
+        for mount in wanted.values():
+            mounted.append(await self.attach(vm, mount))
         return mounted
 
     async def detach(

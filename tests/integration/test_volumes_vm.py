@@ -7,7 +7,10 @@ import pytest
 from integration.volumes_fixtures import MiB, VolumeKit, kit_fixture, ok, run  # noqa: F401
 
 from kiln.node.participant import Mount
+from kiln.runtime.driver import RuntimeFailure
 from kiln.volumes import VolumeBusy, VolumeTooSmall, hotplug
+from kiln.volumes.guest import ExecGuestVolumes
+from kiln.volumes.layout import read_meta
 
 pytestmark = pytest.mark.vm
 
@@ -153,6 +156,41 @@ async def test_growing_a_mounted_volume_online(kit: VolumeKit, restore_vm) -> No
     assert (await kit.volumes.resize(volume_id, 64 * MiB)).size_bytes == 64 * MiB
     await kit.volumes.attach(vm, Mount(volume_id, "/data", read_only=True))
     await ok(vm, "cd /data && md5sum -c big.md5")
-    total = int((await ok(vm, "stat -f -c '%b %S' /data | { read b s; echo $((b*s)); }")).strip())
+    total = int(
+        (
+            await ok(vm, "stat -f -c '%b %S' /data | { read b s; echo $((b*s)); }")
+        ).strip()
+    )
     assert 48 * MiB < total <= 64 * MiB
+    await kit.volumes.detach(vm, volume_id, "/data")
+
+
+async def test_a_failed_checkpoint_thaws_and_changes_nothing(
+    kit: VolumeKit, restore_vm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume_id = await kit.new_volume()
+    vm = kit.know(await restore_vm())
+    await kit.volumes.attach(vm, Mount(volume_id, "/data", read_only=False))
+    await ok(vm, "echo one > /data/f")
+    before = read_meta(kit.volumes.paths(volume_id))
+
+    async def broken(*args: object) -> str:
+        raise RuntimeFailure("blockdev-snapshot failed (injected)")
+
+    monkeypatch.setattr(hotplug, "snapshot_drive", broken)
+    with pytest.raises(RuntimeFailure, match="injected"):
+        await kit.volumes.create_checkpoint(volume_id, "cp")
+    monkeypatch.undo()
+    # Thawed: a write completes (a frozen filesystem would block it to the timeout).
+    await ok(vm, "echo two > /data/f && sync", timeout=30)
+    after = read_meta(kit.volumes.paths(volume_id))
+    assert (after.top, after.layers, after.pending) == (before.top, before.layers, None)
+    assert sorted(p.name for p in kit.volumes.paths(volume_id).layers.iterdir()) == [
+        f"{before.top}.qcow2"
+    ]
+    # And the guest's own watchdog thaws a freeze the host never ends.
+    await ExecGuestVolumes(vm.agent).run_tool(
+        "freeze", mount_path="/data", max_seconds=1
+    )
+    await ok(vm, "echo three > /data/f && sync", timeout=30)
     await kit.volumes.detach(vm, volume_id, "/data")
