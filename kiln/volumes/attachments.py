@@ -29,6 +29,8 @@ FORBIDDEN_MOUNT_ROOTS = (
     "/proc", "/run", "/sbin", "/sys", "/usr",
 )  # fmt: skip
 MAX_MOUNT_PATH = 1024
+# Every drive this package plugs has an id (node name, device id, serial) with this prefix.
+DRIVE_PREFIX = "vol-"
 
 # A record's states, in order: planned (recorded, the drive may not exist
 # yet), attached (the VM has the drive), mounted (the guest has it mounted),
@@ -65,7 +67,7 @@ def drive_id_for(volume_id: str, mount_path: str, checkpoint_id: str | None) -> 
     digest = hashlib.sha256(
         f"{volume_id}\0{mount_path}\0{checkpoint_id or ''}".encode()
     ).hexdigest()
-    return f"vol-{digest[:12]}"
+    return f"{DRIVE_PREFIX}{digest[:12]}"
 
 
 @dataclass(frozen=True)

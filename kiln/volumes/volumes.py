@@ -26,6 +26,7 @@ from kiln.volumes import attach, chain, hotplug, images, procfs
 from kiln.volumes.attach import GuestFactory, VmHandle, as_handle
 from kiln.volumes.attachments import (
     ATTACHED,
+    DRIVE_PREFIX,
     MOUNTED,
     Attachment,
     AttachmentStore,
@@ -596,7 +597,10 @@ class Volumes:
                     force=True,
                 )
                 # Left as it was found: it may serve the next volume.
-                session.reusable = not await hotplug.drives(vm.qmp)
+                session.reusable = not any(
+                    drive.startswith(DRIVE_PREFIX)
+                    for drive in await hotplug.drives(vm.qmp)
+                )
 
     async def upload(
         self,
