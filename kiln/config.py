@@ -130,6 +130,16 @@ class Settings(BaseSettings):
         "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
     ]  # fmt: skip
 
+    # Volumes (kiln/volumes/README.md). The bounds of a volume's size (its quota).
+    volume_min_bytes: int = 16 * 1024 * 1024
+    volume_max_bytes: int = 1024**4
+    # Layers of a volume's qcow2 chain (one per checkpoint kept, or deleted and
+    # not merged yet): reads walk the chain, so it stays short.
+    volume_max_layers: int = 32
+    # The unprivileged user e2fsprogs run as on volume images (they parse what
+    # a guest wrote).
+    volume_tools_user: str = "nobody"
+
     @property
     def database(self) -> str:
         if self.database_url:

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  qemu-system-x86 qemu-utils   # the hypervisor and qcow2 tooling
+  qemu-system-x86 qemu-utils   # the hypervisor and qcow2 tooling (qemu-img, qemu-io)
+  qemu-system-common           # qemu-storage-daemon: FUSE raw views of volume images for e2fsprogs
   mmdebstrap busybox-static e2fsprogs cpio zstd  # image builds
   nftables iproute2 conntrack  # guest networking (conntrack: closing flows a policy change forbids)
   skopeo                       # OCI imports from registries (KILN_OCI_REGISTRIES)
@@ -24,6 +25,11 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Volumes' raw views are FUSE exports (kiln/volumes/rawview.py).
+if [[ ! -e /dev/fuse && $(id -u) -eq 0 ]]; then
+  modprobe fuse 2>/dev/null || echo "setup: no /dev/fuse; host-side volume checks and resizes will fail" >&2
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -10,6 +10,7 @@ kills any VM process a test left behind, whatever happened to the server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import shutil
@@ -87,17 +88,27 @@ class LiveServer:
             self.process.wait(timeout=30)
 
 
+@functools.cache
 def network_env(data_dir: Path) -> dict[str, str]:
     """Host names and addresses of this server's guest networking, its own (from
     its data dir's name): servers running at once never share a namespace
-    prefix, an nftables table, outside addresses or the egress daemon's address."""
+    prefix, an nftables table, outside addresses or the egress daemon's address.
+    Chosen once per data dir (the server, restarted or not, keeps its names)."""
     tag = hashlib.sha256(str(data_dir).encode()).hexdigest()
     number = int(tag[:8], 16)
+    # Other test sessions (other checkouts, the net tests' own world) may hold
+    # some of these ranges: take the first /24 after this server's own that
+    # nothing on the host routes to.
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=False).stdout
+    for step in range(250):
+        third = (number + step) % 250 + 1
+        if f"198.18.{third}." not in routes and f"198.19.{third}." not in routes:
+            break
     return {
         "KILN_NET_PREFIX": f"ks{tag[:4]}",
         "KILN_NET_NFT_TABLE": f"kiln_{tag[:8]}",
-        "KILN_NET_OUTSIDE_POOL": f"198.18.{number % 250 + 1}.0/24",
-        "KILN_NET_HOST_ADDRESS": f"198.19.{(number >> 8) % 250 + 1}.{(number >> 16) % 250 + 1}",
+        "KILN_NET_OUTSIDE_POOL": f"198.18.{third}.0/24",
+        "KILN_NET_HOST_ADDRESS": f"198.19.{third}.{(number >> 16) % 250 + 1}",
     }
 
 
@@ -146,20 +157,19 @@ def destroy_leftover_vms(settings: Settings) -> list[str]:
     purpose) and remove its nftables table. Returns the network namespaces and
     links of the server that were still there (removed too): its VMs were
     deleted, so there should be none."""
+    return asyncio.run(destroy_leftovers(settings))
+
+
+async def destroy_leftovers(settings: Settings) -> list[str]:
+    """``destroy_leftover_vms`` for callers inside an event loop."""
     hypervisor = QemuHypervisor(settings)
-
-    async def destroy_all() -> None:
-        if settings.vms_dir.is_dir():
-            for run_dir in settings.vms_dir.iterdir():
-                await hypervisor.destroy(run_dir.name, run_dir)
-        left = await leftover_links(settings)
-        await EgressSupervisor(settings).stop()
-        await uninstall(settings)
-        leftovers.extend(left)
-
-    leftovers: list[str] = []
-    asyncio.run(destroy_all())
-    return leftovers
+    if settings.vms_dir.is_dir():
+        for run_dir in settings.vms_dir.iterdir():
+            await hypervisor.destroy(run_dir.name, run_dir)
+    left = await leftover_links(settings)
+    await EgressSupervisor(settings).stop()
+    await uninstall(settings)
+    return left
 
 
 async def leftover_links(settings: Settings) -> list[str]:

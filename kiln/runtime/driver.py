@@ -81,6 +81,9 @@ class ScsiDrive:
     path: Path
     read_only: bool = False
     image_format: str = "qcow2"
+    # The SCSI target: a restore needs each drive where the saved VM had it
+    # (hot detaches leave gaps). None: QEMU picks the next free one.
+    scsi_id: int | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from live_server import destroy_leftovers, server_settings
 from unit.harness import add_user, key_headers
 
 from kiln.api.app import ADMIN_KEY_FILE, create_app
@@ -76,8 +77,7 @@ async def running_api(
     snapshot's, so creates restore (the cache is the shared KILN_CACHE_DIR).
     ``settings_overrides``: more Settings fields (e.g. the OCI import roots)."""
     data_dir = Path(vm_settings.data_dir) / f"api-{time.monotonic_ns() % 10**8}"
-    settings = Settings(
-        data_dir=data_dir,
+    settings = server_settings(data_dir).model_copy(update=dict(
         cache_dir=vm_settings.cache_dir,
         database_url=f"sqlite+aiosqlite:///{data_dir / 'kiln.db'}",
         default_memory_mb=base_snapshot.memory_mb,
@@ -85,7 +85,7 @@ async def running_api(
         pool_size=pool_size,
         max_disk_chain=max_disk_chain,
         **settings_overrides,
-    )
+    ))
     hypervisor = QemuHypervisor(settings)
     app: FastAPI = create_app(settings, hypervisor=hypervisor)
     async with app.router.lifespan_context(app):
@@ -111,9 +111,9 @@ async def running_api(
     # Users' VMs were deleted and the server stopped: no VM may be left running
     # (idle pool VMs do not outlive the server). Whatever is, goes anyway.
     leftovers = hypervisor.running_under(settings.vms_dir)
-    for run_dir in settings.vms_dir.glob("*") if settings.vms_dir.exists() else []:
-        await hypervisor.destroy(run_dir.name, run_dir)
+    left_links = await destroy_leftovers(settings)
     assert not leftovers, f"VMs still running after the server stopped: {leftovers}"
+    assert not left_links, f"network namespaces or links left behind: {left_links}"
 
 
 @pytest.fixture

@@ -85,9 +85,10 @@ def scsi_drive_arguments(drives: tuple[ScsiDrive, ...]) -> list[str]:
             "file": {"driver": "file", "filename": str(drive.path), "locking": "off"},
         }
         argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
+        target = f",scsi-id={drive.scsi_id},lun=0" if drive.scsi_id is not None else ""
         argv += [
             "-device",
-            f"scsi-hd,bus=scsi0.0,drive={drive.drive_id},id={drive.drive_id},serial={drive.drive_id}",
+            f"scsi-hd,bus=scsi0.0,drive={drive.drive_id},id={drive.drive_id},serial={drive.drive_id}{target}",
         ]
     return argv
 
