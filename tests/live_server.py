@@ -109,6 +109,9 @@ def network_env(data_dir: Path) -> dict[str, str]:
         "KILN_NET_NFT_TABLE": f"kiln_{tag[:8]}",
         "KILN_NET_OUTSIDE_POOL": f"198.18.{third}.0/24",
         "KILN_NET_HOST_ADDRESS": f"198.19.{third}.{(number >> 16) % 250 + 1}",
+        # Each Kiln's tables let only its own marked proxy connections out its
+        # uplink: another Kiln's with the same mark would have them refused.
+        "KILN_NET_EGRESS_MARK": str(0x4B490000 + (number & 0xFFFF)),
     }
 
 

@@ -158,7 +158,8 @@ class NetParticipant:
         self._vm_locks.pop(vm_id, None)
 
     async def inventory(self) -> list[HostResource]:
-        """Namespaces, host veths, VM chains and policy files of this prefix and table."""
+        """Namespaces (and the leases they hold), host veths, VM chains and
+        policy files of this prefix and table."""
         plan = self.plan
         owners = {egress.lease: egress.vm_id for egress in self.feed.published().values()}
         found: list[HostResource] = []
@@ -169,6 +170,8 @@ class NetParticipant:
         for name in netns.names():
             if (n := plan.lease_of_netns(name)) is not None:
                 found.append(resource(NETNS, name, n))
+                # A lease has no object of its own: it lives as long as its namespace.
+                found.append(resource(LEASE, f"{plan.prefix}/{n}", n))
         for name in await links.host_links():
             if (n := plan.lease_of_veth(name)) is not None:
                 found.append(resource(VETH, name.split("@")[0], n))

@@ -80,7 +80,7 @@ def interrupt(api: Api, method: str, path: str, delay: float) -> None:
 
 def check_vm_survived(api: Api, vm: dict) -> None:
     record = api.vm(vm["vm_id"])
-    assert record["status"] in ("running", "suspended"), record
+    assert record["status"] in ("running", "suspended"), record.get("failure_reason")
     if record["status"] == "suspended":
         resumed = api.http.post(f"/v1/vms/{vm['vm_id']}/resume")
         assert resumed.status_code == 200, resumed.text
