@@ -88,6 +88,12 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # QEMU as the unprivileged VM user in a cgroup per VM ("off": as Kiln's own
+    # user, no cgroups; seccomp stays on). VM cgroups are made under <the
+    # server's own cgroup>/<cgroup_parent> in each hierarchy.
+    confinement: Literal["auto", "off"] = "auto"
+    cgroup_parent: str = "kiln"
+
     # Guest networking (kiln.net) and the egress daemon (kiln.proxy). "off": VMs
     # get no network at all (an unwired card), whatever the host can do.
     networking: Literal["auto", "off"] = "auto"

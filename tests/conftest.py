@@ -60,8 +60,10 @@ def settings(tmp_path: Path) -> Settings:
         max_memory_mb=4096,
         max_vcpus=16,
         boot_timeout_seconds=5,
-        # Service tests run no network (no nftables, no egress daemon on the host).
+        # Service tests touch nothing of the host: no network (no nftables, no
+        # egress daemon), no VM user or cgroups.
         networking="off",
+        confinement="off",
     )
 
 

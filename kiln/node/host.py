@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kiln.config import Settings
 from kiln.net.participant import NetParticipant
+from kiln.node.confinement import ConfinementParticipant
 from kiln.node.network import Networking
 from kiln.node.node import Node
 from kiln.node.participant import Ledger, Participant
@@ -14,14 +15,22 @@ from kiln.runtime.driver import Hypervisor
 
 
 def build_node(settings: Settings, hypervisor: Hypervisor, ledger: Ledger) -> Node:
-    participants: list[Participant] = [VmProcess(hypervisor, settings.vms_dir)]
+    # Confinement first (the others see the user QEMU runs as), then the
+    # network (its TAP goes into the process's launch), then the process;
+    # released in reverse: the cgroup goes once the process is gone.
+    confinement = ConfinementParticipant(settings, hypervisor) if settings.confinement != "off" else None
+    participants: list[Participant] = [confinement] if confinement is not None else []
     networking = None
     if settings.networking != "off":
         network = NetParticipant(settings)
-        # The network first: its TAP goes into the process's launch, and it is
-        # released after the process is gone.
-        participants.insert(0, network)
+        participants.append(network)
         networking = Networking(network, EgressSupervisor(settings))
+    participants.append(VmProcess(hypervisor, settings.vms_dir))
     return Node(
-        hypervisor, participants, ledger, boot_timeout=settings.boot_timeout_seconds, networking=networking
+        hypervisor,
+        participants,
+        ledger,
+        boot_timeout=settings.boot_timeout_seconds,
+        networking=networking,
+        confinement=confinement,
     )

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from kiln.node.confinement import ConfinementParticipant
 from kiln.node.machines import MachineRegistry
 from kiln.node.network import Networking
 from kiln.node.participant import HostResource, Ledger, Participant, VmContext
@@ -36,10 +37,12 @@ class Node:
         *,
         boot_timeout: float,
         networking: Networking | None = None,
+        confinement: ConfinementParticipant | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         # None: no guest networking on this node at all (tests, the CLI).
         self.networking = networking
+        self.confinement = confinement
         self.machines = MachineRegistry()
         self.pipeline = Pipeline(hypervisor, participants, ledger, boot_timeout)
         self.ledger = ledger
@@ -48,9 +51,24 @@ class Node:
         self._transient: dict[str, VmContext] = {}
 
     async def start_host(self) -> None:
-        """At server start: the host's own parts (Kiln's nftables table, the egress daemon)."""
+        """At server start: the host's own parts (the VM user and cgroups,
+        Kiln's nftables table, the egress daemon)."""
+        if self.confinement is not None:
+            await self.confinement.start()
         if self.networking is not None:
             await self.networking.start()
+
+    def health(self) -> dict[str, object]:
+        """What this host gives VMs, for ``GET /healthz``."""
+        networking: dict[str, object] = {"mode": "off", "reason": "KILN_NETWORKING=off"}
+        if self.networking is not None:
+            status = self.networking.status
+            networking = {"mode": status.mode, "reason": status.reason}
+        return {
+            "accelerator": self.accel,
+            "confinement": self.confinement.status.as_dict() if self.confinement is not None else None,
+            "networking": networking,
+        }
 
     @property
     def wires_networks(self) -> bool:

@@ -214,6 +214,11 @@ class Hypervisor(Protocol):
         is gone); the guest runs on if it still can."""
         ...
 
+    def give_saved_state(self, directory: Path, uid: int, gid: int) -> None:
+        """Make a saved state the files of the user VMs run as (blocking), so
+        that a confined VM can restore it; a no-op when they already are."""
+        ...
+
     def console_tail(self, run_dir: Path, max_bytes: int) -> str:
         """The last ``max_bytes`` of the VM's serial console (blocking; "" if none)."""
         ...

@@ -66,13 +66,15 @@ async def _settle(vms: VmService, vm: Vm) -> None:
             log.info("vm %s adopted", vm.id)
         return
     if vm.status == S.SUSPENDING:
-        if outcome == SaveOutcome.COMPLETED:
+        if node.is_running(vm.id):
+            # A stopping save stops QEMU only once the state is whole: undone.
+            await vms.set_status(vm.id, S.SUSPENDING, S.RUNNING)
+            log.info("vm %s: the suspend a restart cut short was undone; it runs", vm.id)
+        elif outcome == SaveOutcome.COMPLETED or (outcome is None and await vms.snapshots.is_suspend_state_of(vm)):
+            # Finished (and maybe recorded) just before the stop.
             await node.stop(vm.id)
             await vms.set_status(vm.id, S.SUSPENDING, S.SUSPENDED)
             log.info("vm %s: the suspend a restart cut short was finished", vm.id)
-        elif node.is_running(vm.id):
-            await vms.set_status(vm.id, S.SUSPENDING, S.RUNNING)
-            log.info("vm %s: the suspend a restart cut short was undone; it runs", vm.id)
         else:
             await vms.fail(vm.id, "the server restarted while the VM was being suspended, and its process is gone")
         return

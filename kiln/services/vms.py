@@ -305,6 +305,10 @@ class VmService:
 
     # -- for the other services and the recovery -------------------------------------
 
+    @property
+    def data_dir(self) -> Path:
+        return self._settings.data_dir
+
     def run_dir(self, vm_id: str) -> Path:
         return self._settings.vms_dir / vm_id
 

@@ -7,6 +7,7 @@ the URL says ``postgresql+asyncpg://``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,11 +39,21 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+def _private_database_file(path: Path) -> None:
+    """The SQLite file, readable by its owner only (0600): SQLite makes its
+    -wal and -shm files with the database file's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists():
+            file.chmod(0o600)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = make_url(url)
         if self.url.get_backend_name() == "sqlite" and self.url.database:
-            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_database_file(Path(self.url.database))
         sqlite = self.url.get_backend_name() == "sqlite"
         # Pre-ping (a SELECT 1 per checkout) finds connections a PostgreSQL server
         # dropped; a SQLite file has no server to drop them, so there it is only

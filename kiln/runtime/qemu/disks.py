@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+from kiln.runtime.qemu.ownership import SAVED_FILE_MODE, Owner, give
 from kiln.runtime.qemu.paths import SavedPaths
 from kiln.runtime.qemu.process import run_tool
 from kiln.runtime.qemu.qmp import QemuError, QmpConnection
@@ -17,7 +18,6 @@ from kiln.runtime.qemu.qmp import QemuError, QmpConnection
 log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
-READ_ONLY_FILE_MODE = 0o444
 
 
 async def disk_format(path: Path) -> str:
@@ -83,7 +83,8 @@ async def flatten_saved_disk(directory: Path) -> None:
             QEMU_IMG, "convert", "-U", "-O", "qcow2", "-B", image["filename"],
             "-F", image["format"], str(disk), str(flat),
         )  # fmt: skip
-        flat.chmod(READ_ONLY_FILE_MODE)
+        original = disk.stat()
+        give(flat, Owner(original.st_uid, original.st_gid), SAVED_FILE_MODE)
         os.replace(flat, disk)
     finally:
         flat.unlink(missing_ok=True)
@@ -91,18 +92,21 @@ async def flatten_saved_disk(directory: Path) -> None:
 
 
 async def rebase_saved_disk(directory: Path, backing: Path) -> None:
-    """Point a saved disk at ``backing``, the same content moved elsewhere."""
+    """Point a saved disk at ``backing``, the same content moved elsewhere (into
+    the save: it becomes the save's, read-only)."""
     disk = SavedPaths(directory).disk
     backing = backing.resolve()
+    original = disk.stat()
+    give(backing, Owner(original.st_uid, original.st_gid), SAVED_FILE_MODE)
     backing_format = await disk_format(backing)
-    disk.chmod(0o644)
+    disk.chmod(0o600)
     try:
         # -u: only the header changes; the content is the same file's, moved.
         await run_tool(
             QEMU_IMG, "rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(disk)
         )  # fmt: skip
     finally:
-        disk.chmod(READ_ONLY_FILE_MODE)
+        disk.chmod(SAVED_FILE_MODE)
 
 
 def move_file(source: Path, target: Path) -> None:

@@ -12,15 +12,18 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from kiln.config import Settings
+from kiln.runtime import jail
 from kiln.runtime.agent_client import AgentClient
 from kiln.runtime.driver import BootImage, Machine, MachineSpec, SavedState, SaveRecovery
 from kiln.runtime.errors import BootError
-from kiln.runtime.qemu import disks, saving
+from kiln.runtime.qemu import disks, ownership, saving
 from kiln.runtime.qemu.cmdline import QEMU_BINARY, build_argv, tcg_kernel_arguments
 from kiln.runtime.qemu.machine import QemuMachine
+from kiln.runtime.qemu.ownership import Owner
 from kiln.runtime.qemu.paths import MAX_SOCKET_PATH, RunPaths
 from kiln.runtime.qemu.process import (
     log_tail,
@@ -73,6 +76,9 @@ class QemuHypervisor:
         paths = RunPaths(spec.run_dir.resolve())
         self._check_can_start(spec, paths)
         paths.root.mkdir(parents=True, exist_ok=True)
+        confinement = spec.confinement
+        owner = Owner(confinement.uid, confinement.gid) if confinement is not None else None
+        ownership.give(paths.root, owner, ownership.RUN_DIR_MODE)
         process: subprocess.Popen | None = None
         machine: QemuMachine | None = None
         try:
@@ -80,7 +86,8 @@ class QemuHypervisor:
                 await saving.create_overlay_on_saved_disk(spec.restore_from, paths.overlay)
             else:
                 await disks.create_overlay(paths.overlay, Path(spec.image.rootfs))
-            self._write_machine_file(spec, accel, paths)
+            ownership.give(paths.overlay, owner, ownership.DISK_MODE)
+            self._write_machine_file(spec, accel, paths, owner)
             argv = build_argv(
                 spec, accel, paths, binary=self.binary, tcg_arguments=self._tcg_arguments
             )
@@ -94,6 +101,8 @@ class QemuHypervisor:
                     cwd=paths.root,
                     start_new_session=True,  # survives a restart (and a Ctrl-C) of the server
                     pass_fds=() if spec.nic.tap_fd is None else (spec.nic.tap_fd,),
+                    # Joins its cgroups, sees only Kiln's dirs, drops to its user (kiln.runtime.jail).
+                    preexec_fn=self._confine(spec, accel) if confinement is not None else None,
                 )
             machine = QemuMachine(
                 vm_id=spec.vm_id,
@@ -106,6 +115,7 @@ class QemuHypervisor:
                 qmp=QmpConnection(paths.qmp_socket, f"qmp-{spec.vm_id}"),
                 process=process,
                 memory_in_file=spec.memory_in_file,
+                owner=owner,
             )
             await self._wait_for_qmp(machine)
             if spec.restore_from is not None:
@@ -136,7 +146,21 @@ class QemuHypervisor:
         if pid is not None and process_runs_in(pid, paths.root):
             raise BootError(f"VM {spec.vm_id} is already running as pid {pid}")
 
-    def _write_machine_file(self, spec: MachineSpec, accel: str, paths: RunPaths) -> None:
+    def _confine(self, spec: MachineSpec, accel: str) -> Callable[[], None]:
+        confinement = spec.confinement
+        assert confinement is not None
+        # What QEMU opens by path: its image, what it restores, and Kiln's dirs.
+        needed = [self.settings.data_dir, self.settings.cache_dir, spec.run_dir]
+        needed += [Path(path).parent for path in (spec.image.kernel, spec.image.initrd, spec.image.rootfs)]
+        needed += [drive.path.parent for drive in spec.scsi_drives]
+        if spec.restore_from is not None:
+            needed.append(spec.restore_from.directory)
+        reveals = jail.plan_view(needed, confinement.uid, confinement.gid)
+        kvm = jail.kvm_group()
+        groups = [kvm] if accel == "kvm" and kvm is not None else []
+        return jail.preexec(confinement.uid, confinement.gid, groups, confinement.cgroup_procs, reveals)
+
+    def _write_machine_file(self, spec: MachineSpec, accel: str, paths: RunPaths, owner: Owner | None) -> None:
         description = {
             "vm_id": spec.vm_id,
             "vcpu_count": spec.vcpu_count,
@@ -150,6 +174,7 @@ class QemuHypervisor:
                 "cmdline": spec.image.cmdline,
             },
             "memory_in_file": spec.memory_in_file,
+            "owner": [owner.uid, owner.gid] if owner is not None else None,
             "restored_from": str(spec.restore_from.directory) if spec.restore_from else None,
             "started_at": time.time(),
         }
@@ -235,6 +260,7 @@ class QemuHypervisor:
             agent=AgentClient(paths.agent_socket, self.settings.agent_deadline_seconds),
             qmp=QmpConnection(paths.qmp_socket, f"qmp-{vm_id}"),
             memory_in_file=bool(description.get("memory_in_file", False)),
+            owner=Owner(*description["owner"]) if description.get("owner") else None,
         )
         try:
             await machine.qmp.connect()
@@ -286,6 +312,9 @@ class QemuHypervisor:
 
     async def rebase_saved_disk(self, directory: Path, backing: Path) -> None:
         await disks.rebase_saved_disk(directory, backing)
+
+    def give_saved_state(self, directory: Path, uid: int, gid: int) -> None:
+        saving.give_saved_state(directory, Owner(uid, gid))
 
     def console_tail(self, run_dir: Path, max_bytes: int) -> str:
         return log_tail(RunPaths(run_dir.resolve()).console_log, max_bytes, strip=False)

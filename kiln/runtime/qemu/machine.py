@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kiln.runtime.agent_client import AgentClient
 from kiln.runtime.errors import AgentTimeout, AgentUnavailable, BootError
+from kiln.runtime.qemu.ownership import Owner
 from kiln.runtime.qemu.paths import RunPaths
 from kiln.runtime.qemu.process import log_tail, process_runs_in
 from kiln.runtime.qemu.qmp import QmpConnection
@@ -31,6 +32,8 @@ class QemuMachine:
     process: subprocess.Popen | None = field(default=None, repr=False)
     # Guest RAM is the shared file ``paths.memory_file`` (see ``memory_arguments``).
     memory_in_file: bool = False
+    # The user QEMU runs as; its files are that user's (None: not confined).
+    owner: Owner | None = None
 
     @property
     def paths(self) -> RunPaths:

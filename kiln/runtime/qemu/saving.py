@@ -40,14 +40,15 @@ from pathlib import Path
 
 from kiln.runtime.driver import MachineSpec, SavedState, SaveOutcome, SaveRecovery
 from kiln.runtime.errors import BootError, RuntimeFailure, SaveError
+from kiln.runtime.qemu import ownership
 from kiln.runtime.qemu.disks import (
-    READ_ONLY_FILE_MODE,
     create_overlay,
     move_file,
     root_disk,
     switch_to_overlay,
 )
 from kiln.runtime.qemu.machine import QemuMachine
+from kiln.runtime.qemu.ownership import Owner
 from kiln.runtime.qemu.paths import RunPaths, SavedPaths
 from kiln.runtime.qemu.process import open_inodes, read_pid, signal_and_wait
 from kiln.runtime.qemu.qmp import QemuError, QmpConnection
@@ -103,9 +104,26 @@ def _write_description(path: Path, description: dict) -> None:
 
 
 def _make_read_only(paths: SavedPaths) -> None:
-    for path in (paths.vmstate, paths.memory, paths.disk, paths.description):
-        with contextlib.suppress(FileNotFoundError):
-            path.chmod(READ_ONLY_FILE_MODE)
+    """A finished save: the files of the user QEMU ran as (the disk's owner:
+    QEMU wrote it), read-only but the RAM file (see ``ownership``)."""
+    disk = paths.disk.stat()
+    _give(paths, Owner(disk.st_uid, disk.st_gid))
+
+
+def give_saved_state(directory: Path, owner: Owner) -> None:
+    """A save made ``owner``'s, with a save's modes (a no-op when it is)."""
+    paths = SavedPaths(directory)
+    if paths.root.stat().st_uid != owner.uid or paths.disk.stat().st_uid != owner.uid:
+        _give(paths, owner)
+
+
+def _give(paths: SavedPaths, owner: Owner) -> None:
+    ownership.give(paths.root, owner, ownership.SAVED_DIR_MODE)
+    # Every file: the save's own and what lives beside them (an imported rootfs).
+    for path in paths.root.iterdir():
+        if path.is_file() and not path.is_symlink():
+            mode = ownership.SAVED_MEMORY_MODE if path == paths.memory else ownership.SAVED_FILE_MODE
+            ownership.give(path, owner, mode)
 
 
 # ---- restore
@@ -184,6 +202,7 @@ async def save_and_continue(machine: QemuMachine, saved: SavedPaths, disk_size: 
     try:
         os.link(top, saved.disk)
         await create_overlay(following, saved.disk, disk_size)
+        ownership.give(following, machine.owner, ownership.DISK_MODE)
     except BaseException as error:
         following.unlink(missing_ok=True)
         shutil.rmtree(saved.root, ignore_errors=True)
@@ -279,7 +298,7 @@ async def recover_save(
         for leftover in (saved.vmstate, saved.description, saved.pending_description):
             leftover.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            saved.disk.chmod(READ_ONLY_FILE_MODE)
+            saved.disk.chmod(ownership.SAVED_FILE_MODE)
     else:
         shutil.rmtree(saved.root, ignore_errors=True)
     if qmp is not None:

@@ -255,7 +255,6 @@ class ImageImporter:
             await self._node.save(vm_id, saved_dir, keep_running=False)
             kept = saved_dir / IMPORTED_ROOTFS_NAME
             await asyncio.to_thread(os.replace, rootfs, kept)
-            kept.chmod(0o444)
             await self._node.rebase_saved_disk(saved_dir, kept)
             timings["save"] = time.monotonic() - mark
         except BaseException as error:

@@ -154,6 +154,17 @@ class SnapshotService:
                 await record(self._db, snapshot.id, on_it, status=SnapshotStatus.FAILED, failure_reason=reason)
         return outcome, snapshot_id
 
+    async def is_suspend_state_of(self, vm: Vm) -> bool:
+        """True when the VM's disk stands on a finished save of its own suspend."""
+        if vm.disk_snapshot_id is None:
+            return False
+        async with self._db.transaction() as session:
+            snapshot = await SnapshotRepository(session).get_any_owner(vm.disk_snapshot_id)
+        return (
+            snapshot is not None and snapshot.type == SnapshotType.SUSPEND
+            and snapshot.status == SnapshotStatus.READY and snapshot.source_vm_id == vm.id
+        )  # fmt: skip
+
     async def fail_unfinished(self) -> None:
         """Snapshots still ``creating`` once the VMs were settled (imports a stop cut short)."""
         async with self._db.transaction() as session:
