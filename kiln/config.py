@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     quota_snapshots: int = 100
     quota_disk_mb: int | None = None
 
+    # Kiln keeps this much of the data disk free: creates and saves that would
+    # eat into it (counting what running VMs may still write) are refused.
+    disk_floor_mb: int = 1024
+
     # Per-VM policy: defaults and allowed ranges for create requests.
     default_memory_mb: int = 512
     default_vcpu_count: int = 2

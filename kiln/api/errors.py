@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from kiln.schemas.errors import ValidationError
 from kiln.services.errors import (
@@ -31,6 +34,8 @@ from kiln.services.errors import (
     Unsupported,
     VmStartFailed,
 )
+
+log = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     NotFound: status.HTTP_404_NOT_FOUND,
@@ -91,7 +96,33 @@ async def _service_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, code, headers=headers)
 
 
+def disk_is_full(error: BaseException) -> bool:
+    """True for a failure that is the data disk being full (SQLite says so in
+    words; file writes with ENOSPC), anywhere in the error's chain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, OperationalError) and "disk is full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def _storage_error(request: Request, error: Exception) -> JSONResponse:
+    if not disk_is_full(error):
+        raise error
+    log.error("a request failed because Kiln's data disk is full: %s %s", request.method, request.url.path)
+    return JSONResponse(
+        {"detail": "the server's data disk is full; nothing was changed. Free space on the host and retry"},
+        status.HTTP_507_INSUFFICIENT_STORAGE,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.add_exception_handler(InvalidRequest, _invalid_request)
     app.add_exception_handler(ServiceError, _service_error)
+    # A full data disk is the host's state, not a bug of the request: 507, never 500.
+    app.add_exception_handler(OperationalError, _storage_error)
+    app.add_exception_handler(OSError, _storage_error)

@@ -118,31 +118,37 @@ class FrameDecoder:
         self.discarded = 0  # bytes skipped while resynchronising, for logs
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; returns the bodies of the frames now complete."""
+        """Add received bytes; returns the bodies of the frames now complete.
+
+        Linear in the bytes fed, whatever they hold: a peer sending garbage
+        costs one scan of it (the buffer is cut once per call, not per skip)."""
         self._buffer += data
-        bodies = []
         buffer = self._buffer
-        while len(buffer) > HEADER.size:
-            (length,) = HEADER.unpack_from(buffer)
-            if buffer[0] != 0 or buffer[HEADER.size] != ord("{") or not 0 < length <= MAX_FRAME_BYTES:
-                self._skip_to_next_header()
+        bodies = []
+        start = 0
+        while len(buffer) - start > HEADER.size:
+            (length,) = HEADER.unpack_from(buffer, start)
+            if buffer[start] != 0 or buffer[start + HEADER.size] != ord("{") or not 0 < length <= MAX_FRAME_BYTES:
+                start = self._next_header(start)
                 continue
-            end = HEADER.size + length
+            end = start + HEADER.size + length
             available = min(end, len(buffer))
-            if buffer.find(0, self._checked, available) != -1:
-                self._skip_to_next_header()
+            if buffer.find(0, start + self._checked, available) != -1:
+                start = self._next_header(start)
                 continue
             if len(buffer) < end:
-                self._checked = available
+                self._checked = available - start
                 break
-            bodies.append(bytes(buffer[HEADER.size : end]))
-            del buffer[:end]
+            bodies.append(bytes(buffer[start + HEADER.size : end]))
+            start = end
             self._checked = HEADER.size
+        del buffer[:start]
         return bodies
 
-    def _skip_to_next_header(self) -> None:
-        next_zero = self._buffer.find(0, 1)
-        dropped = len(self._buffer) if next_zero == -1 else next_zero
-        del self._buffer[:dropped]
-        self.discarded += dropped
+    def _next_header(self, start: int) -> int:
+        """Where the next possible header after ``start`` begins (a zero byte)."""
+        next_zero = self._buffer.find(0, start + 1)
+        resumed = len(self._buffer) if next_zero == -1 else next_zero
+        self.discarded += resumed - start
         self._checked = HEADER.size
+        return resumed

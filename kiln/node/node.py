@@ -191,6 +191,15 @@ class Node:
         """The last ``max_bytes`` of the VM's console ("" once its run dir is gone)."""
         return await asyncio.to_thread(self.hypervisor.console_tail, run_dir, max_bytes)
 
+    def reserved_disk_bytes(self) -> int:
+        """What the running VMs may still write to the host's disk (blocking)."""
+        return sum(self.hypervisor.disk_growth_left(machine) for _, machine in self.machines.items())
+
+    async def cap_consoles(self) -> None:
+        """Keep every running VM's console log under its cap (a guest may write without end)."""
+        for _, machine in self.machines.items():
+            await asyncio.to_thread(self.hypervisor.cap_console, machine.run_dir)
+
     def machine(self, vm_id: str) -> Machine | None:
         return self.machines.get(vm_id)
 

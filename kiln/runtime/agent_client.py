@@ -13,6 +13,7 @@ next request opens a new connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -52,18 +53,72 @@ RECONNECT_SECONDS = 2.0
 READ_BYTES = 256 * 1024
 
 
+# The guest is hostile: what it may make the host hold or do.
+# Frames received for one request and not yet taken by its caller (a slow
+# terminal client): past this the request fails, the server's memory stays flat.
+MAX_QUEUED_BYTES = 32 * 1024 * 1024
+# Frames nobody asked for (late answers to requests that gave up are normal:
+# an exec cut by a host deadline keeps sending up to its output cap).
+STRAY_WINDOW_SECONDS = 10.0
+MAX_STRAY_BYTES = 64 * 1024 * 1024
+# Bytes that are no frame at all (one torn frame after a reconnect is normal).
+MAX_GARBAGE_BYTES = 1024 * 1024
+# Bodies this large are decoded off the event loop.
+THREAD_DECODE_BYTES = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class _ConnectionLost:
     reason: str
+
+
+class _Pending:
+    """The frames of one request, held until its caller takes them."""
+
+    def __init__(self) -> None:
+        self._frames: collections.deque[tuple[dict, int]] = collections.deque()
+        self._bytes = 0
+        self._failure: str | None = None
+        self._arrived = asyncio.Event()
+
+    def offer(self, frame: dict, size: int) -> bool:
+        """Hold a frame; False (and the request failed) past ``MAX_QUEUED_BYTES``."""
+        if self._failure is not None:
+            return True
+        if self._bytes + size > MAX_QUEUED_BYTES:
+            self.fail(f"its caller fell more than {MAX_QUEUED_BYTES >> 20} MiB behind the guest")
+            return False
+        self._frames.append((frame, size))
+        self._bytes += size
+        self._arrived.set()
+        return True
+
+    def fail(self, reason: str) -> None:
+        self._failure = reason
+        self._frames.clear()
+        self._bytes = 0
+        self._arrived.set()
+
+    async def take(self) -> dict | _ConnectionLost:
+        while not self._frames:
+            if self._failure is not None:
+                return _ConnectionLost(self._failure)
+            self._arrived.clear()
+            await self._arrived.wait()
+        frame, size = self._frames.popleft()
+        self._bytes -= size
+        return frame
 
 
 @dataclass
 class _Connection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    pending: dict[int, asyncio.Queue[dict | _ConnectionLost]] = field(default_factory=dict)
+    pending: dict[int, _Pending] = field(default_factory=dict)
     reader_task: asyncio.Task[None] | None = None
     lost_reason: str | None = None
+    # (monotonic time, bytes) of frames nobody asked for, in the last window.
+    stray: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
 
     @property
     def alive(self) -> bool:
@@ -74,16 +129,27 @@ class _Connection:
         if self.lost_reason is not None:
             return
         self.lost_reason = reason
-        for queue in self.pending.values():
-            queue.put_nowait(_ConnectionLost(reason))
+        for pending in self.pending.values():
+            pending.fail(reason)
         self.pending.clear()
         self.writer.close()
+
+    def note_stray(self, size: int) -> int:
+        """Count a frame nobody asked for; the bytes of such frames in the window."""
+        now = time.monotonic()
+        self.stray.append((now, size))
+        while self.stray and self.stray[0][0] < now - STRAY_WINDOW_SECONDS:
+            self.stray.popleft()
+        return sum(bytes_ for _, bytes_ in self.stray)
 
 
 class AgentClient:
     def __init__(self, socket_path: str | Path, default_deadline: float = DEFAULT_DEADLINE_SECONDS) -> None:
         self.socket_path = Path(socket_path)
         self.default_deadline = default_deadline
+        # Set when the guest broke the protocol's limits: its agent is not talked
+        # to again (the VM service fails the VM with this reason).
+        self.misbehaving: str | None = None
         self._connection: _Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
@@ -103,6 +169,8 @@ class AgentClient:
         async with self._connect_lock:
             if self.connected:
                 return
+            if self.misbehaving is not None:
+                raise AgentUnavailable(self.misbehaving)
             deadline = time.monotonic() + timeout
             while True:
                 try:
@@ -187,8 +255,8 @@ class AgentClient:
         except TimeoutError:
             raise timed_out() from None
         request_id = next(self._request_ids)
-        queue: asyncio.Queue[dict | _ConnectionLost] = asyncio.Queue()
-        connection.pending[request_id] = queue
+        pending = _Pending()
+        connection.pending[request_id] = pending
         try:
             try:
                 # A guest that stopped reading fills the channel: the write waits too.
@@ -199,7 +267,7 @@ class AgentClient:
                 raise timed_out() from None
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), remaining())
+                    item = await asyncio.wait_for(pending.take(), remaining())
                 except TimeoutError:
                     raise timed_out() from None
                 if isinstance(item, _ConnectionLost):
@@ -214,6 +282,11 @@ class AgentClient:
                     return
         finally:
             connection.pending.pop(request_id, None)
+
+    def _misbehave(self, connection: _Connection, why: str) -> None:
+        self.misbehaving = f"the guest agent broke the protocol: {why}"
+        log.warning("%s: %s", self.socket_path, self.misbehaving)
+        connection.lose(self.misbehaving)
 
     async def close(self) -> None:
         """Drop the connection; requests in flight fail. A later call reconnects."""
@@ -255,14 +328,24 @@ class AgentClient:
         try:
             while data := await connection.reader.read(READ_BYTES):
                 for body in decoder.feed(data):
-                    frame = protocol.decode_body(body)
-                    queue = connection.pending.get(frame.get("id"))  # type: ignore[arg-type]
-                    if queue is None:
+                    if len(body) > THREAD_DECODE_BYTES:
+                        frame = await asyncio.to_thread(protocol.decode_body, body)
+                    else:
+                        frame = protocol.decode_body(body)
+                    request_id = frame.get("id")
+                    pending = connection.pending.get(request_id) if isinstance(request_id, int) else None
+                    if pending is None or not isinstance(request_id, int):
                         # A late answer to a request that gave up (a retried ping), or
                         # to one sent over an earlier connection.
-                        log.debug("dropping agent frame for unknown request %r", frame.get("id"))
+                        if connection.note_stray(len(body)) > MAX_STRAY_BYTES:
+                            self._misbehave(connection, "it sends frames nobody asked for, without end")
+                            return
                         continue
-                    queue.put_nowait(frame)
+                    if not pending.offer(frame, len(body)):
+                        del connection.pending[request_id]
+                if decoder.discarded > MAX_GARBAGE_BYTES:
+                    self._misbehave(connection, f"it sent more than {MAX_GARBAGE_BYTES >> 20} MiB that are no frames")
+                    return
         except asyncio.CancelledError:
             reason = "the client was closed"
             raise

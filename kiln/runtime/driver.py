@@ -124,6 +124,10 @@ class AgentChannel(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    # Why the guest's agent is no longer talked to (it broke the protocol's
+    # limits: floods, garbage), or None.
+    misbehaving: str | None
+
     async def call(self, op: str, timeout: float | None = None, **args: object) -> dict: ...
 
     def stream(self, op: str, timeout: float | None = None, **args: object) -> AsyncIterator[dict]: ...
@@ -212,6 +216,14 @@ class Hypervisor(Protocol):
         """Settle a save into ``directory`` of the VM in ``run_dir`` that a crash
         of the server cut short (``machine``: the VM adopted, None if its process
         is gone); the guest runs on if it still can."""
+        ...
+
+    def disk_growth_left(self, machine: Machine) -> int:
+        """How many more bytes the VM's disk may take on the host (blocking)."""
+        ...
+
+    def cap_console(self, run_dir: Path) -> bool:
+        """Keep the VM's console log under its cap (blocking); True if it was cut."""
         ...
 
     def give_saved_state(self, directory: Path, uid: int, gid: int) -> None:

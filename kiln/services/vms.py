@@ -32,6 +32,7 @@ from kiln.runtime.driver import BootImage, Machine, SavedState
 from kiln.runtime.errors import AgentError
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.admission import Admission
+from kiln.services.disk_budget import DiskBudget
 from kiln.services.errors import Conflict, ImageNotBuilt, InvalidRequest, NotFound, VmStartFailed
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
@@ -78,6 +79,14 @@ def new_vm_id() -> str:
     return "vm-" + secrets.token_hex(8)
 
 
+def disk_bytes(image: BootImage) -> int:
+    """How large a VM's disk may grow: its image's (the rootfs's virtual size)."""
+    try:
+        return Path(image.rootfs).stat().st_size
+    except OSError:
+        return 0
+
+
 def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
@@ -96,6 +105,7 @@ class VmService:
         snapshots: SnapshotService,
         planner: RestorePlanner,
         admission: Admission,
+        disk: DiskBudget,
         pool: WarmPool | None = None,
     ) -> None:
         self._settings = settings
@@ -105,6 +115,7 @@ class VmService:
         self.snapshots = snapshots
         self.planner = planner
         self.admission = admission
+        self.disk = disk
         self.pool = pool
         self._boot_tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -154,6 +165,7 @@ class VmService:
         # base snapshot of a new shape). _admit checks again, atomically with the insert.
         async with self.db.transaction() as session:
             await self.admission.check(session, owner_id, plan.memory_mb, plan.vcpu_count)
+        await asyncio.to_thread(self.disk.check_create, disk_bytes(image))
         # Fastest first: restore a saved VM (its snapshot, else the image's base
         # snapshot); cold boot only when there is none yet.
         restore = await self.planner.plan_restore(plan, image, source)
@@ -292,6 +304,7 @@ class VmService:
             image = self._images.get(vm.image_variant)
             if image is None:
                 raise ImageNotBuilt(f"image '{vm.image_variant}' is not built")
+            await asyncio.to_thread(self.disk.check_create, disk_bytes(image))
             if not await self.set_status(vm_id, S.SUSPENDED, S.RESUMING):
                 raise Conflict(f"vm {vm_id} changed state meanwhile; try again")
             assert vm.disk_snapshot_id is not None, "a suspended VM has its saved state"
@@ -372,11 +385,19 @@ class VmService:
             await self._terminate(vm_id)
 
     async def check_machines(self) -> None:
-        """Fail running VMs whose process is gone."""
+        """Fail running VMs whose process is gone, or whose agent broke the
+        protocol's limits (a flooding or garbage-sending guest)."""
+        await self.node.cap_consoles()
         transient = self.node.transient
         for vm_id, machine in self.node.machines.items():
-            if vm_id in transient or vm_id in self._boot_tasks or self.node.hypervisor.is_running(machine):
+            if vm_id in transient or vm_id in self._boot_tasks:
                 continue  # the node's own VMs are its business; a booting VM's task notices
+            if machine.agent.misbehaving is not None:
+                log.warning("vm %s: %s", vm_id, machine.agent.misbehaving)
+                await self.fail(vm_id, machine.agent.misbehaving)
+                continue
+            if self.node.hypervisor.is_running(machine):
+                continue
             if self.node.machines.saving(vm_id):
                 continue  # a save (suspend, snapshot on terminate) stops it on purpose
             log.warning("vm %s: its QEMU process exited", vm_id)

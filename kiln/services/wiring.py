@@ -14,6 +14,7 @@ from kiln.runtime.snapshots import BaseSnapshots, Shape
 from kiln.services import vm_recovery
 from kiln.services.admission import Admission
 from kiln.services.background import BackgroundTasks
+from kiln.services.disk_budget import DiskBudget
 from kiln.services.host_resources import StoreLedger
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
@@ -60,7 +61,8 @@ def build_vm_services(
     background = BackgroundTasks()
     base = BaseSnapshots(settings, hypervisor, PipelineLauncher(node))
     planner = RestorePlanner(db, node, base, background)
-    snapshots = SnapshotService(settings, db, node, background)
+    disk = DiskBudget(settings.data_dir, settings.disk_floor_mb * 2**20, node.reserved_disk_bytes)
+    snapshots = SnapshotService(settings, db, node, background, disk)
     pool = None
     if settings.pool_size > 0:
         shape = Shape(settings.default_memory_mb, settings.default_vcpu_count)
@@ -75,6 +77,6 @@ def build_vm_services(
         pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id)
     # The node's own VMs (idle pool VMs among them) count against the host.
     admission = Admission(settings, lambda: ResourceUsage(*node.transient_usage()))
-    vms = VmService(settings, db, node, images, snapshots, planner, admission, pool)
+    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, pool)
     importer = ImageImporter(settings, db, node, images if isinstance(images, ImageFiles) else None, background)
     return VmServices(vms, importer, background)

@@ -23,6 +23,7 @@ class FakeAgent:
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     # op name -> exception that call raises
     failures: dict[str, Exception] = field(default_factory=dict)
+    misbehaving: str | None = None
 
     async def call(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         self.calls.append((op, args))
@@ -121,6 +122,12 @@ class FakeHypervisor:
     ) -> SaveRecovery:
         shutil.rmtree(directory, ignore_errors=True)
         return SaveRecovery(SaveOutcome.UNDONE if machine is not None else SaveOutcome.LOST)
+
+    def disk_growth_left(self, machine: FakeMachine) -> int:
+        return 0
+
+    def cap_console(self, run_dir: Path) -> bool:
+        return False
 
     def console_tail(self, run_dir: Path, max_bytes: int) -> str:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -14,6 +15,7 @@ import pytest
 from unit.agent_process import AGENT_PACKAGE, agent_command, agent_env
 
 from kiln.guest import protocol
+from kiln.runtime import agent_client
 from kiln.runtime.agent_client import AgentClient
 from kiln.runtime.errors import AgentError, AgentTimeout, AgentUnavailable
 
@@ -339,3 +341,67 @@ async def test_wait_ready_waits_for_a_socket_that_appears_late(fake_peer, short_
     finally:
         await client.close()
         (await later).close()
+
+
+# ---- a hostile guest harms only its own requests
+
+
+async def test_a_guest_sending_garbage_without_end_is_cut_off(fake_peer) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB of bytes that are no frames
+                writer.write(os.urandom(64 * 1024))
+                await writer.drain()
+        await reader.read()
+
+    client = await fake_peer(handler)
+    with pytest.raises(AgentUnavailable):
+        await client.call("ping", timeout=10)
+    assert client.misbehaving is not None and "no frames" in client.misbehaving
+    with pytest.raises(AgentUnavailable, match="broke the protocol"):
+        await client.call("ping", timeout=5)  # not talked to again
+
+
+async def test_a_guest_flooding_frames_nobody_asked_for_is_cut_off(fake_peer, monkeypatch) -> None:
+    monkeypatch.setattr(agent_client, "MAX_STRAY_BYTES", 256 * 1024)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        frame = protocol.encode_frame({"id": 12345, "kind": "stdout", "data": "x" * 60_000})
+        with contextlib.suppress(ConnectionError):
+            for _ in range(20):
+                writer.write(frame)
+                await writer.drain()
+        await reader.read()
+
+    client = await fake_peer(handler)
+    with pytest.raises(AgentUnavailable):
+        await client.call("ping", timeout=10)
+    assert client.misbehaving is not None and "nobody asked for" in client.misbehaving
+
+
+async def test_a_caller_that_falls_behind_loses_its_request_not_memory(fake_peer, monkeypatch) -> None:
+    monkeypatch.setattr(agent_client, "MAX_QUEUED_BYTES", 256 * 1024)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        for _ in range(20):
+            writer.write(protocol.encode_frame({"id": request["id"], "kind": "stdout", "data": "x" * 60_000}))
+        await writer.drain()
+        pong = await read_request(reader)
+        writer.write(protocol.encode_frame({"id": pong["id"], "kind": "result", "value": {"ok": 1}}))
+        await writer.drain()
+        await reader.read()
+
+    client = await fake_peer(handler)
+    stream = client.stream("exec", timeout=10, shell="yes")
+    first = await stream.__anext__()  # takes one frame, then stops reading
+    assert first["kind"] == "stdout"
+    await asyncio.sleep(0.5)  # meanwhile the guest sends far more than the caller may leave unread
+    with pytest.raises(AgentUnavailable, match="fell more than"):
+        async for _ in stream:
+            pass
+    # Only that request failed: the connection serves the next call.
+    assert await client.call("ping", timeout=5) == {"ok": 1}
+    assert client.misbehaving is None

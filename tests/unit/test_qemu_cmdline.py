@@ -95,7 +95,8 @@ def test_agent_port_qmp_console_and_pidfile() -> None:
     assert "virtio-scsi-device,id=scsi0" in devices
     assert "virtio-rng-device" in devices
     assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
-    assert option_values(argv, "-serial") == [f"file:{RUN_DIR}/console.log"]
+    assert f"file,id=console,path={RUN_DIR}/console.log,append=on" in chardevs
+    assert option_values(argv, "-serial") == ["chardev:console"]
     assert option_values(argv, "-pidfile") == [f"{RUN_DIR}/qemu.pid"]
 
 

@@ -165,7 +165,9 @@ def build_argv(
         *scsi_drive_arguments(spec.scsi_drives),
         "-chardev", f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-serial", f"file:{paths.console_log}",
+        # Appended to (O_APPEND), so Kiln can cut its head while QEMU writes (console.cap).
+        "-chardev", f"file,id=console,path={paths.console_log},append=on",
+        "-serial", "chardev:console",
         "-pidfile", str(paths.pid_file),
     ]  # fmt: skip
 

@@ -37,6 +37,21 @@ async def create_overlay(overlay: Path, backing: Path, size: int | None = None) 
     await run_tool(QEMU_IMG, "create", "-q", "-f", "qcow2", *argv)
 
 
+def growth_left(path: Path) -> int:
+    """How much more a qcow2 disk can grow on the host: its virtual size (the
+    header's) less the bytes it holds already (roughly: metadata aside)."""
+    try:
+        with path.open("rb") as disk:
+            header = disk.read(32)
+        allocated = path.stat().st_blocks * 512
+    except OSError:
+        return 0
+    if len(header) < 32 or header[:4] != b"QFI\xfb":
+        return 0
+    virtual = int.from_bytes(header[24:32], "big")
+    return max(virtual - allocated, 0)
+
+
 async def root_disk(qmp: QmpConnection) -> dict:
     """``query-block``'s description of the VM's root disk as it is now."""
     blocks = await qmp.execute("query-block")

@@ -20,7 +20,7 @@ from kiln.runtime import jail
 from kiln.runtime.agent_client import AgentClient
 from kiln.runtime.driver import BootImage, Machine, MachineSpec, SavedState, SaveRecovery
 from kiln.runtime.errors import BootError
-from kiln.runtime.qemu import disks, ownership, saving
+from kiln.runtime.qemu import console, disks, ownership, saving
 from kiln.runtime.qemu.cmdline import QEMU_BINARY, build_argv, tcg_kernel_arguments
 from kiln.runtime.qemu.machine import QemuMachine
 from kiln.runtime.qemu.ownership import Owner
@@ -151,7 +151,7 @@ class QemuHypervisor:
         assert confinement is not None
         # What QEMU opens by path: its image, what it restores, and Kiln's dirs.
         needed = [self.settings.data_dir, self.settings.cache_dir, spec.run_dir]
-        needed += [Path(path).parent for path in (spec.image.kernel, spec.image.initrd, spec.image.rootfs)]
+        needed += [Path(path).resolve().parent for path in (spec.image.kernel, spec.image.initrd, spec.image.rootfs)]
         needed += [drive.path.parent for drive in spec.scsi_drives]
         if spec.restore_from is not None:
             needed.append(spec.restore_from.directory)
@@ -312,6 +312,12 @@ class QemuHypervisor:
 
     async def rebase_saved_disk(self, directory: Path, backing: Path) -> None:
         await disks.rebase_saved_disk(directory, backing)
+
+    def disk_growth_left(self, machine: Machine) -> int:
+        return disks.growth_left(RunPaths(machine.run_dir).top())
+
+    def cap_console(self, run_dir: Path) -> bool:
+        return console.cap(RunPaths(run_dir.resolve()).console_log)
 
     def give_saved_state(self, directory: Path, uid: int, gid: int) -> None:
         saving.give_saved_state(directory, Owner(uid, gid))

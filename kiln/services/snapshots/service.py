@@ -29,6 +29,7 @@ from kiln.runtime.driver import SavedState, SaveOutcome
 from kiln.runtime.errors import SaveError
 from kiln.runtime.snapshots import directory_size, remove_saved
 from kiln.services.background import BackgroundTasks
+from kiln.services.disk_budget import DiskBudget
 from kiln.services.errors import Conflict, InvalidRequest, NotFound
 from kiln.services.snapshots.housekeeping import Housekeeping
 from kiln.services.snapshots.rows import dependents, new_snapshot_id, now, record, reload
@@ -43,8 +44,11 @@ S = VmStatus
 
 
 class SnapshotService:
-    def __init__(self, settings: Settings, db: Database, node: Node, background: BackgroundTasks) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, node: Node, background: BackgroundTasks, disk: DiskBudget
+    ) -> None:
         self._settings = settings
+        self._disk = disk
         self._db = db
         self._node = node
         self._background = background
@@ -180,6 +184,9 @@ class SnapshotService:
     # -- internals -------------------------------------------------------------------
 
     async def _add(self, vm: Vm, snapshot_type: SnapshotType, name: str | None) -> Snapshot:
+        # A save writes up to the VM's memory (its disk only freezes): refused
+        # before any record is made when the disk cannot take it.
+        await asyncio.to_thread(self._disk.check_save, vm.memory_mb * 2**20)
         snapshot_id = new_snapshot_id()
         async with self._db.transaction() as session:
             return await SnapshotRepository(session).add(
