@@ -167,13 +167,19 @@ def test_a_flooding_agent_and_a_chatty_console_harm_only_their_own_vm(api: Api) 
 
 @pytest.fixture
 def small_data_dir() -> Iterator[Path]:
+    """A data dir on its own 3 GiB ext4 file system (a loop device over a sparse
+    file; not tmpfs, whose pages would count as the writer's memory)."""
     directory = short_data_dir("kiln-smalldisk-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3g,mode=0700", "tmpfs", str(directory)], check=True)
+    backing = directory.with_name(directory.name + ".img")
+    subprocess.run(["truncate", "-s", "3G", str(backing)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(backing)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(backing), str(directory)], check=True)
     try:
         yield directory
     finally:
         subprocess.run(["umount", "-l", str(directory)], check=False)
         shutil.rmtree(directory, ignore_errors=True)
+        backing.unlink(missing_ok=True)
 
 
 def test_a_guest_filling_its_disk_gets_no_space_and_a_full_data_disk_is_never_a_500(
@@ -185,11 +191,13 @@ def test_a_guest_filling_its_disk_gets_no_space_and_a_full_data_disk_is_never_a_
     try:
         vm = api.create_ok(**SMALL)
         session = vm["session_id"]
-        result = api.http.post(
+        filled = api.http.post(
             "/execute",
             json={"session_id": session, "language": "bash", "command": "dd if=/dev/zero of=/root/big bs=1M"},
             timeout=HANG * 10,
-        ).json()
+        )
+        assert filled.status_code == 200, filled.text
+        result = filled.json()
         assert result["exit_code"] != 0 and "No space left on device" in result["stderr"], result
         # The host kept its floor: every route answers.
         assert api.vm(vm["vm_id"])["status"] == "running"
