@@ -62,6 +62,8 @@ def settings(tmp_path: Path) -> Settings:
         boot_timeout_seconds=5,
         # Service tests run no network (no nftables, no egress daemon on the host).
         networking="off",
+        # Nor a share router process: the API's share rules are tested without one.
+        share_router=False,
     )
 
 

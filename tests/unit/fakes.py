@@ -23,6 +23,7 @@ class FakeAgent:
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     # op name -> exception that call raises
     failures: dict[str, Exception] = field(default_factory=dict)
+    in_flight: int = 0
 
     async def call(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         self.calls.append((op, args))
