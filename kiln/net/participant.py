@@ -169,6 +169,9 @@ class NetParticipant:
         for name in netns.names():
             if (n := plan.lease_of_netns(name)) is not None:
                 found.append(resource(NETNS, name, n))
+                # A lease is on the host while its namespace is (else the
+                # reconciler would take every wired VM for one that lost it).
+                found.append(resource(LEASE, f"{plan.prefix}/{n}", n))
         for name in await links.host_links():
             if (n := plan.lease_of_veth(name)) is not None:
                 found.append(resource(VETH, name.split("@")[0], n))

@@ -88,7 +88,8 @@ async def test_inventory_finds_what_a_crashed_run_left(
     restarted = NetParticipant(egress_settings)
     found = [r for r in await restarted.inventory() if r.detail.get("n") == n]
     assert sorted((r.kind, r.vm_id) for r in found) == [
-        ("egress-policy", "crashed1"), ("netns", "crashed1"), ("nft-chain", "crashed1"), ("veth", "crashed1"),
+        ("egress-policy", "crashed1"), ("lease", "crashed1"), ("netns", "crashed1"), ("nft-chain", "crashed1"),
+        ("veth", "crashed1"),
     ]  # fmt: skip
     # A new VM meanwhile does not get the leftover's lease.
     other_ledger, other_launch = MemoryLedger(), Launch()
