@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from kiln.config import Settings
+from kiln.router.supervisor import RouterSupervisor
 from kiln.runtime.driver import BootImage
 
 HEALTH_TIMEOUT_SECONDS = 60.0
@@ -78,6 +79,7 @@ class KilnServer:
         self.settings = settings
         self.pool_size = pool_size
         self.port = free_port()
+        self.share_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / log_name
         self.process: subprocess.Popen | None = None
@@ -98,6 +100,7 @@ class KilnServer:
             KILN_HOST="127.0.0.1",
             KILN_PORT=str(self.port),
             KILN_POOL_SIZE=str(self.pool_size),
+            KILN_SHARE_HTTP_PORT=str(self.share_port),
             # The shape every bench VM has, so a pool (which warms the default
             # shape) holds VMs the bench asks for.
             KILN_DEFAULT_MEMORY_MB=str(self.settings.default_memory_mb),
@@ -136,6 +139,8 @@ class KilnServer:
         """SIGTERM (the server leaves VMs running: the caller removed them
         first, and sweeps what is left by path)."""
         process, self.process = self.process, None
+        # The share router outlives servers on purpose (like VMs): the bench's goes with its server.
+        asyncio.run(RouterSupervisor(self.settings).stop())
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGTERM)

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 from live_api import Api, wait_until
 
-APP = Path(__file__).with_name("guest_web_app.py")
+# The same app the bench runs (bench/guest_web_app.py).
+APP = Path(__file__).parents[2] / "bench" / "guest_web_app.py"
 APP_PORT = 8000
 PATTERN = bytes(i % 251 for i in range(251 * 1024))
 
