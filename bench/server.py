@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from kiln.config import Settings
+from kiln.proxy.supervisor import EgressSupervisor
 from kiln.router.supervisor import RouterSupervisor
 from kiln.runtime.driver import BootImage
 
@@ -90,7 +91,9 @@ class KilnServer:
         env = {
             name: value
             for name, value in os.environ.items()
-            if not name.startswith("KILN_") or name.startswith("KILN_MAX_")
+            # KILN_NET_*: the host names and addresses of guest networking, so a
+            # bench on a shared machine can take its own (the defaults may be in use).
+            if not name.startswith("KILN_") or name.startswith(("KILN_MAX_", "KILN_NET_"))
         }
         env.update(
             KILN_DATA_DIR=str(self.settings.data_dir),
@@ -139,8 +142,9 @@ class KilnServer:
         """SIGTERM (the server leaves VMs running: the caller removed them
         first, and sweeps what is left by path)."""
         process, self.process = self.process, None
-        # The share router outlives servers on purpose (like VMs): the bench's goes with its server.
-        asyncio.run(RouterSupervisor(self.settings).stop())
+        # The share router and the egress daemon outlive servers on purpose (like
+        # VMs): the bench's go with its server (by the pid files of its data dir).
+        asyncio.run(self._stop_host_daemons())
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGTERM)
@@ -149,6 +153,10 @@ class KilnServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    async def _stop_host_daemons(self) -> None:
+        await RouterSupervisor(self.settings).stop()
+        await EgressSupervisor(self.settings).stop()
 
     def client(self, api_key: str) -> httpx.Client:
         return httpx.Client(
