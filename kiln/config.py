@@ -146,7 +146,6 @@ class Settings(BaseSettings):
     share_domain: str = "kiln.localhost"
     share_host: str = ""  # empty: the API's host (KILN_HOST)
     share_http_port: int = 8080
-    share_https_port: int = 8443
     # Signed links of private shares live this long unless the request says.
     share_link_ttl_seconds: int = 3600
     share_link_max_ttl_seconds: int = 30 * 24 * 3600

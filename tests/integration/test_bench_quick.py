@@ -8,15 +8,19 @@ shape, and that no create failed under concurrency.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from live_server import network_env
 
 from kiln.config import Settings
+from kiln.net.host import uninstall
 from kiln.runtime.images import ImageStore
 
 pytestmark = pytest.mark.vm
@@ -50,11 +54,18 @@ def test_quick_bench_produces_every_figure(tmp_path: Path) -> None:
         pytest.skip("the default image is not built (kiln images build default)")
     output = tmp_path / "bench.json"
 
-    run = subprocess.run(
-        [sys.executable, "-m", "kiln.cli", "bench", "--quick", "--json", str(output)],
-        capture_output=True,
-        text=True,
-    )
+    # Network names of its own (the share figures need guest networking, and the
+    # defaults may be held by another server on a shared host); its table goes after.
+    names = network_env(tmp_path)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "kiln.cli", "bench", "--quick", "--json", str(output)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **names},
+        )
+    finally:
+        asyncio.run(uninstall(Settings(net_nft_table=names["KILN_NET_NFT_TABLE"])))
 
     assert run.returncode == 0, f"kiln bench failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     document = json.loads(output.read_text())
