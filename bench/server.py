@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 
 from kiln.config import Settings
+from kiln.proxy.supervisor import EgressSupervisor
+from kiln.router.supervisor import RouterSupervisor
 from kiln.runtime.driver import BootImage
 
 HEALTH_TIMEOUT_SECONDS = 60.0
@@ -78,6 +80,7 @@ class KilnServer:
         self.settings = settings
         self.pool_size = pool_size
         self.port = free_port()
+        self.share_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / log_name
         self.process: subprocess.Popen | None = None
@@ -88,7 +91,9 @@ class KilnServer:
         env = {
             name: value
             for name, value in os.environ.items()
-            if not name.startswith("KILN_") or name.startswith("KILN_MAX_")
+            # KILN_NET_*: the host names and addresses of guest networking, so a
+            # bench on a shared machine can take its own (the defaults may be in use).
+            if not name.startswith("KILN_") or name.startswith(("KILN_MAX_", "KILN_NET_"))
         }
         env.update(
             KILN_DATA_DIR=str(self.settings.data_dir),
@@ -98,6 +103,7 @@ class KilnServer:
             KILN_HOST="127.0.0.1",
             KILN_PORT=str(self.port),
             KILN_POOL_SIZE=str(self.pool_size),
+            KILN_SHARE_HTTP_PORT=str(self.share_port),
             # The shape every bench VM has, so a pool (which warms the default
             # shape) holds VMs the bench asks for.
             KILN_DEFAULT_MEMORY_MB=str(self.settings.default_memory_mb),
@@ -136,6 +142,9 @@ class KilnServer:
         """SIGTERM (the server leaves VMs running: the caller removed them
         first, and sweeps what is left by path)."""
         process, self.process = self.process, None
+        # The share router and the egress daemon outlive servers on purpose (like
+        # VMs): the bench's go with its server (by the pid files of its data dir).
+        asyncio.run(self._stop_host_daemons())
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGTERM)
@@ -144,6 +153,10 @@ class KilnServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    async def _stop_host_daemons(self) -> None:
+        await RouterSupervisor(self.settings).stop()
+        await EgressSupervisor(self.settings).stop()
 
     def client(self, api_key: str) -> httpx.Client:
         return httpx.Client(

@@ -40,7 +40,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import host, raw
+from bench import host, raw, shares
 from bench.server import KilnServer, create_user_and_key, link_cache
 from bench.stats import Figure, Figures
 from kiln.config import Settings
@@ -183,6 +183,7 @@ def declare_figures() -> Figures:
     figures.declare("api_list_rps", "requests/s",
                     note=f"GET /v1/vms/ (all records) listing {LIST_RECORDS} VM records, one client, "
                     "sequential; rate per batch of 10")
+    shares.declare(figures)
     return figures
 
 
@@ -239,6 +240,8 @@ class Bench:
             self.phase("concurrent", self.measure_concurrent_creates, "concurrent_creates_per_s",
                        "concurrent_create_ms", "concurrent_create_failures")
             self.phase("api_list", self.measure_listing, "api_list_rps")
+            self.phase("shares", self.measure_shares, "share_direct_rps", "share_rps", "share_direct_ms", "share_ms",
+                       "share_ws_rtt_ms", "share_wake_first_byte_ms")
             self.phase("density", self.measure_density, "density_idle_vms", "density_create_ms",
                        "density_rss_mb_per_vm", "density_pss_mb_per_vm", "density_cpu_pct_per_vm",
                        "density_exec_ms", "density_exec_first_ms")
@@ -550,6 +553,17 @@ class Bench:
                     self.execute(client, session_id, PYTHON_COMMAND, "python")
                 )
             self.delete_vm(client, record["vm_id"])
+
+    def measure_shares(self) -> None:
+        assert self.settings is not None and self.server is not None
+        quick = self.plan.mode == "quick"
+        with self.client() as client:
+            vm_id = shares.measure(
+                self.figures, client, self.settings, self.server.share_port,
+                lambda body: self.create_vm(client, body)[1],
+                seconds=2.0 if quick else 10.0, ws_samples=20 if quick else 200, wakes=1 if quick else 3,
+            )  # fmt: skip
+            self.delete_vm(client, vm_id)
 
     def measure_touched_snapshot(self) -> None:
         assert self.settings is not None
@@ -897,7 +911,7 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
 
 
 PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
-          "api_list", "density", "raw_touched", "pool")
+          "api_list", "density", "raw_touched", "pool", "shares")
 
 
 def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:

@@ -16,8 +16,7 @@ def _host_memory_mb() -> int:
 
 
 class Settings(BaseSettings):
-    # CONTRACT.md also names KILN_SHARE_DOMAIN, KILN_MASTER_KEY and
-    # KILN_EGRESS_CA_BUNDLE: they arrive with the features that read them.
+    # CONTRACT.md also names KILN_EGRESS_CA_BUNDLE: it arrives with the feature that reads it.
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
 
     data_dir: Path = Path("./var")
@@ -149,6 +148,31 @@ class Settings(BaseSettings):
     # The unprivileged user e2fsprogs run as on volume images (they parse what
     # a guest wrote).
     volume_tools_user: str = "nobody"
+
+    # Shares (kiln.router, kiln/router/README.md). A share is served at
+    # <share-id>.<share_domain>; a domain with ":port" is served (by a proxy in
+    # front) on that port, else the URL names the router's own HTTP port.
+    share_router: bool = True  # false: no router process (tests of the API alone)
+    share_domain: str = "kiln.localhost"
+    share_host: str = ""  # empty: the API's host (KILN_HOST)
+    share_http_port: int = 8080
+    # Signed links of private shares live this long unless the request says.
+    share_link_ttl_seconds: int = 3600
+    share_link_max_ttl_seconds: int = 30 * 24 * 3600
+    # auto_suspend: a VM with no exec, no terminal and no share traffic for this
+    # long is suspended.
+    auto_suspend_idle_seconds: int = 300
+    # 64 hex digits; empty: the key file $KILN_DATA_DIR/master-key, made on first start.
+    master_key: str = ""
+
+    @property
+    def share_listen_host(self) -> str:
+        return self.share_host or self.host
+
+    @property
+    def router_state_dir(self) -> Path:
+        """The share router's pid, log, settings and the two control sockets (0700)."""
+        return self.data_dir / "router"
 
     @property
     def database(self) -> str:

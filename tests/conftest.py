@@ -64,6 +64,8 @@ def settings(tmp_path: Path) -> Settings:
         # egress daemon), no VM user or cgroups.
         networking="off",
         confinement="off",
+        # Nor a share router process: the API's share rules are tested without one.
+        share_router=False,
     )
 
 

@@ -31,6 +31,7 @@ from kiln.net import netns
 from kiln.net.host import uninstall
 from kiln.net.links import host_links
 from kiln.proxy.supervisor import EgressSupervisor
+from kiln.router.supervisor import RouterSupervisor
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor
 
 STARTUP_SECONDS = 60.0
@@ -171,6 +172,7 @@ async def destroy_leftovers(settings: Settings) -> list[str]:
             await hypervisor.destroy(run_dir.name, run_dir)
     left = await leftover_links(settings)
     await EgressSupervisor(settings).stop()
+    await RouterSupervisor(settings).stop()
     await uninstall(settings)
     return left
 

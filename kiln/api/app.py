@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
-from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, snapshots, users, vms
+from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, shares, snapshots, users, vms
+from kiln.api.sharing import start_sharing
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
@@ -110,6 +111,7 @@ def create_app(
             vm_service = vm_side.vms
             execution_service = ExecutionService(vm_service, db)
             await execution_service.start()
+            sharing = await start_sharing(settings, db, vm_service)
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -120,10 +122,12 @@ def create_app(
                 pty=PtyService(),
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
+                shares=sharing.shares,
             )
             try:
                 yield
             finally:
+                await sharing.stop()
                 await execution_service.stop()
                 await vm_side.stop()
         finally:
@@ -146,6 +150,7 @@ def create_app(
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
         app.include_router(module.router)
     app.include_router(snapshots.router)
+    app.include_router(shares.router)
     return app
 
 

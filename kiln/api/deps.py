@@ -20,6 +20,7 @@ from kiln.services.files import FileService
 from kiln.services.guest import GuestTarget, session_target, vm_target
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
+from kiln.services.shares.service import ShareService
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.users import UserService
@@ -46,6 +47,7 @@ class Services:
     pty: PtyService
     snapshots: SnapshotService
     importer: ImageImporter
+    shares: ShareService
 
 
 def get_services(request: Request) -> Services:
@@ -107,7 +109,12 @@ def get_importer(request: Request) -> ImageImporter:
     return get_services(request).importer
 
 
+def get_share_service(request: Request) -> ShareService:
+    return get_services(request).shares
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
+Shares = Annotated[ShareService, Depends(get_share_service)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]
 Files = Annotated[FileService, Depends(get_file_service)]

@@ -1,10 +1,11 @@
-"""Starting and stopping the egress daemon from the server.
+"""Starting and stopping Kiln's host daemons from the server.
 
-One daemon per host (per ``KILN_DATA_DIR``). It runs in its own session, so
-like the VMs it outlives a restart (or a ``kill -9``) of the server, which
-then adopts it: ``start`` keeps a daemon that answers on the control socket
-and replaces one that does not. Its pid is in ``net/egress.pid``, its log in
-``net/egress.log``, the settings it runs with in ``net/egress.json`` (0600).
+``DaemonSupervisor`` runs ``python -m <module> --config FILE`` in its own
+session, so like the VMs a daemon outlives a restart (or a ``kill -9``) of the
+server, which then adopts it: ``start`` keeps a daemon that answers ``ping`` on
+its control socket and replaces one that does not. Its pid, log and settings
+(0600) are files in its state dir. ``EgressSupervisor`` is the egress daemon's
+(``net/egress.*``); the share router has its own (``kiln.router.supervisor``).
 """
 
 from __future__ import annotations
@@ -26,24 +27,48 @@ STOP_GRACE_SECONDS = 3.0
 POLL_SECONDS = 0.02
 
 
-class EgressDaemonError(RuntimeError):
+class DaemonError(RuntimeError):
     pass
 
 
-class EgressSupervisor:
-    def __init__(self, settings: Settings, *, python: str = sys.executable) -> None:
+class EgressDaemonError(DaemonError):
+    pass
+
+
+class DaemonSupervisor:
+    """One daemon: ``module`` run with the settings, files ``<name>.*`` in ``state_dir``."""
+
+    error: type[DaemonError] = DaemonError
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        module: str,
+        name: str,
+        state_dir: Path,
+        control_socket: Path,
+        python: str = sys.executable,
+    ) -> None:
         self.settings = settings
         self.python = python
-        self.feed = PolicyDirectory(settings.net_state_dir)
-        state = settings.net_state_dir
-        self.pid_file = state / "egress.pid"
-        self.log_file = state / "egress.log"
-        self.config_file = state / "egress.json"
+        self.module = module
+        self.name = name
+        self.state_dir = state_dir
+        self.control_socket = control_socket
+        self.pid_file = state_dir / f"{name}.pid"
+        self.log_file = state_dir / f"{name}.log"
+        self.config_file = state_dir / f"{name}.json"
         self._process: subprocess.Popen | None = None
+
+    def prepare(self) -> None:
+        """Before a start: the state dir (0700)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)
 
     async def ping(self) -> dict | None:
         try:
-            answer = await request(self.feed.control_socket, {"op": "ping"}, timeout=1.0)
+            answer = await request(self.control_socket, {"op": "ping"}, timeout=1.0)
         except (OSError, TimeoutError, ValueError):
             return None
         return answer if answer.get("ok") else None
@@ -53,11 +78,11 @@ class EgressSupervisor:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _is_daemon(pid) else None
+        return pid if _is_daemon(pid, self.module) else None
 
     async def start(self) -> int:
         """Make sure the daemon runs (adopting a live one); returns its pid."""
-        self.feed.ensure()
+        self.prepare()
         running = await self.ping()
         if running is not None and running.get("pid") == self.pid():
             return int(running["pid"])
@@ -68,7 +93,7 @@ class EgressSupervisor:
         with self.log_file.open("ab") as log:
             # Popen returns at once (fork+exec); the daemon's start is awaited below.
             self._process = subprocess.Popen(  # noqa: ASYNC220
-                [self.python, "-m", "kiln.proxy", "--config", str(self.config_file)],
+                [self.python, "-m", self.module, "--config", str(self.config_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -78,13 +103,13 @@ class EgressSupervisor:
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise EgressDaemonError(f"the egress daemon exited at start: {self._log_tail()}")
+                raise self.error(f"the {self.name} daemon exited at start: {self._log_tail()}")
             answer = await self.ping()
             if answer is not None and answer.get("pid") == self._process.pid:
                 return self._process.pid
             await asyncio.sleep(POLL_SECONDS)
         await self.stop()
-        raise EgressDaemonError(f"the egress daemon did not answer within {START_SECONDS:g}s: {self._log_tail()}")
+        raise self.error(f"the {self.name} daemon did not answer within {START_SECONDS:g}s: {self._log_tail()}")
 
     async def stop(self) -> None:
         """Stop the daemon (this one's child or an earlier server's); idempotent."""
@@ -94,9 +119,9 @@ class EgressSupervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
                 deadline = time.monotonic() + wait
-                while time.monotonic() < deadline and _alive(pid, self._process):
+                while time.monotonic() < deadline and _alive(pid, self._process, self.module):
                     await asyncio.sleep(POLL_SECONDS)
-                if not _alive(pid, self._process):
+                if not _alive(pid, self._process, self.module):
                     break
         self._process = None
         self.pid_file.unlink(missing_ok=True)
@@ -108,17 +133,37 @@ class EgressSupervisor:
             return ""
 
 
-def _alive(pid: int, process: subprocess.Popen | None) -> bool:
+class EgressSupervisor(DaemonSupervisor):
+    """The egress daemon (``kiln.proxy``): ``net/egress.{pid,log,json}``, ``net/egress.sock``."""
+
+    error = EgressDaemonError
+
+    def __init__(self, settings: Settings, *, python: str = sys.executable) -> None:
+        self.feed = PolicyDirectory(settings.net_state_dir)
+        super().__init__(
+            settings,
+            module="kiln.proxy",
+            name="egress",
+            state_dir=settings.net_state_dir,
+            control_socket=self.feed.control_socket,
+            python=python,
+        )
+
+    def prepare(self) -> None:
+        self.feed.ensure()
+
+
+def _alive(pid: int, process: subprocess.Popen | None, module: str) -> bool:
     if process is not None and process.pid == pid:
         return process.poll() is None
-    return _is_daemon(pid)
+    return _is_daemon(pid, module)
 
 
-def _is_daemon(pid: int) -> bool:
-    """True if ``pid`` is a live egress daemon (a recycled pid is never taken for one)."""
+def _is_daemon(pid: int, module: str) -> bool:
+    """True if ``pid`` is a live daemon of ``module`` (a recycled pid is never taken for one)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return state not in ("Z", "X") and b"kiln.proxy" in argv
+    return state not in ("Z", "X") and module.encode() in argv

@@ -164,6 +164,10 @@ class AgentClient:
     def connected(self) -> bool:
         return self._connection is not None and self._connection.alive
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._connection.pending) if self._connection is not None else 0
+
     async def connect(self, timeout: float = RECONNECT_SECONDS) -> None:
         """Open the connection, retrying until ``timeout`` while the socket is not there yet."""
         async with self._connect_lock:

@@ -128,6 +128,11 @@ class AgentChannel(Protocol):
     # limits: floods, garbage), or None.
     misbehaving: str | None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not answered yet (a running exec, an attached terminal)."""
+        ...
+
     async def call(self, op: str, timeout: float | None = None, **args: object) -> dict: ...
 
     def stream(self, op: str, timeout: float | None = None, **args: object) -> AsyncIterator[dict]: ...

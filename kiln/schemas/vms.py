@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, Field, WithJsonSchema
+from pydantic.json_schema import SkipJsonSchema
 
 # A free-form JSON object. pydantic would document ``dict[str, Any]`` with
 # ``additionalProperties: true``; the seed documents it as a bare object.
@@ -53,6 +54,10 @@ class VMCreateRequest(BaseModel):
     image_variant: str | None = None
     volumes: list[VMVolumeMountRequest] | None = None
     vault_ids: list[str] | None = None
+    # The instavm SDK sends these two with a create; the seed's schema has no
+    # such fields, so they are accepted without showing in the OpenAPI document.
+    auto_suspend: SkipJsonSchema[bool | None] = None
+    auto_resume: SkipJsonSchema[bool | None] = None
 
 
 class VMCreateResponse(BaseModel):

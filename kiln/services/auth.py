@@ -31,15 +31,15 @@ from pathlib import Path
 
 import jwt
 
+from kiln.crypto.credentials import API_KEY_PREFIX, TOKEN_ALGORITHM, hash_api_key
+from kiln.crypto.files import create_exclusively
 from kiln.services.errors import Unauthenticated
 from kiln.store.db import Database
 from kiln.store.models import User
 from kiln.store.repositories import ApiKeyRepository, UserRepository
 
-API_KEY_PREFIX = "kiln_"
 # Characters of a key kept in the clear so listings can tell keys apart.
 API_KEY_DISPLAY_CHARS = 12
-TOKEN_ALGORITHM = "HS256"
 # last_used_at is refreshed at most this often: a write per request would
 # serialise every API call on SQLite's single writer.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -85,10 +85,6 @@ def new_api_key() -> str:
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def hash_api_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 @functools.cache
 def dummy_password_hash() -> str:
     """What a login for an unknown user is verified against: made once, so
@@ -128,25 +124,9 @@ def load_or_create_secret(path: Path) -> bytes:
         return parse_secret(path.read_text(errors="replace"), path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_bytes(MIN_TOKEN_SECRET_BYTES)
-    # Written whole under a temporary name, then linked into place: a reader never
-    # sees a half-written file, and if another process (the CLI, a second server)
-    # won the race, link() fails and its secret is the one used.
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secret.hex())
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(partial, path)
-        except FileExistsError:
-            return parse_secret(path.read_text(errors="replace"), path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return secret
+    # Another process (the CLI, a second server) may have won the race: its secret is the one used.
+    return parse_secret(create_exclusively(path, secret.hex()), path)
 
 
 class ApiKeyCache:

@@ -16,7 +16,7 @@ from typing import Any
 
 from kiln.schemas.sessions import SessionCreateRequest
 from kiln.schemas.vms import VMCreateRequest
-from kiln.services.errors import Conflict, Unsupported
+from kiln.services.errors import Conflict
 from kiln.services.states import VmStatus
 from kiln.services.vms import VmService
 from kiln.store.models import Vm
@@ -106,9 +106,3 @@ class SessionService:
         vm = await self._vms.session_vm(owner_id, session_id)
         return await self._vms.terminate(owner_id, vm.id)
 
-    async def app_url(self, owner_id: int, session_id: str, port: int) -> None:
-        await self._vms.session_vm(owner_id, session_id)
-        raise Unsupported(
-            "exposing a session's port (app URL) needs shares, which this server does not "
-            "have yet"
-        )

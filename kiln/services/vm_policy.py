@@ -21,7 +21,7 @@ from typing import Any
 
 from kiln.config import Settings
 from kiln.node.participant import EgressRules
-from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
+from kiln.schemas.vms import ShareRequest, VMCreateRequest, VMUpdateRequest
 from kiln.services.errors import FieldProblem, InvalidRequest
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -53,6 +53,9 @@ class CreatePlan:
     egress_policy: dict[str, Any] | None
     snapshot_name: str | None
     snapshot_on_terminate: bool = False
+    share: ShareRequest | None = None
+    auto_suspend: bool = False
+    auto_resume: bool = False
 
 
 def check_create(
@@ -111,6 +114,9 @@ def check_create(
         egress_policy=request.egress_policy,
         snapshot_name=request.snapshot_name,
         snapshot_on_terminate=bool(request.snapshot_on_terminate),
+        share=request.share,
+        auto_suspend=bool(request.auto_suspend),
+        auto_resume=bool(request.auto_resume),
     )
 
 
@@ -148,8 +154,6 @@ def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProb
     def refuse(name: str, what: str) -> None:
         problems.append(FieldProblem((name,), f"{what} is not supported yet"))
 
-    if "share" in given:
-        refuse("share", "sharing a port")
     if "custom_domain" in given:
         refuse("custom_domain", "a custom domain")
     if given.get("volumes"):
@@ -160,8 +164,6 @@ def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProb
     for flag in PACKAGE_MANAGER_FLAGS:
         if policy.get(flag):
             refuse("egress_policy", f"{flag} (the package-manager domain group)")
-    if given.get("auto_suspend"):
-        refuse("auto_suspend", "auto-suspend")
     return problems
 
 

@@ -18,10 +18,12 @@ import logging
 import secrets
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.config import Settings
 from kiln.node.network import EgressRefused
@@ -31,6 +33,7 @@ from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Machine, SavedState
 from kiln.runtime.errors import AgentError
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
+from kiln.services.activity import Activity
 from kiln.services.admission import Admission
 from kiln.services.disk_budget import DiskBudget
 from kiln.services.errors import Conflict, ImageNotBuilt, InvalidRequest, NotFound, VmStartFailed
@@ -51,6 +54,9 @@ from kiln.store.models import Vm
 from kiln.store.repositories import HostResourceRepository, SessionRepository, VmRepository
 
 log = logging.getLogger(__name__)
+
+# Runs in the transaction that inserts a new VM (e.g. the share of ``share``).
+AdmitHook = Callable[[AsyncSession, Vm, CreatePlan], Awaitable[None]]
 
 S = VmStatus
 
@@ -123,6 +129,9 @@ class VmService:
         self._teardown_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        # When each VM was last used (guest calls here, share traffic from the router).
+        self.activity = Activity()
+        self.admit_hooks: list[AdmitHook] = []
 
     # -- service lifecycle -------------------------------------------------------
 
@@ -256,6 +265,7 @@ class VmService:
         ``loaded``: the VM's record, already read by the caller for this owner
         (saves a database round trip on every guest call)."""
         vm = loaded if loaded is not None and loaded.id == vm_id else await self.get(owner_id, vm_id)
+        self.activity.touch(vm_id)
         if vm.auto_resume and vm.status in (S.SUSPENDED, S.RESUMING):
             vm = await self.resume(owner_id, vm_id, wait=True)
         machine = self.node.machine(vm_id)
@@ -472,13 +482,15 @@ class VmService:
                     snapshot_name=plan.snapshot_name,
                     snapshot_id=snapshot_id,
                     disk_snapshot_id=disk_snapshot_id,
-                    auto_suspend=False,
-                    auto_resume=False,
+                    auto_suspend=plan.auto_suspend,
+                    auto_resume=plan.auto_resume,
                     created_at=now,
                     updated_at=now,
                     expires_at=now + plan.lifetime,
                 )
             )
+            for hook in self.admit_hooks:
+                await hook(session, vm, plan)
             if vm_id is not None:
                 # A claimed pool VM: its host resources are this user's now.
                 await HostResourceRepository(session).set_owner_any_owner(vm_id, owner_id)
@@ -518,6 +530,7 @@ class VmService:
                     env_status, env_error = "failed", describe(error)
             env_fields = {"env_status": env_status, "env_error": env_error} if current == S.CREATING else {}
             # False when a DELETE or the reaper moved the VM on meanwhile; they tear it down.
+            self.activity.touch(vm_id)
             await self.set_status(vm_id, current, S.RUNNING, **env_fields)
         except asyncio.CancelledError:
             raise  # whoever cancelled the boot (terminate, stop) cleans up

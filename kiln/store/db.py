@@ -31,6 +31,12 @@ def _enable_sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_query_only(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
 def alembic_config(connection: Connection | None = None) -> Config:
     config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -50,7 +56,9 @@ def _private_database_file(path: Path) -> None:
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    """``read_only``: every connection refuses writes (the share router's: it only looks up)."""
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = make_url(url)
         if self.url.get_backend_name() == "sqlite" and self.url.database:
             _private_database_file(Path(self.url.database))
@@ -58,9 +66,16 @@ class Database:
         # Pre-ping (a SELECT 1 per checkout) finds connections a PostgreSQL server
         # dropped; a SQLite file has no server to drop them, so there it is only
         # one more round trip through aiosqlite's thread on every transaction.
-        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=not sqlite)
+        connect_args: dict[str, Any] = {}
+        if read_only and not sqlite:
+            connect_args["server_settings"] = {"default_transaction_read_only": "on"}
+        self.engine: AsyncEngine = create_async_engine(
+            self.url, pool_pre_ping=not sqlite, connect_args=connect_args
+        )
         if sqlite:
             event.listen(self.engine.sync_engine, "connect", _enable_sqlite_wal)
+            if read_only:
+                event.listen(self.engine.sync_engine, "connect", _sqlite_query_only)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def migrate(self) -> None:

@@ -428,9 +428,15 @@ def test_credentials_are_required(client: InstaVM, server: LiveServer) -> None:
     assert asyncio.run(connect_without_key()) == 4401
 
 
-def test_app_urls_are_refused_until_shares_exist(client: InstaVM, http: httpx.Client) -> None:
-    answer = http.get(f"/v1/sessions/app-url/{client.session_id}")
-    assert answer.status_code == 400 and "shares" in answer.json()["detail"]
+def test_app_urls_and_shares_through_the_sdk(client: InstaVM, server: LiveServer) -> None:
+    app = client.get_session_app_url(port=8000)
+    assert (app["port"], app["is_public"]) == (8000, False) and app["share_id"] in app["url"]
+    # Asked again: the same share, not a new one.
+    assert client.get_session_app_url(port=8000)["share_id"] == app["share_id"]
+    shared = client.shares.create(port=8001, is_public=True)
+    assert (shared["port"], shared["is_public"], shared["status"]) == (8001, True, "active")
+    assert client.shares.update(shared["share_id"], is_public=False)["is_public"] is False
+    assert client.shares.update(shared["share_id"], revoke=True)["status"] == "revoked"
 
 
 def test_an_unknown_terminal_closes_the_websocket_with_4404(client: InstaVM) -> None:

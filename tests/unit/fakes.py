@@ -24,6 +24,7 @@ class FakeAgent:
     # op name -> exception that call raises
     failures: dict[str, Exception] = field(default_factory=dict)
     misbehaving: str | None = None
+    in_flight: int = 0
 
     async def call(self, op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         self.calls.append((op, args))

@@ -75,7 +75,6 @@ async def test_no_wait(
         ({"memory_mb": "lots"}, ["body", "memory_mb"]),
         ({"env": {"BAD NAME": "x"}}, ["body", "env", "BAD NAME"]),
         ({"share": {"port": 70000}}, ["body", "share", "port"]),
-        ({"share": {"port": 8080}}, ["body", "share"]),
         ({"vault_ids": ["v1"]}, ["body", "vault_ids"]),
         ({"volumes": [{"volume_id": "v", "mount_path": "/proc/x"}]}, ["body", "volumes", 0, "mount_path"]),
         ({"image_variant": "unknown"}, ["body", "image_variant"]),

@@ -19,7 +19,10 @@ FORBIDDEN: dict[str, set[str]] = {
     "net": {"api", "services", "store", "schemas", "volumes"},
     "volumes": {"api", "services", "store", "schemas", "net"},
     "node": {"api", "services", "store", "schemas"},
-    "services": {"api"},
+    "services": {"api", "router"},
+    # The share router is a process of its own: it reads the store, never the services' memory.
+    "router": {"api", "services", "node", "runtime", "volumes", "guest", "schemas"},
+    "crypto": {"api", "services", "store", "node", "runtime", "net", "volumes", "schemas", "router", "guest"},
     "schemas": {"api", "services", "node", "runtime"},
     "guest": {"api", "services", "store", "node", "runtime", "schemas", "config", "net", "volumes"},
 }

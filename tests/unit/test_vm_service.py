@@ -226,7 +226,6 @@ async def test_all_problems_are_reported_at_once(world: World) -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"share": {"port": 8080}},
         {"custom_domain": {"domain": "example.com"}},
         {"volumes": [{"volume_id": "v", "mount_path": "/data"}]},
         {"vault_ids": ["vault-1"]},
@@ -368,9 +367,8 @@ async def test_update(world: World) -> None:
     assert updated.snapshot_name == "keep"
     assert (await world.service.get(world.alice, vm.id)).labels == {"b": 2}
 
-    with pytest.raises(InvalidRequest) as error:
-        await world.service.update(world.alice, vm.id, VMUpdateRequest(auto_suspend=True))
-    assert problems_of(error)[("auto_suspend",)].endswith("is not supported yet")
+    suspending = await world.service.update(world.alice, vm.id, VMUpdateRequest(auto_suspend=True, auto_resume=True))
+    assert (suspending.auto_suspend, suspending.auto_resume) == (True, True)
     with pytest.raises(InvalidRequest):
         await world.service.update(world.alice, vm.id, VMUpdateRequest(vm_lifetime_seconds=-5))
 

@@ -4,7 +4,7 @@
 instavm SDK sends it, from ``api_key`` in the body. It answers once the VM runs
 (503 with the reason if it fails to start). ``GET /v1/sessions/status/{sid}``
 says ``vm_status: active`` while the VM runs. ``GET /v1/sessions/app-url/{sid}``
-is refused (400) until shares exist.
+answers the URL of the session VM's share of a port (made private if it had none).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
 
-from kiln.api.deps import Auth, CurrentUser, Sessions, bearer_token, user_from_credentials
+from kiln.api.deps import Auth, CurrentUser, Sessions, Shares, bearer_token, user_from_credentials
 from kiln.api.routers.vms import MetadataFilter
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.sessions import (
@@ -25,6 +25,7 @@ from kiln.schemas.sessions import (
     SessionStatus,
     SessionUsage,
 )
+from kiln.schemas.shares import AppUrl
 from kiln.services.sessions import DEFAULT_SANDBOX_LIST, MAX_SANDBOX_LIST, public_status
 
 router = APIRouter(tags=["sessions"], responses={401: {"model": ErrorMessage}})
@@ -87,17 +88,16 @@ async def get_session_usage(
     )
 
 
-@router.get(
-    "/v1/sessions/app-url/{session_id}",
-    responses={**NOT_FOUND, 400: {"model": ErrorMessage}},
-)
+@router.get("/v1/sessions/app-url/{session_id}", responses=NOT_FOUND)
 async def get_session_app_url(
     session_id: str,
     user: CurrentUser,
-    sessions: Sessions,
+    shares: Shares,
     port: Annotated[int, Query(ge=1, le=65535)] = 80,
-) -> None:
-    await sessions.app_url(user.id, session_id, port)
+) -> AppUrl:
+    """The URL of the session VM's share of ``port`` (a private one is made if there is none)."""
+    share = await shares.app_url(user.id, session_id, port)
+    return AppUrl(url=share.url, share_id=share.share_id, port=share.port, is_public=share.is_public)
 
 
 @router.post("/kill", responses=NOT_FOUND)
