@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     quota_vcpus: int | None = None
     quota_memory_mb: int | None = None
     quota_snapshots: int = 100
+    # Base snapshots (one per image build and VM shape, made by a cold boot the
+    # first time a shape is asked for): at most this many shapes per image
+    # build; a create of another shape boots cold and caches nothing.
+    max_base_shapes: int = 8
     quota_disk_mb: int | None = None
 
     # Kiln keeps this much of the data disk free: creates and saves that would

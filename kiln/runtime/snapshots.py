@@ -132,6 +132,14 @@ class BaseSnapshots:
         shape_part = f"{shape.memory_mb}m-{shape.vcpu_count}c"
         return f"{image.variant}-{digest}-{shape_part}-{accel}-f{BASE_SNAPSHOT_FORMAT}"
 
+    def shapes_cached(self, image: BootImage) -> int:
+        """How many shapes of this image build have a base snapshot (or one being made)."""
+        key = self.key(image, Shape(0, 0))
+        if key is None or not self.root.is_dir():
+            return 0
+        build = key.split("-0m-0c-", 1)[0] + "-"
+        return sum(1 for path in self.root.iterdir() if path.name.startswith(build))
+
     def find(self, image: BootImage, shape: Shape) -> SavedState | None:
         key = self.key(image, shape)
         if key is None or not (self.root / key).is_dir():

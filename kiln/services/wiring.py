@@ -60,7 +60,7 @@ def build_vm_services(
     node = build_node(settings, hypervisor, StoreLedger(db))
     background = BackgroundTasks()
     base = BaseSnapshots(settings, hypervisor, PipelineLauncher(node))
-    planner = RestorePlanner(db, node, base, background)
+    planner = RestorePlanner(db, node, base, background, settings.max_base_shapes)
     disk = DiskBudget(settings.data_dir, settings.disk_floor_mb * 2**20, node.reserved_disk_bytes)
     snapshots = SnapshotService(settings, db, node, background, disk)
     pool = None

@@ -140,3 +140,35 @@ async def test_only_abandoned_base_snapshot_builds_are_removed(tmp_path: Path) -
         await snapshots.remove_unfinished_builds()
     assert building.exists() and not abandoned.exists()
     assert Destroyer.destroyed == ["base-bbbb"]
+
+
+async def test_a_user_over_the_snapshot_quota_gets_429_and_nothing_is_recorded(  # type: ignore[no-untyped-def]
+    run_app, admin_key, settings: Settings
+) -> None:
+    from unit.harness import key_headers
+
+    settings.quota_snapshots = 0
+    async with run_app() as client:
+        auth = key_headers(admin_key())
+        vm = (await client.post("/v1/vms", json={}, headers=auth)).json()
+        refused = await client.post(f"/v1/vms/{vm['vm_id']}/snapshot", headers=auth)
+        assert refused.status_code == 429 and "quota snapshots" in refused.json()["detail"]
+        assert (await client.get("/v1/snapshots?type=user", headers=auth)).json() == []
+
+
+def test_base_snapshot_shapes_per_image_build_are_counted(tmp_path: Path) -> None:
+    class _Accel:
+        accel = "tcg"
+
+    settings = Settings(cache_dir=tmp_path / "cache")
+    snapshots = BaseSnapshots(settings, _Accel())  # type: ignore[arg-type]
+    image = BootImage("default", tmp_path / "k", tmp_path / "i", tmp_path / "r", "console=ttyS0")
+    for path in (image.kernel, image.initrd, image.rootfs):
+        path.write_bytes(b"x")
+    assert snapshots.shapes_cached(image) == 0
+    for shape in (Shape(256, 1), Shape(512, 2)):
+        key = snapshots.key(image, shape)
+        assert key is not None
+        (snapshots.root / key).mkdir(parents=True)
+    (snapshots.root / "minimal-0123456789abcdef-256m-1c-tcg-f3").mkdir()  # another image's
+    assert snapshots.shapes_cached(image) == 2

@@ -32,7 +32,14 @@ from kiln.schemas.snapshots import SnapshotImportRequest
 from kiln.services import oci_sources
 from kiln.services.background import BackgroundTasks
 from kiln.services.errors import FieldProblem, ImageNotBuilt, InvalidRequest, Unsupported
-from kiln.services.snapshots.rows import IMPORTED_ROOTFS_NAME, new_snapshot_id, now, record, reload
+from kiln.services.snapshots.rows import (
+    IMPORTED_ROOTFS_NAME,
+    check_snapshot_quota,
+    new_snapshot_id,
+    now,
+    record,
+    reload,
+)
 from kiln.services.states import SnapshotStatus, SnapshotType
 from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT, ENV_NAME_PATTERN, MAX_SNAPSHOT_NAME_LENGTH
 from kiln.store.db import Database
@@ -111,6 +118,7 @@ class ImageImporter:
         plan, shape, snapshot_type = await self._check_import(request)
         snapshot_id = new_snapshot_id()
         async with self._db.transaction() as session:
+            await check_snapshot_quota(session, owner_id, self._settings.quota_snapshots)
             snapshot = await SnapshotRepository(session).add(
                 Snapshot(
                     id=snapshot_id,

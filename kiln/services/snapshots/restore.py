@@ -40,7 +40,10 @@ class RestorePlan:
 
 
 class RestorePlanner:
-    def __init__(self, db: Database, node: Node, base: BaseSnapshots, background: BackgroundTasks) -> None:
+    def __init__(
+        self, db: Database, node: Node, base: BaseSnapshots, background: BackgroundTasks, max_shapes: int
+    ) -> None:
+        self._max_shapes = max_shapes
         self._db = db
         self._node = node
         self.base = base
@@ -157,6 +160,11 @@ class RestorePlanner:
         made (the image's files are missing)."""
         accel_decided = self._node.accel in ("kvm", "tcg")
         if accel_decided and self.base.key(image, shape) is None:
+            return False
+        if self.base.shapes_cached(image) >= self._max_shapes:
+            # Users choose shapes; each new one costs a cold boot and a cache entry.
+            log.warning("image %s has base snapshots of %d shapes already: none is made for %s",
+                        image.variant, self._max_shapes, shape)  # fmt: skip
             return False
         self._background.run(self._make_base_quietly(image, shape), "base snapshot")
         return True

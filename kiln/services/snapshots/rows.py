@@ -6,8 +6,10 @@ import hashlib
 import secrets
 from datetime import UTC, datetime
 
-from kiln.services.errors import NotFound
-from kiln.services.states import STATES_WITH_A_DISK
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kiln.services.errors import NotFound, QuotaExceeded
+from kiln.services.states import STATES_WITH_A_DISK, SnapshotType
 from kiln.store.db import Database
 from kiln.store.models import Snapshot
 from kiln.store.repositories import SnapshotRepository, VmRepository
@@ -43,6 +45,13 @@ async def record(db: Database, snapshot_id: str, vm_on_it: str | None, **fields:
         await SnapshotRepository(session).update_any_owner(snapshot_id, **fields)
         if vm_on_it is not None:
             await VmRepository(session).set_disk_snapshot_any_owner(vm_on_it, snapshot_id)
+
+
+async def check_snapshot_quota(session: AsyncSession, owner_id: int, quota: int) -> None:
+    """QuotaExceeded if the user has ``quota`` snapshots (theirs: user and auto) already."""
+    owned = len(await SnapshotRepository(session).list(owner_id, [SnapshotType.USER, SnapshotType.AUTO]))
+    if owned >= quota:
+        raise QuotaExceeded(f"quota snapshots: you have {owned} of {quota} (KILN_QUOTA_SNAPSHOTS)")
 
 
 async def dependents(snapshots: SnapshotRepository, snapshot_id: str) -> tuple[list[str], list[str]]:

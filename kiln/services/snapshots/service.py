@@ -32,7 +32,7 @@ from kiln.services.background import BackgroundTasks
 from kiln.services.disk_budget import DiskBudget
 from kiln.services.errors import Conflict, InvalidRequest, NotFound
 from kiln.services.snapshots.housekeeping import Housekeeping
-from kiln.services.snapshots.rows import dependents, new_snapshot_id, now, record, reload
+from kiln.services.snapshots.rows import check_snapshot_quota, dependents, new_snapshot_id, now, record, reload
 from kiln.services.states import LISTED_TYPES, SnapshotStatus, SnapshotType, VmStatus
 from kiln.store.db import Database
 from kiln.store.models import Snapshot, Vm
@@ -189,6 +189,8 @@ class SnapshotService:
         await asyncio.to_thread(self._disk.check_save, vm.memory_mb * 2**20)
         snapshot_id = new_snapshot_id()
         async with self._db.transaction() as session:
+            if snapshot_type in LISTED_TYPES:
+                await check_snapshot_quota(session, vm.owner_id, self._settings.quota_snapshots)
             return await SnapshotRepository(session).add(
                 Snapshot(
                     id=snapshot_id,
