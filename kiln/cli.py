@@ -240,15 +240,26 @@ def build_images(
 
 
 def make_base_snapshot(image: Any) -> Any:
-    """The image's base snapshot for the default shape (a cold boot if not cached)."""
+    """The image's base snapshot for the default shape (a cold boot if not cached).
+    The build's VM comes up through the node's pipeline, confined like every
+    VM (no network: its card is unwired)."""
+    from kiln.node.host import build_node
+    from kiln.node.launcher import PipelineLauncher
+    from kiln.node.ledger import MemoryLedger
     from kiln.runtime.qemu import QemuHypervisor
     from kiln.runtime.snapshots import BaseSnapshots, Shape
 
-    settings = get_settings()
+    settings = get_settings().model_copy(update={"networking": "off"})
     shape = Shape(settings.default_memory_mb, settings.default_vcpu_count)
-    snapshots = BaseSnapshots(settings, QemuHypervisor(settings))
+    hypervisor = QemuHypervisor(settings)
+
+    async def make() -> Any:
+        node = build_node(settings, hypervisor, MemoryLedger())
+        await node.start_host()
+        return await BaseSnapshots(settings, hypervisor, PipelineLauncher(node)).ensure(image, shape)
+
     err.print(f"[bold]{image.variant}[/bold]: making its base snapshot ({shape}) ...")
-    return asyncio.run(snapshots.ensure(image, shape))
+    return asyncio.run(make())
 
 
 @images_app.command("ls")
