@@ -18,7 +18,8 @@ from integration.volumes_fixtures import MiB, VolumeKit, kit_fixture, ok, run  #
 from kiln.config import Settings
 from kiln.node.participant import HostResource, Launch, Mount, VmContext
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState
-from kiln.runtime.qemu import QemuHypervisor, process_is_alive
+from kiln.runtime.qemu import QemuHypervisor
+from kiln.runtime.qemu.process import process_is_alive
 from kiln.volumes import (
     PathRefused,
     VolumeFileConflict,

@@ -7,7 +7,7 @@ import pytest
 from integration.volumes_fixtures import MiB, VolumeKit, kit_fixture, ok, run  # noqa: F401
 
 from kiln.node.participant import Mount
-from kiln.runtime.driver import RuntimeFailure
+from kiln.runtime.errors import RuntimeFailure
 from kiln.volumes import VolumeBusy, VolumeTooSmall, hotplug
 from kiln.volumes.guest import ExecGuestVolumes
 from kiln.volumes.layout import read_meta
