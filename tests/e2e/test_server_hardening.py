@@ -197,9 +197,8 @@ def test_an_upload_the_guest_cannot_finish_leaves_the_old_file_and_no_temporary(
         "/upload", files={"file": ("f", os.urandom(900 * 1024))},
         data={"remote_path": "/mnt/small/f", "session_id": client.session_id},
     )  # fmt: skip
-    # The agent reports ENOSPC as an internal failure today (503); what matters here
-    # is that the upload failed and left the target as it was.
-    assert answer.status_code in (400, 503), answer.text
+    # The guest's disk is full: 507, and the target is left as it was.
+    assert answer.status_code == 507, answer.text
     assert "No space left" in answer.json()["detail"]
     assert shell(client, "ls -A /mnt/small; cat /mnt/small/f") == "f\nold"
     unmounted = client.execute("import ctypes\nassert ctypes.CDLL(None).umount2(b'/mnt/small', 2) == 0")
