@@ -450,3 +450,29 @@ async def test_renewal_replaces_the_certificate_and_a_failed_one_keeps_it(settin
     assert kept.status == "issued" and kept.certificate == renewed.certificate
     assert "renewal failed (the certificate in force still serves)" in (kept.last_error or "")
     assert "NXDOMAIN" in (kept.last_error or "")
+
+
+async def test_a_manual_renewal_waits_for_its_new_record_then_verify_completes_it(
+    settings: Settings, db: Database
+) -> None:
+    acme, provider = FakeAcme(days=10), FakeProvider(publishes=False)
+    worker = worker_with(settings, db, acme, provider)
+    domain_id = await seed_domain(db, provider="manual")
+    await worker.prepare(domain_id)
+    provider.zone.update({(r["name"], r["type"]): r["value"] for r in (await load(db, domain_id)).dns_records})
+    await run_jobs(worker)
+    first = await load(db, domain_id)
+    assert first.status == "issued"
+
+    worker._renewal_tried.clear()
+    await run_jobs(worker)  # the renewal's new challenge is not published yet
+    waiting = await load(db, domain_id)
+    assert waiting.status == "issued" and waiting.certificate == first.certificate and waiting.acme_order is not None
+    assert "challenge-2" in (waiting.last_error or "") and acme.orders == 2
+
+    provider.zone.update({(r["name"], r["type"]): r["value"] for r in waiting.dns_records})
+    worker.renew_now(domain_id)  # what verify does for an issued domain with a renewal waiting
+    await asyncio.gather(*worker._jobs.values())
+    renewed = await load(db, domain_id)
+    assert renewed.status == "issued" and renewed.certificate != first.certificate and renewed.last_error is None
+    assert acme.orders == 2  # the waiting order, not a third one

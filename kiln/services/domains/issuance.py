@@ -222,6 +222,7 @@ class DomainWorker:
         """Remove what the domain made (records, files) and its row; returns why
         the records could not be removed, if they could not."""
         await self.cancel(row.id)
+        row = await self._load(row.id) or row  # what the job published until it stopped
         cleanup_error = None
         published = [DnsRecord.from_json(record) for record in row.published]
         if published:
@@ -229,7 +230,10 @@ class DomainWorker:
                 await self.provider(row).remove(published)
             except DomainError as error:
                 cleanup_error = str(error)
-                log.warning("custom domain %s: its records stay (%s)", row.domain, error)
+            except Exception as error:  # e.g. credentials that no longer open (another master key)
+                cleanup_error = f"the records could not be removed: {error or type(error).__name__}"
+            if cleanup_error:
+                log.warning("custom domain %s: its records stay (%s)", row.domain, cleanup_error)
         await asyncio.to_thread(self.files.remove, row.domain)
         async with self._db.transaction() as session:
             current = await DomainRepository(session).get_any_owner(row.id)
