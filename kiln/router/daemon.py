@@ -71,6 +71,7 @@ class ShareRouter:
         self.server_socket = self.state_dir / "server.sock"
         self.control = ControlServer(self.state_dir / "router.sock", self._control)
         self.certificates = SniCertificates(CertificateFiles(settings.domains_dir))
+        self.https_port = 0  # the HTTPS port served, once it is
         self.active: set[str] = set()
         self.open: collections.Counter[str] = collections.Counter()
         self._stopping = asyncio.Event()
@@ -208,7 +209,7 @@ class ShareRouter:
                 "ok": True,
                 "pid": os.getpid(),
                 "open": sum(self.open.values()),
-                "https_port": self.settings.share_https_port,
+                "https_port": self.https_port,
             }
         return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
 
@@ -244,7 +245,12 @@ class ShareRouter:
                 runner, self.settings.share_listen_host, self.settings.share_https_port, ssl_context=tls,
                 reuse_address=True,
             )  # fmt: skip
-            await secure.start()
+            try:
+                await secure.start()
+                self.https_port = self.settings.share_https_port
+            except OSError as error:
+                # Shares over HTTP still work; the next server start tries again (ping says 0).
+                log.error("custom domains are not served: port %d: %s", self.settings.share_https_port, error)
         await self.control.start()
         reporter = asyncio.create_task(self._report_activity())
         log.info(
