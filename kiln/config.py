@@ -169,6 +169,30 @@ class Settings(BaseSettings):
     # 64 hex digits; empty: the key file $KILN_DATA_DIR/master-key, made on first start.
     master_key: str = ""
 
+    # Custom domains (kiln.domains, kiln/domains/README.md). The router serves
+    # them over HTTPS on this port (SNI picks the certificate; 0: no HTTPS).
+    share_https_port: int = 8443
+    # Where a custom domain must point: the router's public address (an IP: an
+    # A/AAAA record; a name: a CNAME). Empty: no such record is asked for or checked.
+    share_public_address: str = ""
+    # ACME directory URL for custom-domain certificates (DNS-01); empty: none are issued.
+    acme_directory: str = ""
+    # CA bundle that verifies the ACME server's own HTTPS (empty: the system's).
+    acme_ca_bundle: str = ""
+    acme_email: str = ""
+    # A certificate is renewed when it has less than this left; checked this often.
+    acme_renew_before_days: float = 30.0
+    acme_renew_check_seconds: float = 3600.0
+    # IP[:PORT] of the resolver that finds a domain's authoritative servers
+    # (its records are then asked of them directly); empty: the host's resolvers.
+    domains_resolver: str = ""
+    # How long published records may take to be served by every authoritative server.
+    domains_propagation_seconds: float = 120.0
+    # Let rfc2136 updates go to private, loopback or link-local DNS servers.
+    domains_allow_private_dns: bool = False
+    # Custom domains one user may hold.
+    quota_custom_domains: int = 20
+
     @property
     def share_listen_host(self) -> str:
         return self.share_host or self.host
@@ -225,6 +249,11 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.cache_dir / "images"
+
+    @property
+    def domains_dir(self) -> Path:
+        """Custom domains' certificates, order keys and the ACME account (0700)."""
+        return self.data_dir / "domains"
 
     @property
     def net_state_dir(self) -> Path:

@@ -113,6 +113,8 @@ def network_env(data_dir: Path) -> dict[str, str]:
         # Each Kiln's tables let only its own marked proxy connections out its
         # uplink: another Kiln's with the same mark would have them refused.
         "KILN_NET_EGRESS_MARK": str(0x4B490000 + (number & 0xFFFF)),
+        # The router's HTTPS listener (custom domains): never another server's port.
+        "KILN_SHARE_HTTPS_PORT": str(free_port()),
     }
 
 

@@ -18,10 +18,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from kiln.api.custom_domains import start_domains
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, shares, snapshots, users, vms
+from kiln.api.routers.domains import router as domains_router
 from kiln.api.sharing import start_sharing
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
@@ -112,6 +114,7 @@ def create_app(
             execution_service = ExecutionService(vm_service, db)
             await execution_service.start()
             sharing = await start_sharing(settings, db, vm_service)
+            domain_service = await start_domains(settings, db, vm_service)
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -123,10 +126,12 @@ def create_app(
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
                 shares=sharing.shares,
+                domains=domain_service,
             )
             try:
                 yield
             finally:
+                await domain_service.worker.stop()
                 await sharing.stop()
                 await execution_service.stop()
                 await vm_side.stop()
@@ -151,6 +156,7 @@ def create_app(
         app.include_router(module.router)
     app.include_router(snapshots.router)
     app.include_router(shares.router)
+    app.include_router(domains_router)
     return app
 
 

@@ -14,6 +14,7 @@ from fastapi import Depends, Header, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from kiln.services.auth import AuthService
+from kiln.services.domains.service import DomainService
 from kiln.services.errors import Unauthenticated
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
@@ -48,6 +49,7 @@ class Services:
     snapshots: SnapshotService
     importer: ImageImporter
     shares: ShareService
+    domains: DomainService
 
 
 def get_services(request: Request) -> Services:
@@ -113,7 +115,12 @@ def get_share_service(request: Request) -> ShareService:
     return get_services(request).shares
 
 
+def get_domain_service(request: Request) -> DomainService:
+    return get_services(request).domains
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
+Domains = Annotated[DomainService, Depends(get_domain_service)]
 Shares = Annotated[ShareService, Depends(get_share_service)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]

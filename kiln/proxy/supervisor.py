@@ -84,7 +84,7 @@ class DaemonSupervisor:
         """Make sure the daemon runs (adopting a live one); returns its pid."""
         self.prepare()
         running = await self.ping()
-        if running is not None and running.get("pid") == self.pid():
+        if running is not None and running.get("pid") == self.pid() and self.adoptable(running):
             return int(running["pid"])
         await self.stop()
         fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -110,6 +110,10 @@ class DaemonSupervisor:
             await asyncio.sleep(POLL_SECONDS)
         await self.stop()
         raise self.error(f"the {self.name} daemon did not answer within {START_SECONDS:g}s: {self._log_tail()}")
+
+    def adoptable(self, ping: dict) -> bool:
+        """Whether a running daemon (its ping answer) may be kept as it is."""
+        return True
 
     async def stop(self) -> None:
         """Stop the daemon (this one's child or an earlier server's); idempotent."""

@@ -36,13 +36,16 @@ from kiln.config import Settings
 from kiln.crypto.credentials import API_KEY_PREFIX
 from kiln.crypto.links import PURPOSE as LINK_PURPOSE
 from kiln.crypto.master_key import derive_key, load_master_key
+from kiln.domains.certs import CertificateFiles
 from kiln.net.participant import LEASE
 from kiln.router import forward
 from kiln.router.access import COOKIE, LINK_PARAMETER, Gatekeeper, Verdict, credentials_of, strip_cookie
 from kiln.router.control import ControlServer, ask
-from kiln.router.hosts import share_id_of
+from kiln.router.hosts import host_name, share_id_of
 from kiln.router.pages import page
+from kiln.router.tls import SniCertificates
 from kiln.store.db import Database
+from kiln.store.domains import DomainRepository
 from kiln.store.shares import ShareRepository, ShareRoute
 
 log = logging.getLogger("kiln.router")
@@ -67,6 +70,8 @@ class ShareRouter:
         self.gate = Gatekeeper(self.db, settings.data_dir, link_key)
         self.server_socket = self.state_dir / "server.sock"
         self.control = ControlServer(self.state_dir / "router.sock", self._control)
+        self.certificates = SniCertificates(CertificateFiles(settings.domains_dir))
+        self.https_port = 0  # the HTTPS port served, once it is
         self.active: set[str] = set()
         self.open: collections.Counter[str] = collections.Counter()
         self._stopping = asyncio.Event()
@@ -75,7 +80,9 @@ class ShareRouter:
     # -- one request
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        share_id = share_id_of(request.headers.get("Host", ""), self.settings.share_domain)
+        share_id = await self._share_of(request)
+        if isinstance(share_id, web.Response):
+            return share_id
         if share_id is None:
             return page(404, "This host names no share.")
         route = await self._route(share_id)
@@ -97,6 +104,27 @@ class ShareRouter:
         if running.outside_address is None:
             return page(502, "This share's VM has no network on this host.")
         return await self._forward(request, running)
+
+    async def _share_of(self, request: web.Request) -> str | web.Response | None:
+        """The share a request is for: over HTTPS, a custom domain's (its Host);
+        over HTTP, ``<share-id>.<KILN_SHARE_DOMAIN>``, and a custom domain is
+        sent to its HTTPS URL."""
+        host = request.headers.get("Host", "")
+        if request.secure:
+            return await self._share_of_domain(host_name(host))
+        share_id = share_id_of(host, self.settings.share_domain)
+        if share_id is not None or not self.settings.share_https_port:
+            return share_id
+        name = host_name(host)
+        if await self._share_of_domain(name) is None or self.certificates.context_for(name) is None:
+            return None
+        port = self.settings.share_https_port
+        location = f"https://{name}{'' if port == 443 else f':{port}'}{request.raw_path}"
+        return web.Response(status=308, headers={"Location": location})
+
+    async def _share_of_domain(self, name: str) -> str | None:
+        async with self.db.transaction() as session:
+            return await DomainRepository(session).share_of_domain_any_owner(name)
 
     def _enter_with_link(self, request: web.Request, token: str, expires: int) -> web.Response:
         """Set the link's cookie for this host (HttpOnly, so scripts in the page
@@ -177,7 +205,12 @@ class ShareRouter:
 
     async def _control(self, request: dict) -> dict:
         if request.get("op") == "ping":
-            return {"ok": True, "pid": os.getpid(), "open": sum(self.open.values())}
+            return {
+                "ok": True,
+                "pid": os.getpid(),
+                "open": sum(self.open.values()),
+                "https_port": self.https_port,
+            }
         return {"ok": False, "error": f"unknown op {request.get('op')!r}"}
 
     async def _report_activity(self) -> None:
@@ -206,11 +239,24 @@ class ShareRouter:
         await runner.setup()
         site = web.TCPSite(runner, self.settings.share_listen_host, self.settings.share_http_port, reuse_address=True)
         await site.start()
+        if self.settings.share_https_port:
+            tls = self.certificates.server_context()
+            secure = web.TCPSite(
+                runner, self.settings.share_listen_host, self.settings.share_https_port, ssl_context=tls,
+                reuse_address=True,
+            )  # fmt: skip
+            try:
+                await secure.start()
+                self.https_port = self.settings.share_https_port
+            except OSError as error:
+                # Shares over HTTP still work; the next server start tries again (ping says 0).
+                log.error("custom domains are not served: port %d: %s", self.settings.share_https_port, error)
         await self.control.start()
         reporter = asyncio.create_task(self._report_activity())
         log.info(
-            "share router %d: http://*.%s on %s:%d",
+            "share router %d: http://*.%s on %s:%d, custom domains over HTTPS on port %d",
             os.getpid(), self.settings.share_domain, self.settings.share_listen_host, self.settings.share_http_port,
+            self.settings.share_https_port,
         )  # fmt: skip
         try:
             await self._stopping.wait()

@@ -28,6 +28,10 @@ class RouterSupervisor(DaemonSupervisor):
             python=python,
         )  # fmt: skip
 
+    def adoptable(self, ping: dict) -> bool:
+        # A router started before custom domains (or with another HTTPS port) is replaced.
+        return bool(ping.get("https_port") == self.settings.share_https_port)
+
     @property
     def server_socket(self) -> Path:
         return self.state_dir / "server.sock"

@@ -21,7 +21,8 @@ from typing import Any
 
 from kiln.config import Settings
 from kiln.node.participant import EgressRules
-from kiln.schemas.vms import ShareRequest, VMCreateRequest, VMUpdateRequest
+from kiln.schemas.vms import CustomDomainRequest, ShareRequest, VMCreateRequest, VMUpdateRequest
+from kiln.services.domains.policy import check_domain
 from kiln.services.errors import FieldProblem, InvalidRequest
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -54,6 +55,7 @@ class CreatePlan:
     snapshot_name: str | None
     snapshot_on_terminate: bool = False
     share: ShareRequest | None = None
+    custom_domain: CustomDomainRequest | None = None
     auto_suspend: bool = False
     auto_resume: bool = False
 
@@ -99,6 +101,13 @@ def check_create(
         _check_egress_policy(check, request.egress_policy)
     check.snapshot_name(("snapshot_name",), request.snapshot_name)
     _check_volumes(check, [volume.model_dump() for volume in request.volumes or []])
+    if request.custom_domain is not None:
+        if request.share is None:
+            check.fail(("custom_domain",), "a custom domain serves the VM's share: give share too")
+        domain = request.custom_domain
+        problems.extend(
+            check_domain(settings, domain.domain, domain.dns_provider, domain.dns_credentials, ("custom_domain",))[1]
+        )
     problems.extend(refuse_unbuilt(request))
 
     if problems:
@@ -115,6 +124,7 @@ def check_create(
         snapshot_name=request.snapshot_name,
         snapshot_on_terminate=bool(request.snapshot_on_terminate),
         share=request.share,
+        custom_domain=request.custom_domain,
         auto_suspend=bool(request.auto_suspend),
         auto_resume=bool(request.auto_resume),
     )
@@ -154,8 +164,6 @@ def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProb
     def refuse(name: str, what: str) -> None:
         problems.append(FieldProblem((name,), f"{what} is not supported yet"))
 
-    if "custom_domain" in given:
-        refuse("custom_domain", "a custom domain")
     if given.get("volumes"):
         refuse("volumes", "mounting volumes")
     if given.get("vault_ids"):

@@ -221,3 +221,38 @@ class Share(Base):
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class CustomDomain(Base):
+    """A domain of a user's, served by the share router over HTTPS for one share.
+
+    ``status``: ``pending`` (records shown, not checked), ``verifying`` (records
+    published/checked, the certificate ordered), ``issued``, ``failed`` (with
+    ``last_error``). ``dns_credentials`` is sealed (``kiln.crypto.sealing``) and
+    never returned. ``acme_order`` is the ACME order in progress (no secret)."""
+
+    __tablename__ = "custom_domains"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    domain: Mapped[str] = mapped_column(String(253), unique=True)
+    share_id: Mapped[str] = mapped_column(String(64), index=True)
+    vm_id: Mapped[str] = mapped_column(String(64), index=True)
+    # Made by POST /v1/vms with custom_domain (shown in that VM's record).
+    made_with_vm: Mapped[bool] = mapped_column(Boolean, default=False)
+    dns_provider: Mapped[str] = mapped_column(String(32))
+    dns_credentials: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    dns_records: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # The records the provider published (removed when the domain goes).
+    published: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[str | None] = mapped_column(Text)
+    acme_order: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    certificate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    verified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    issued_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # When the certificate in force runs out (the renewal loop's index).
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)

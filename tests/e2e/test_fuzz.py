@@ -119,6 +119,9 @@ POSITIVE_CHECKS = (no_server_error, response_schema_conformance, content_type_co
 NEGATIVE_CHECKS = (no_server_error,)
 
 
+# One test for the whole API: ~60 operations of a few seconds each (creates restore
+# real VMs), more than the suite's 300 s default on a busy two-core host.
+@pytest.mark.timeout(1200)
 @schema.parametrize()
 @settings(
     max_examples=FUZZ_EXAMPLES_PER_OPERATION,

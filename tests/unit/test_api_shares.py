@@ -76,6 +76,8 @@ async def test_bad_share_requests_are_4xx(run_app: AppRunner, admin_key: Callabl
         vm = (await client.post("/v1/vms", json={}, headers=auth)).json()
         nameless = await client.post("/v1/shares", json={"port": 80}, headers=auth)
         assert nameless.status_code == 422 and nameless.json()["detail"][0]["loc"] == ["body", "vm_id"]
+        empty = await client.post("/v1/shares", json={"port": 80, "vm_id": ""}, headers=auth)  # was a 500 (the fuzz)
+        assert empty.status_code == 422 and empty.json()["detail"][0]["loc"] == ["body", "vm_id"]
         port_zero = await client.post("/v1/shares", json={"port": 0, "vm_id": vm["vm_id"]}, headers=auth)
         assert port_zero.status_code == 422
         await client.delete(f"/v1/vms/{vm['vm_id']}", headers=auth)

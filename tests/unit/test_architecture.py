@@ -22,6 +22,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "services": {"api", "router"},
     # The share router is a process of its own: it reads the store, never the services' memory.
     "router": {"api", "services", "node", "runtime", "volumes", "guest", "schemas"},
+    # Custom domains' mechanism (DNS, ACME, certificate files): no users, rows or HTTP routes.
+    "domains": {"api", "services", "store", "node", "runtime", "net", "volumes", "schemas", "router", "guest"},
     "crypto": {"api", "services", "store", "node", "runtime", "net", "volumes", "schemas", "router", "guest"},
     "schemas": {"api", "services", "node", "runtime"},
     "guest": {"api", "services", "store", "node", "runtime", "schemas", "config", "net", "volumes"},

@@ -226,7 +226,6 @@ async def test_all_problems_are_reported_at_once(world: World) -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"custom_domain": {"domain": "example.com"}},
         {"volumes": [{"volume_id": "v", "mount_path": "/data"}]},
         {"vault_ids": ["vault-1"]},
         {"egress_policy": {"allow_package_managers": True}},

@@ -166,7 +166,7 @@ class ShareService:
         return share
 
     async def _vm_of(self, owner_id: int, request: ShareCreateRequest) -> Vm:
-        if request.vm_id is None and request.session_id is None:
+        if not request.vm_id and request.session_id is None:
             raise InvalidRequest.single(("vm_id",), "name the VM: vm_id or session_id")
         vm = await self._vms.get(owner_id, request.vm_id) if request.vm_id else None
         if request.session_id is not None:

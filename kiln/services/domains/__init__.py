@@ -1,0 +1,1 @@
+"""Custom domains: the rules (ownership, claims, states) and the issuance worker."""
