@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KILN_SETUP_VARIANTS="default minimal" scripts/setup.sh postgresql dnsmasq-base  # dnsmasq: the test world's DNS server
+KILN_SETUP_VARIANTS="default minimal" scripts/setup.sh postgresql dnsmasq-base openssh-client  # dnsmasq: the test world's DNS server; openssh-client: the SSH gateway's tests
 export KILN_TEST_POSTGRES_URL=${KILN_TEST_POSTGRES_URL:-$(scripts/postgres-test.sh)}
 
 # Lint and types first: they take seconds and fail fast.
