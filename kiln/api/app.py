@@ -21,7 +21,20 @@ from fastapi import FastAPI
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
-from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, shares, snapshots, users, vms
+from kiln.api.routers import (
+    api_keys,
+    auth,
+    execution,
+    files,
+    health,
+    pty,
+    sessions,
+    shares,
+    snapshots,
+    ssh_keys,
+    users,
+    vms,
+)
 from kiln.api.sharing import start_sharing
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
@@ -31,6 +44,7 @@ from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
+from kiln.services.ssh_keys import SshKeyService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource
 from kiln.services.wiring import build_vm_services
@@ -123,6 +137,8 @@ def create_app(
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
                 shares=sharing.shares,
+                ssh_keys=SshKeyService(db),
+                ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
             )
             try:
                 yield
@@ -151,6 +167,7 @@ def create_app(
         app.include_router(module.router)
     app.include_router(snapshots.router)
     app.include_router(shares.router)
+    app.include_router(ssh_keys.router)
     return app
 
 
