@@ -36,6 +36,7 @@ from kiln.api.routers import (
     vms,
 )
 from kiln.api.sharing import start_sharing
+from kiln.api.ssh import start_ssh_gateway
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
@@ -126,6 +127,7 @@ def create_app(
             execution_service = ExecutionService(vm_service, db)
             await execution_service.start()
             sharing = await start_sharing(settings, db, vm_service)
+            ssh = await start_ssh_gateway(settings, vm_service)
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -143,6 +145,7 @@ def create_app(
             try:
                 yield
             finally:
+                await ssh.stop()
                 await sharing.stop()
                 await execution_service.stop()
                 await vm_side.stop()
