@@ -44,7 +44,8 @@ async def open_forward(link: GuestLink, host: str, port: int) -> SSHTCPStreamSes
         first = await frames.__anext__()
     except GuestError as error:
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, error.message or error.code) from None
-    assert first.get("kind") == "connected", first
+    if first.get("kind") != "connected":
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "unexpected answer from the guest agent")
 
     async def relay(reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]) -> None:
         inbound = asyncio.create_task(_client_to_guest(reader, link, stream_id))

@@ -34,6 +34,7 @@ CHUNK_BYTES = 64 * 1024
 # Environment a client may pass (OpenSSH's clients send LANG and LC_* with SendEnv).
 ACCEPTED_ENV_PREFIXES = ("LANG", "LC_")
 MAX_ENV_ENTRIES = 64
+OLD_AGENT = "this VM's guest agent is older than the gateway (no streams): rebuild its image and start a new VM"
 # A killed terminal's output ends within this (SIGHUP, then SIGKILL after 1 s).
 KILL_SECONDS = 5.0
 
@@ -147,7 +148,10 @@ async def _stream_command(
         if error.code == "ENOENT" and argv[0] in error.message:
             raise _NoShell from None
         raise
-    assert first.get("kind") == "started", first
+    if first.get("kind") != "started":
+        with contextlib.suppress(GuestError):
+            await link.call("stream_close", stream_id=stream_id)
+        raise GuestError("EUNKNOWNOP", OLD_AGENT)
     stdin = asyncio.create_task(_feed_stdin(process, link, stream_id))
     closed = asyncio.create_task(process.channel.wait_closed())
     result: dict[str, Any] = {}

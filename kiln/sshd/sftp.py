@@ -216,6 +216,13 @@ class GuestSFTPServer(asyncssh.SFTPServer):
             text = posixpath.join((await self._link()).workdir, text)
         return posixpath.normpath(text) if text != "/" else "/"
 
+    def exit(self) -> None:
+        """The SFTP subsystem ended: say so with status 0, as OpenSSH's sftp-server's
+        exit does (scp in SFTP mode fails without it). scp sessions set their own."""
+        if self.channel.get_subsystem():
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.channel.exit(0)
+
     def format_user(self, uid: int | None) -> str:
         return "root" if uid == 0 else str(uid if uid is not None else "")
 
