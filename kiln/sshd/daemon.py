@@ -74,7 +74,9 @@ class GatewayConnection(asyncssh.SSHServer):
         self.gateway.connections.discard(self)
         if self._link is not None:
             link, self._link = self._link, None
-            asyncio.get_running_loop().create_task(link.close())
+            task = asyncio.get_running_loop().create_task(link.close())
+            self.gateway.closing.add(task)
+            task.add_done_callback(self.gateway.closing.discard)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -145,6 +147,7 @@ class SshGateway:
         self.logins = Logins(self.db)
         self.control = ControlServer(self.state_dir / "sshd.sock", self._control)
         self.connections: set[GatewayConnection] = set()
+        self.closing: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
 
     async def _control(self, request: dict) -> dict:

@@ -152,14 +152,15 @@ class GuestFile:
                     break
             return bytes(data)
 
-    async def _piece(self, offset: int) -> tuple[bytes, bool]:
-        """The cached bytes from ``offset`` on, fetching (and reading ahead) as needed."""
+    async def _piece(self, offset: int) -> tuple[memoryview, bool]:
+        """The cached bytes from ``offset`` on (a view: clients read 32 KiB at a
+        time out of each piece), fetching and reading ahead as needed."""
         cached = self._cached
         if cached is not None and cached[0] <= offset < cached[0] + len(cached[1]):
             start = offset - cached[0]
-            return cached[1][start:], cached[2]
+            return memoryview(cached[1])[start:], cached[2]
         if cached is not None and cached[2] and offset >= cached[0] + len(cached[1]):
-            return b"", True
+            return memoryview(b""), True
         if self._ahead is not None and self._ahead[0] == offset:
             data, at_end = await self._ahead[1]
         else:
@@ -170,7 +171,7 @@ class GuestFile:
         if not at_end:
             after = offset + len(data)
             self._ahead = (after, asyncio.create_task(self._fetch(after)))
-        return data, at_end
+        return memoryview(data), at_end
 
     async def _fetch(self, offset: int) -> tuple[bytes, bool]:
         try:
