@@ -17,7 +17,7 @@ from pathlib import Path
 from kiln.config import Settings
 from kiln.runtime.images import ImageStore
 
-SHARED_PARTS = ("base-snapshots", "downloads", "rootfs-base")
+SHARED_PARTS = ("downloads", "rootfs-base")
 
 
 def pinned_cache(settings: Settings, variants: tuple[str, ...] = ("default",)) -> Path:
@@ -32,6 +32,15 @@ def pinned_cache(settings: Settings, variants: tuple[str, ...] = ("default",)) -
         build_dir = Path(image.rootfs).parent
         (images / build_dir.name).symlink_to(build_dir)
         os.symlink(build_dir.name, images / f"{variant}.current")
+    # Base snapshots one by one, at their real paths (as the bench links them):
+    # saved states of VMs restored from them name those paths.
+    base = pinned / "base-snapshots"
+    base.mkdir()
+    shared_base = settings.cache_dir / "base-snapshots"
+    if shared_base.is_dir():
+        for entry in shared_base.iterdir():
+            if entry.is_dir() and not entry.name.startswith("."):
+                (base / entry.name).symlink_to(entry.resolve())
     for part in SHARED_PARTS:
         (settings.cache_dir / part).mkdir(parents=True, exist_ok=True)
         (pinned / part).symlink_to(settings.cache_dir / part)
