@@ -28,6 +28,7 @@ from kiln.config import Settings
 from kiln.proxy.supervisor import EgressSupervisor
 from kiln.router.supervisor import RouterSupervisor
 from kiln.runtime.driver import BootImage
+from kiln.sshd.supervisor import SshGatewaySupervisor
 
 HEALTH_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 20.0
@@ -81,6 +82,7 @@ class KilnServer:
         self.pool_size = pool_size
         self.port = free_port()
         self.share_port = free_port()
+        self.ssh_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / log_name
         self.process: subprocess.Popen | None = None
@@ -104,6 +106,7 @@ class KilnServer:
             KILN_PORT=str(self.port),
             KILN_POOL_SIZE=str(self.pool_size),
             KILN_SHARE_HTTP_PORT=str(self.share_port),
+            KILN_SSH_PORT=str(self.ssh_port),
             # The shape every bench VM has, so a pool (which warms the default
             # shape) holds VMs the bench asks for.
             KILN_DEFAULT_MEMORY_MB=str(self.settings.default_memory_mb),
@@ -142,7 +145,7 @@ class KilnServer:
         """SIGTERM (the server leaves VMs running: the caller removed them
         first, and sweeps what is left by path)."""
         process, self.process = self.process, None
-        # The share router and the egress daemon outlive servers on purpose (like
+        # The share router, the SSH gateway and the egress daemon outlive servers on purpose (like
         # VMs): the bench's go with its server (by the pid files of its data dir).
         asyncio.run(self._stop_host_daemons())
         if process is None or process.poll() is not None:
@@ -156,6 +159,7 @@ class KilnServer:
 
     async def _stop_host_daemons(self) -> None:
         await RouterSupervisor(self.settings).stop()
+        await SshGatewaySupervisor(self.settings).stop()
         await EgressSupervisor(self.settings).stop()
 
     def client(self, api_key: str) -> httpx.Client:

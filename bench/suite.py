@@ -40,7 +40,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import host, raw, shares
+from bench import host, raw, shares, ssh
 from bench.server import KilnServer, create_user_and_key, link_cache
 from bench.stats import Figure, Figures
 from kiln.config import Settings
@@ -184,6 +184,7 @@ def declare_figures() -> Figures:
                     note=f"GET /v1/vms/ (all records) listing {LIST_RECORDS} VM records, one client, "
                     "sequential; rate per batch of 10")
     shares.declare(figures)
+    ssh.declare(figures)
     return figures
 
 
@@ -242,6 +243,7 @@ class Bench:
             self.phase("api_list", self.measure_listing, "api_list_rps")
             self.phase("shares", self.measure_shares, "share_direct_rps", "share_rps", "share_direct_ms", "share_ms",
                        "share_ws_rtt_ms", "share_wake_first_byte_ms")
+            self.phase("ssh", self.measure_ssh, "exec_true_ms", "ssh_true_ms", "upload_mb_s", "scp_upload_mb_s")
             self.phase("density", self.measure_density, "density_idle_vms", "density_create_ms",
                        "density_rss_mb_per_vm", "density_pss_mb_per_vm", "density_cpu_pct_per_vm",
                        "density_exec_ms", "density_exec_first_ms")
@@ -562,6 +564,18 @@ class Bench:
                 self.figures, client, self.settings, self.server.share_port,
                 lambda body: self.create_vm(client, body)[1],
                 seconds=2.0 if quick else 10.0, ws_samples=20 if quick else 200, wakes=1 if quick else 3,
+            )  # fmt: skip
+            self.delete_vm(client, vm_id)
+
+    def measure_ssh(self) -> None:
+        assert self.server is not None
+        quick = self.plan.mode == "quick"
+        with self.client() as client:
+            vm_id = ssh.measure(
+                self.figures, client, self.root, self.server.ssh_port,
+                lambda body: self.create_vm(client, body)[1],
+                lambda session_id, command: self.execute(client, session_id, command, "bash"),
+                samples=5 if quick else 30, transfers=1 if quick else 3,
             )  # fmt: skip
             self.delete_vm(client, vm_id)
 
@@ -911,7 +925,7 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
 
 
 PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
-          "api_list", "density", "raw_touched", "pool", "shares")
+          "api_list", "density", "raw_touched", "pool", "shares", "ssh")
 
 
 def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:

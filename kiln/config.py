@@ -192,10 +192,24 @@ class Settings(BaseSettings):
     domains_allow_private_dns: bool = False
     # Custom domains one user may hold.
     quota_custom_domains: int = 20
+    # The SSH gateway (kiln.sshd, kiln/sshd/README.md): `ssh <vm_id>@<ssh_host> -p <ssh_port>`.
+    # It listens there, and VM records name it. Empty host: the API's (KILN_HOST).
+    ssh_gateway: bool = True  # false: no gateway process (tests of the API alone)
+    ssh_host: str = ""
+    ssh_port: int = 2222
 
     @property
     def share_listen_host(self) -> str:
         return self.share_host or self.host
+
+    @property
+    def ssh_listen_host(self) -> str:
+        return self.ssh_host or self.host
+
+    @property
+    def sshd_state_dir(self) -> Path:
+        """The SSH gateway's pid, log, settings, host key and the relay socket (0700)."""
+        return self.data_dir / "sshd"
 
     @property
     def router_state_dir(self) -> Path:

@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # dnsmasq: the test world's DNS server; knot (authoritative, TSIG updates) and pebble (an ACME
-# test CA): the custom-domain tests' world (tests/integration/domain_world.py).
-KILN_SETUP_VARIANTS="default minimal" scripts/setup.sh postgresql dnsmasq-base knot pebble
+# test CA): the custom-domain tests' world (tests/integration/domain_world.py); openssh-client:
+# the SSH gateway's tests.
+KILN_SETUP_VARIANTS="default minimal" scripts/setup.sh postgresql dnsmasq-base knot pebble openssh-client
 export KILN_TEST_POSTGRES_URL=${KILN_TEST_POSTGRES_URL:-$(scripts/postgres-test.sh)}
 
 # Lint and types first: they take seconds and fail fast.

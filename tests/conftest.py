@@ -66,6 +66,8 @@ def settings(tmp_path: Path) -> Settings:
         confinement="off",
         # Nor a share router process: the API's share rules are tested without one.
         share_router=False,
+        # Nor an SSH gateway process (its tests run a real kiln serve).
+        ssh_gateway=False,
     )
 
 

@@ -33,6 +33,7 @@ from kiln.net.links import host_links
 from kiln.proxy.supervisor import EgressSupervisor
 from kiln.router.supervisor import RouterSupervisor
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor
+from kiln.sshd.supervisor import SshGatewaySupervisor
 
 STARTUP_SECONDS = 60.0
 KILN = Path(sys.executable).with_name("kiln")
@@ -90,6 +91,12 @@ class LiveServer:
 
 
 @functools.cache
+def ssh_port(data_dir: Path) -> int:
+    """The SSH gateway's port of the server of ``data_dir`` (kept across its restarts)."""
+    return free_port()
+
+
+@functools.cache
 def network_env(data_dir: Path) -> dict[str, str]:
     """Host names and addresses of this server's guest networking, its own (from
     its data dir's name): servers running at once never share a namespace
@@ -125,6 +132,8 @@ def start_server(
     port = port or free_port()
     log_path = data_dir.with_name(data_dir.name + ".log")
     env = {**os.environ, **network_env(data_dir), **(env or {}), "KILN_DATA_DIR": str(data_dir)}
+    # Each server's SSH gateway on a port of its own (never 2222 of another Kiln, nor 22).
+    env.setdefault("KILN_SSH_PORT", str(ssh_port(data_dir)))
     env.pop("KILN_DATABASE_URL", None)  # the test's own SQLite file, never a shared database
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -175,6 +184,7 @@ async def destroy_leftovers(settings: Settings) -> list[str]:
     left = await leftover_links(settings)
     await EgressSupervisor(settings).stop()
     await RouterSupervisor(settings).stop()
+    await SshGatewaySupervisor(settings).stop()
     await uninstall(settings)
     return left
 

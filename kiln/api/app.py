@@ -22,9 +22,23 @@ from kiln.api.custom_domains import start_domains
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
-from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, shares, snapshots, users, vms
+from kiln.api.routers import (
+    api_keys,
+    auth,
+    execution,
+    files,
+    health,
+    pty,
+    sessions,
+    shares,
+    snapshots,
+    ssh_keys,
+    users,
+    vms,
+)
 from kiln.api.routers.domains import router as domains_router
 from kiln.api.sharing import start_sharing
+from kiln.api.ssh import start_ssh_gateway
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
@@ -33,6 +47,7 @@ from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
+from kiln.services.ssh_keys import SshKeyService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource
 from kiln.services.wiring import build_vm_services
@@ -115,6 +130,7 @@ def create_app(
             await execution_service.start()
             sharing = await start_sharing(settings, db, vm_service)
             domain_service = await start_domains(settings, db, vm_service)
+            ssh = await start_ssh_gateway(settings, vm_service)
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -127,11 +143,14 @@ def create_app(
                 importer=vm_side.importer,
                 shares=sharing.shares,
                 domains=domain_service,
+                ssh_keys=SshKeyService(db),
+                ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
             )
             try:
                 yield
             finally:
                 await domain_service.worker.stop()
+                await ssh.stop()
                 await sharing.stop()
                 await execution_service.stop()
                 await vm_side.stop()
@@ -157,6 +176,7 @@ def create_app(
     app.include_router(snapshots.router)
     app.include_router(shares.router)
     app.include_router(domains_router)
+    app.include_router(ssh_keys.router)
     return app
 
 

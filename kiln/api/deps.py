@@ -24,6 +24,7 @@ from kiln.services.sessions import SessionService
 from kiln.services.shares.service import ShareService
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
+from kiln.services.ssh_keys import SshKeyService
 from kiln.services.users import UserService
 from kiln.services.vms import VmService
 from kiln.store.models import User
@@ -50,6 +51,9 @@ class Services:
     importer: ImageImporter
     shares: ShareService
     domains: DomainService
+    ssh_keys: SshKeyService
+    # The SSH gateway's address as VM records name it (None: no gateway).
+    ssh: tuple[str, int] | None = None
 
 
 def get_services(request: Request) -> Services:
@@ -119,8 +123,29 @@ def get_domain_service(request: Request) -> DomainService:
     return get_services(request).domains
 
 
+def get_ssh_key_service(request: Request) -> SshKeyService:
+    return get_services(request).ssh_keys
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def ssh_endpoint(request: Request) -> tuple[str, int] | None:
+    """The SSH gateway as a client reaches it: KILN_SSH_HOST, else the API's host;
+    a wildcard listen address is replaced by the host this request came to."""
+    ssh = get_services(request).ssh
+    if ssh is None:
+        return None
+    host, port = ssh
+    if host in WILDCARD_HOSTS:
+        host = request.url.hostname or host
+    return host, port
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 Domains = Annotated[DomainService, Depends(get_domain_service)]
+SshKeys = Annotated[SshKeyService, Depends(get_ssh_key_service)]
+SshEndpoint = Annotated[tuple[str, int] | None, Depends(ssh_endpoint)]
 Shares = Annotated[ShareService, Depends(get_share_service)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]

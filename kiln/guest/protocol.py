@@ -70,6 +70,19 @@ OPS = (
     "fsthaw",
     "disk_usage",
     "trust_ca",
+    "stream_write",
+    "stream_ack",
+    "stream_close",
+    "tcp_connect",
+    "list_dir",
+    "remove",
+    "mkdir",
+    "rmdir",
+    "rename",
+    "set_attrs",
+    "readlink",
+    "symlink",
+    "realpath",
 )
 
 

@@ -146,10 +146,15 @@ class VMRecord(BaseModel):
     snapshot_id: str | None = None
     # The snapshot taken when it was terminated (snapshot_on_terminate), if any.
     terminate_snapshot_id: str | None = None
+    # Where the SSH gateway takes `ssh <vm_id>@<ssh_host> -p <ssh_port>` (null: no gateway).
+    ssh_host: str | None = None
+    ssh_port: int | None = None
 
     @classmethod
-    def from_row(cls, vm: VmRow) -> VMRecord:
+    def from_row(cls, vm: VmRow, ssh: tuple[str, int] | None = None) -> VMRecord:
         return cls(
+            ssh_host=ssh[0] if ssh else None,
+            ssh_port=ssh[1] if ssh else None,
             vm_id=vm.id,
             session_id=vm.session_id,
             status=vm.status,

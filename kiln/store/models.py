@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -256,3 +257,23 @@ class CustomDomain(Base):
     issued_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     # When the certificate in force runs out (the renewal loop's index).
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+
+
+class SshKey(Base):
+    """A public key its owner logs in to the SSH gateway with (``/v1/ssh-keys``).
+
+    ``fingerprint`` is OpenSSH's ``SHA256:<base64>`` of the key blob; one owner
+    registers a key once (another user may register the same public key: it
+    opens only VMs of the user whose VM is named at login)."""
+
+    __tablename__ = "ssh_keys"
+    __table_args__ = (UniqueConstraint("owner_id", "fingerprint", name="uq_ssh_keys_owner_fingerprint"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    fingerprint: Mapped[str] = mapped_column(String(128), index=True)
+    key_type: Mapped[str] = mapped_column(String(64))
+    # The key as one OpenSSH line: "<type> <base64>" (the comment apart).
+    public_key: Mapped[str] = mapped_column(Text)
+    comment: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)

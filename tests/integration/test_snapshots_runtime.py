@@ -15,6 +15,7 @@ from kiln.config import Settings
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState
 from kiln.runtime.errors import BootError
 from kiln.runtime.qemu import QemuHypervisor, QemuMachine
+from kiln.runtime.qemu.paths import SavedPaths
 from kiln.runtime.snapshots import BaseSnapshots, Shape
 
 pytestmark = pytest.mark.vm
@@ -112,8 +113,11 @@ async def test_saved_files_are_read_only_and_a_stopped_vm_restores(
         source, vm_settings.snapshots_dir / source.vm_id, keep_running=False
     )
     assert not source.is_alive()
+    assert stat.S_IMODE(saved.directory.stat().st_mode) == 0o700
     for path in saved.directory.iterdir():
-        assert stat.S_IMODE(path.stat().st_mode) == 0o444, path
+        # Only the owner reads a save; nothing but the privately mapped RAM file is writable.
+        expected = 0o600 if path == SavedPaths(saved.directory).memory else 0o400
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
     clone = await restore_vm(saved=saved)
     assert await shell(clone, "cat /root/file") == "kept\n"
 

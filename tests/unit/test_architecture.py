@@ -19,11 +19,13 @@ FORBIDDEN: dict[str, set[str]] = {
     "net": {"api", "services", "store", "schemas", "volumes"},
     "volumes": {"api", "services", "store", "schemas", "net"},
     "node": {"api", "services", "store", "schemas"},
-    "services": {"api", "router"},
+    "services": {"api", "router", "sshd"},
     # The share router is a process of its own: it reads the store, never the services' memory.
     "router": {"api", "services", "node", "runtime", "volumes", "guest", "schemas"},
     # Custom domains' mechanism (DNS, ACME, certificate files): no users, rows or HTTP routes.
     "domains": {"api", "services", "store", "node", "runtime", "net", "volumes", "schemas", "router", "guest"},
+    # So is the SSH gateway: the store for logins, the server's guest relay for everything else.
+    "sshd": {"api", "services", "node", "runtime", "volumes", "schemas"},
     "crypto": {"api", "services", "store", "node", "runtime", "net", "volumes", "schemas", "router", "guest"},
     "schemas": {"api", "services", "node", "runtime"},
     "guest": {"api", "services", "store", "node", "runtime", "schemas", "config", "net", "volumes"},

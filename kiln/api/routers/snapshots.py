@@ -23,7 +23,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from kiln.api.deps import CurrentUser, Importer, Snapshots, Vms
+from kiln.api.deps import CurrentUser, Importer, Snapshots, SshEndpoint, Vms
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.snapshots import (
     SnapshotImportRequest,
@@ -66,13 +66,13 @@ async def clone_vm(
 
 
 @router.post("/v1/vms/{vm_id}/suspend", responses=NOT_FOUND_OR_CONFLICT)
-async def suspend_vm(vm_id: str, user: CurrentUser, vms: Vms) -> VMRecord:
-    return VMRecord.from_row(await vms.suspend(user.id, vm_id))
+async def suspend_vm(vm_id: str, user: CurrentUser, vms: Vms, ssh: SshEndpoint) -> VMRecord:
+    return VMRecord.from_row(await vms.suspend(user.id, vm_id), ssh)
 
 
 @router.post("/v1/vms/{vm_id}/resume", responses=NOT_FOUND_OR_CONFLICT)
-async def resume_vm(vm_id: str, user: CurrentUser, vms: Vms, wait: Wait = True) -> VMRecord:
-    return VMRecord.from_row(await vms.resume(user.id, vm_id, wait))
+async def resume_vm(vm_id: str, user: CurrentUser, vms: Vms, ssh: SshEndpoint, wait: Wait = True) -> VMRecord:
+    return VMRecord.from_row(await vms.resume(user.id, vm_id, wait), ssh)
 
 
 @router.get("/v1/snapshots")

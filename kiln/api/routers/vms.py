@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
-from kiln.api.deps import CurrentUser, Vms
+from kiln.api.deps import CurrentUser, SshEndpoint, Vms
 from kiln.api.errors import validation_error
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.vms import (
@@ -71,26 +71,26 @@ async def create_vm(
 
 @router.get("")
 async def list_live_vms(
-    user: CurrentUser, vms: Vms, metadata: MetadataFilter
+    user: CurrentUser, vms: Vms, metadata: MetadataFilter, ssh: SshEndpoint
 ) -> list[VMRecord]:
-    return [VMRecord.from_row(vm) for vm in await vms.list(user.id, True, metadata)]
+    return [VMRecord.from_row(vm, ssh) for vm in await vms.list(user.id, True, metadata)]
 
 
 @router.get("/")
-async def list_all_vms(user: CurrentUser, vms: Vms, metadata: MetadataFilter) -> list[VMRecord]:
-    return [VMRecord.from_row(vm) for vm in await vms.list(user.id, False, metadata)]
+async def list_all_vms(user: CurrentUser, vms: Vms, metadata: MetadataFilter, ssh: SshEndpoint) -> list[VMRecord]:
+    return [VMRecord.from_row(vm, ssh) for vm in await vms.list(user.id, False, metadata)]
 
 
 @router.get("/{vm_id}", responses=NOT_FOUND)
-async def get_vm(vm_id: str, user: CurrentUser, vms: Vms) -> VMRecord:
-    return VMRecord.from_row(await vms.get(user.id, vm_id))
+async def get_vm(vm_id: str, user: CurrentUser, vms: Vms, ssh: SshEndpoint) -> VMRecord:
+    return VMRecord.from_row(await vms.get(user.id, vm_id), ssh)
 
 
 @router.patch("/{vm_id}", responses={**NOT_FOUND, 409: {"model": ErrorMessage}})
 async def update_vm(
-    vm_id: str, body: VMUpdateRequest, user: CurrentUser, vms: Vms
+    vm_id: str, body: VMUpdateRequest, user: CurrentUser, vms: Vms, ssh: SshEndpoint
 ) -> VMRecord:
-    return VMRecord.from_row(await vms.update(user.id, vm_id, body))
+    return VMRecord.from_row(await vms.update(user.id, vm_id, body), ssh)
 
 
 @router.delete("/{vm_id}", responses={**NOT_FOUND, 409: {"model": ErrorMessage}})

@@ -17,6 +17,10 @@ ERRNO_CODES = {
     errno.ENAMETOOLONG: "EINVAL",
     errno.ENOSPC: "ENOSPC",
     errno.EDQUOT: "ENOSPC",
+    errno.ENOTEMPTY: "ENOTEMPTY",
+    errno.ELOOP: "ELOOP",
+    errno.EXDEV: "EXDEV",
+    errno.ECONNREFUSED: "ECONNREFUSED",
 }
 
 

@@ -14,9 +14,12 @@ from typing import IO, Any, cast
 
 from .args import arg, b64_arg, env_arg
 from .errors import AgentError
+from .streams import Stream, Streams
 from .wire import Emit, Handler, b64, protocol
 
 DEFAULT_OUTPUT_LIMIT = 10 * 1024 * 1024
+# A streamed command's output is held back by the host's credit, not cut.
+STREAMED_OUTPUT_LIMIT = 1 << 62
 # A command's output pipes stay open while its background children live; after
 # the command itself exits we keep collecting for this long, then let it go.
 BACKGROUND_OUTPUT_GRACE = 1.0
@@ -25,12 +28,18 @@ Waited = tuple[int, Any]  # (wait status, resource usage)
 
 
 class OutputSink:
-    """Streams a request's output as events, up to a byte limit shared by both streams."""
+    """Streams a request's output as events, up to a byte limit shared by both streams;
+    with a ``Stream``, each chunk waits for the host's credit."""
 
-    def __init__(self, emit: Emit, limit: int) -> None:
+    def __init__(self, emit: Emit, limit: int, stream: Stream | None = None) -> None:
         self._emit = emit
         self.remaining = limit
         self.truncated = False
+        self._stream = stream
+
+    def started(self, pid: int) -> None:
+        """A streamed command runs: its stream takes stream_write from now on."""
+        self._emit({"kind": "started", "pid": pid})
 
     def write(self, kind: str, data: bytes) -> None:
         if len(data) > self.remaining:
@@ -39,6 +48,9 @@ class OutputSink:
         if not data:
             return
         self.remaining -= len(data)
+        if self._stream is not None:
+            self._stream.send(self._emit, kind, data)
+            return
         for start in range(0, len(data), protocol.CHUNK_BYTES):
             self._emit({"kind": kind, "data": b64(data[start : start + protocol.CHUNK_BYTES])})
 
@@ -66,22 +78,30 @@ def exit_code_of(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 class Commands:
-    """The exec op; ``env`` gives each command its environment."""
+    """The exec op; ``env`` gives each command its environment, ``streams`` holds
+    the commands whose stdin the host feeds as it goes."""
 
-    def __init__(self, env: Callable[[dict[str, str]], dict[str, str]], workdir: str | None) -> None:
+    def __init__(
+        self, env: Callable[[dict[str, str]], dict[str, str]], workdir: str | None, streams: Streams | None = None
+    ) -> None:
         self.exec_env = env
         self.workdir = workdir
+        self.streams = streams or Streams()
 
     def handlers(self) -> dict[str, Handler]:
         return {"exec": self.op_exec}
 
     def op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """{"argv": [..]} | {"shell": str}, "env", "cwd", "timeout", "stdin" (b64),
-        "output_limit" -> streamed stdout/stderr, then
+        "output_limit", "stream_id", "window" -> streamed stdout/stderr, then
         {"exit_code", "timed_out", "duration", "cpu_time", "truncated"}.
 
         exit_code is minus the signal number when a signal ended the process; a
-        timeout kills the whole process group with SIGKILL, so it reports -9."""
+        timeout kills the whole process group with SIGKILL, so it reports -9.
+        With ``stream_id`` (no ``stdin``): a "started" event (``pid``) comes
+        first, then stdin is fed by stream_write as it comes, output waits for
+        the host's stream_ack past ``window`` bytes and is never cut, and
+        stream_close kills the process group."""
         if "shell" in args and args["shell"] is not None:
             argv = ["/bin/sh", "-c", arg(args, "shell", str)]
         else:
@@ -92,14 +112,34 @@ class Commands:
         cwd = arg(args, "cwd", str, self.workdir)
         timeout = arg(args, "timeout", (int, float), None)
         stdin_data = b64_arg(args, "stdin", b"") if args.get("stdin") is not None else None
+        if args.get("stream_id") is not None:
+            if stdin_data is not None:
+                raise AgentError("EINVAL", "a streamed command takes its stdin from stream_write")
+            stream = self.streams.register(args)
+            try:
+                return self._run(argv, env, cwd, timeout, stream, OutputSink(emit, STREAMED_OUTPUT_LIMIT, stream))
+            finally:
+                self.streams.forget(stream)
         sink = OutputSink(emit, arg(args, "output_limit", int, DEFAULT_OUTPUT_LIMIT))
+        return self._run(argv, env, cwd, timeout, stdin_data, sink)
+
+    def _run(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        timeout: float | None,
+        stdin: bytes | Stream | None,
+        sink: OutputSink,
+    ) -> dict[str, Any]:
+        stdin_data = stdin if isinstance(stdin, bytes) else None
 
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         try:
             process = subprocess.Popen(
                 argv,
-                stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=env,
@@ -113,8 +153,14 @@ class Commands:
             raise AgentError("ENOENT", f"command not found: {argv[0]}") from exc
         if stdin_data is not None:
             threading.Thread(target=feed_stdin, args=(process.stdin, stdin_data), daemon=True).start()
-
-        status, rusage, timed_out = self._collect(process, sink, deadline)
+        if isinstance(stdin, Stream):
+            attach_stdin(stdin, process)
+            sink.started(process.pid)
+        try:
+            status, rusage, timed_out = self._collect(process, sink, deadline)
+        finally:
+            if isinstance(stdin, Stream):
+                detach_stdin(stdin, process)
         return {
             "exit_code": -signal.SIGKILL if timed_out else exit_code_of(status),
             "timed_out": timed_out,
@@ -217,6 +263,36 @@ def open_pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
+
+
+def attach_stdin(stream: Stream, process: subprocess.Popen) -> None:
+    """stream_write feeds the command's stdin; stream_close kills its process group."""
+    pipe = process.stdin
+    assert pipe is not None
+    stream.input_fd = pipe.fileno()
+
+    def eof() -> None:
+        stream.input_fd = None
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+    def kill() -> None:
+        if process.returncode is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    stream.on_eof = eof
+    stream.on_close = kill
+
+
+def detach_stdin(stream: Stream, process: subprocess.Popen) -> None:
+    stream.on_close = lambda: None
+    with stream.write_lock:
+        stream.on_eof()
 
 
 def feed_stdin(pipe: IO[bytes], data: bytes) -> None:

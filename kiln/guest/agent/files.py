@@ -64,16 +64,31 @@ def op_read_file(args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         data = os.pread(file.fileno(), min(length, MAX_READ_BYTES), offset)
     return {"data": b64(data), "eof": offset + len(data) >= size, "size": size}
 
-def op_stat(args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-    """{"path"} -> {"path", "size", "is_dir", "mode" (permission bits), "mtime"}"""
-    path = arg(args, "path", str)
-    info = os.stat(path)
+def attributes(info: os.stat_result) -> dict[str, Any]:
+    """What SFTP clients show of a file: its whole ``st_mode`` (type and permissions),
+    owner, size and times."""
     return {
-        "path": path,
+        "st_mode": info.st_mode,
         "size": info.st_size,
-        "is_dir": stat.S_ISDIR(info.st_mode),
-        "mode": stat.S_IMODE(info.st_mode),
+        "uid": info.st_uid,
+        "gid": info.st_gid,
+        "atime": info.st_atime,
         "mtime": info.st_mtime,
+    }
+
+
+def op_stat(args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    """{"path", "follow"=true} -> {"path", "size", "is_dir", "mode" (permission bits),
+    "mtime", "is_link", "st_mode", "uid", "gid", "atime"}; without follow, a
+    symlink is described itself (lstat)."""
+    path = arg(args, "path", str)
+    info = os.stat(path) if arg(args, "follow", bool, True) else os.lstat(path)
+    return {
+        **attributes(info),
+        "path": path,
+        "is_dir": stat.S_ISDIR(info.st_mode),
+        "is_link": stat.S_ISLNK(info.st_mode),
+        "mode": stat.S_IMODE(info.st_mode),
     }
 
 def op_list(args: dict[str, Any], emit: Emit) -> dict[str, Any]:

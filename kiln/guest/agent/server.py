@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any
 
-from . import files
+from . import files, fsops
 from .config import AgentConfig
 from .env import Environment
 from .errors import AgentError, ConnectionLost, error_from_oserror
@@ -18,6 +18,7 @@ from .mounts import Mounts
 from .net import Network
 from .pty import Terminals
 from .python_session import PythonSessions
+from .streams import Streams
 from .system import System
 from .transport import Connection, Transport
 from .trust import Trust
@@ -31,11 +32,14 @@ class Agent:
         self.env = Environment(config.etc_dir)
         self.sessions = PythonSessions(self.env.for_exec, config.workdir)
         self.system = System(config, self.sessions)
+        self.streams = Streams()
         self.handlers: dict[str, Handler] = {"ping": self.op_ping}
         for group in (
             files.handlers(),
+            fsops.handlers(),
             self.env.handlers(),
-            Commands(self.env.for_exec, config.workdir).handlers(),
+            Commands(self.env.for_exec, config.workdir, self.streams).handlers(),
+            self.streams.handlers(),
             self.sessions.handlers(),
             self.system.handlers(),
             Terminals(self.env.for_exec, config.workdir).handlers(),
