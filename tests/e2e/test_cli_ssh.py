@@ -35,9 +35,7 @@ from live_server import (
     start_server,
     terminate_live_vms,
 )
-from pinned_images import pinned_cache
 
-from kiln.config import Settings
 from kiln.sshd.supervisor import SshGatewaySupervisor
 
 pytestmark = pytest.mark.vm
@@ -98,8 +96,7 @@ def share_port() -> int:
 def server(share_port: int) -> Iterator[LiveServer]:
     data_dir = short_data_dir("kiln-clissh-")
     settings = server_settings(data_dir)
-    cache = pinned_cache(Settings())
-    live = start_server(data_dir, env={"KILN_CACHE_DIR": str(cache), "KILN_SHARE_HTTP_PORT": str(share_port)})
+    live = start_server(data_dir, env={"KILN_SHARE_HTTP_PORT": str(share_port)})
     try:
         yield live
     finally:
@@ -111,7 +108,6 @@ def server(share_port: int) -> Iterator[LiveServer]:
             destroy_leftover_vms(settings)
             leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
             shutil.rmtree(data_dir, ignore_errors=True)
-            shutil.rmtree(cache, ignore_errors=True)
             live.log_path.unlink(missing_ok=True)
             assert not leftovers, f"VM run dirs left behind: {leftovers}"
             assert gateway_pid is not None and not _running(gateway_pid), "the gateway was left running"

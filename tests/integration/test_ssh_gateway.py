@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,9 +28,8 @@ from pathlib import Path
 import httpx
 import pexpect
 import pytest
-from live_api import DEFAULTS, SMALL, Api, live_server, process_exists, wait_until
+from live_api import SMALL, Api, live_server, process_exists, wait_until
 from live_server import ssh_port
-from pinned_images import pinned_cache
 from unit.harness import add_user
 
 from kiln.sshd.supervisor import SshGatewaySupervisor
@@ -85,13 +83,9 @@ class Ssh:
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[Api]:
-    cache = pinned_cache(DEFAULTS)
-    try:
-        with live_server("kiln-ssh-", env={"KILN_CACHE_DIR": str(cache)}) as live:
-            yield live
-            gateway_pid = SshGatewaySupervisor(live.settings).pid()
-    finally:
-        shutil.rmtree(cache)
+    with live_server("kiln-ssh-") as live:
+        yield live
+        gateway_pid = SshGatewaySupervisor(live.settings).pid()
     assert gateway_pid is not None and wait_until(lambda: not process_exists(gateway_pid), 10), "the gateway was left"
 
 
@@ -301,9 +295,7 @@ def _live_terminals(api: Api, vm: dict) -> list[dict]:
     return [pty for pty in listed.json() if pty["alive"]]
 
 
-def test_nothing_is_left_after_disconnects_and_kill_9_of_the_gateway(
-    api: Api, vm: dict, ssh: Ssh, key: Path
-) -> None:
+def test_nothing_is_left_after_disconnects_and_kill_9_of_the_gateway(api: Api, vm: dict, ssh: Ssh, key: Path) -> None:
     terminals_before = len(_live_terminals(api, vm))
     # A client that vanishes: its command goes with it.
     vanishing = subprocess.Popen(ssh.ssh_argv(key, vm["vm_id"], "sleep 1001"), stdout=subprocess.PIPE)
