@@ -33,6 +33,7 @@ from kiln.api.routers import (
     shares,
     snapshots,
     ssh_keys,
+    stage_env,
     users,
     vms,
 )
@@ -48,6 +49,7 @@ from kiln.services.files import FileService
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.ssh_keys import SshKeyService
+from kiln.services.staged_env import StagedEnv
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource
 from kiln.services.wiring import build_vm_services
@@ -126,7 +128,8 @@ def create_app(
             vm_side = build_vm_services(settings, db, *runtime)
             await vm_side.start()
             vm_service = vm_side.vms
-            execution_service = ExecutionService(vm_service, db)
+            staged_env = StagedEnv()
+            execution_service = ExecutionService(vm_service, db, staged_env)
             await execution_service.start()
             sharing = await start_sharing(settings, db, vm_service)
             domain_service = await start_domains(settings, db, vm_service)
@@ -138,13 +141,14 @@ def create_app(
                 sessions=SessionService(vm_service),
                 execution=execution_service,
                 files=FileService(vm_service, settings.max_upload_bytes, settings.max_download_bytes),
-                pty=PtyService(),
+                pty=PtyService(staged_env),
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
                 shares=sharing.shares,
                 domains=domain_service,
                 ssh_keys=SshKeyService(db),
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
+                staged_env=staged_env,
             )
             try:
                 yield
@@ -177,6 +181,7 @@ def create_app(
     app.include_router(shares.router)
     app.include_router(domains_router)
     app.include_router(ssh_keys.router)
+    app.include_router(stage_env.router)
     return app
 
 
