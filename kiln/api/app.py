@@ -40,6 +40,7 @@ from kiln.api.routers import (
 from kiln.api.routers.domains import router as domains_router
 from kiln.api.sharing import start_sharing
 from kiln.api.ssh import start_ssh_gateway
+from kiln.api.unavailable import install_refusals
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
@@ -182,6 +183,8 @@ def create_app(
     app.include_router(domains_router)
     app.include_router(ssh_keys.router)
     app.include_router(stage_env.router)
+    # Last: it answers only where no route above (or added later) has the path.
+    install_refusals(app)
     return app
 
 
