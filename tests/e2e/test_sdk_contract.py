@@ -28,6 +28,7 @@ from pathlib import Path
 import asyncssh
 import httpx
 import pytest
+import requests
 import websockets
 from instavm import InstaVM
 from live_server import (
@@ -249,6 +250,10 @@ def vm_lifecycle(w: World) -> None:
         assert vms.get(vm_id)["status"] == "running"
         assert vm_id in [vm["vm_id"] for vm in vms.list()]
         assert vms.update(vm_id, metadata={"contract": "updated"})["metadata"] == {"contract": "updated"}
+        # `instavm vm update --memory-mb` is refused by name, not dropped (no balloon).
+        with pytest.raises(requests.HTTPError) as refused:
+            vms.update(vm_id, memory_mb=512)
+        assert refused.value.response.status_code == 422 and "memory_mb" in refused.value.response.text
         assert vms.stage_env(vm_id, {"CONTRACT_TOKEN": "tok-1"}) == {"staged": ["CONTRACT_TOKEN"]}
 
         def token() -> str:

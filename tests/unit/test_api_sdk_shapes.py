@@ -171,3 +171,20 @@ def test_entries_that_cannot_be_an_environment_are_refused_by_name(
 )
 def test_only_json_objects_with_a_type_are_control_frames(text: str, control: dict | None) -> None:
     assert _control_frame(text) == control
+
+
+async def test_a_vm_update_refuses_what_it_would_not_do_by_name(
+    run_app: AppRunner, admin_key: Callable[[], str]
+) -> None:
+    async with run_app() as client:
+        auth = key_headers(admin_key())
+        vm_id = (await client.post("/v1/vms", json={}, headers=auth)).json()["vm_id"]
+        memory = await client.patch(f"/v1/vms/{vm_id}", json={"memory_mb": 1024}, headers=auth)
+        assert memory.status_code == 422
+        assert memory.json()["detail"][0]["loc"] == ["body", "memory_mb"]
+        assert "memory is not supported" in memory.json()["detail"][0]["msg"]
+        unknown = await client.patch(f"/v1/vms/{vm_id}", json={"cpu_boost": True}, headers=auth)
+        assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "cpu_boost"]
+        # What it does do still works, and the refused change left the VM alone.
+        kept = await client.patch(f"/v1/vms/{vm_id}", json={"metadata": {"a": "b"}}, headers=auth)
+        assert kept.status_code == 200 and kept.json()["memory_mb"] != 1024
