@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,43 +29,16 @@ import httpx
 import pytest
 import requests
 import websockets
+from contract_server import SMALL, server
 from instavm import InstaVM
-from live_server import (
-    LiveServer,
-    destroy_leftover_vms,
-    ensure_default_image,
-    server_settings,
-    short_data_dir,
-    start_server,
-    terminate_live_vms,
-)
+from live_server import LiveServer
 from sdk_contract import REFUSAL_WORDS, call_with_dummies, error_text, load_rows, sdk_methods
 
 pytestmark = pytest.mark.vm
 
-SMALL = {"memory_mb": 256, "vcpu_count": 1}  # the shape whose base snapshot is cached
 ROWS = load_rows()
+__all__ = ["server"]  # the module's live server (a fixture)
 WORKED: set[str] = set()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[LiveServer]:
-    data_dir = short_data_dir("kiln-contract-")
-    settings = server_settings(data_dir)
-    ensure_default_image(settings)
-    live = start_server(data_dir)
-    try:
-        yield live
-    finally:
-        try:
-            terminate_live_vms(live.url, [live.admin_key])
-        finally:
-            live.stop()
-            destroy_leftover_vms(settings)
-            leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
-            shutil.rmtree(data_dir, ignore_errors=True)
-            live.log_path.unlink(missing_ok=True)
-            assert not leftovers, f"VM run dirs left behind: {leftovers}"
 
 
 @dataclass
