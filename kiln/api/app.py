@@ -21,11 +21,12 @@ from fastapi import FastAPI
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
-from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, snapshots, users, vms
+from kiln.api.routers import api_keys, auth, egress, execution, files, health, pty, sessions, snapshots, users, vms
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
+from kiln.services.egress import EgressService
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
@@ -120,6 +121,7 @@ def create_app(
                 pty=PtyService(),
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
+                egress=EgressService(vm_service),
             )
             try:
                 yield
@@ -146,6 +148,7 @@ def create_app(
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
         app.include_router(module.router)
     app.include_router(snapshots.router)
+    app.include_router(egress.router)
     return app
 
 

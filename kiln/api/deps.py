@@ -14,6 +14,7 @@ from fastapi import Depends, Header, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from kiln.services.auth import AuthService
+from kiln.services.egress import EgressService
 from kiln.services.errors import Unauthenticated
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
@@ -46,6 +47,7 @@ class Services:
     pty: PtyService
     snapshots: SnapshotService
     importer: ImageImporter
+    egress: EgressService
 
 
 def get_services(request: Request) -> Services:
@@ -107,6 +109,10 @@ def get_importer(request: Request) -> ImageImporter:
     return get_services(request).importer
 
 
+def get_egress_service(request: Request) -> EgressService:
+    return get_services(request).egress
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]
@@ -114,6 +120,7 @@ Files = Annotated[FileService, Depends(get_file_service)]
 Ptys = Annotated[PtyService, Depends(get_pty_service)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
+Egress = Annotated[EgressService, Depends(get_egress_service)]
 
 Vms = Annotated[VmService, Depends(get_vm_service)]
 Users = Annotated[UserService, Depends(get_user_service)]

@@ -244,11 +244,6 @@ class NetParticipant:
     def _rules(self) -> host_setup.HostRules:
         return host_rules(self.settings, self.plan)
 
-    def check_policy(self, rules: EgressRules) -> None:
-        """PolicyError if ``rules`` cannot be enforced (also on a host without networking)."""
-        never = never_reachable(self._plan) if self._plan is not None else []
-        compile_policy(rules, blocked=self.settings.net_blocked_cidrs, never=never)
-
     def _compile(self, rules: EgressRules) -> CompiledPolicy:
         return compile_policy(rules, blocked=self.settings.net_blocked_cidrs, never=never_reachable(self.plan))
 

@@ -114,6 +114,7 @@ class VmRow(Protocol):
     auto_resume: bool
     snapshot_id: str | None
     terminate_snapshot_id: str | None
+    network_error: str | None
 
 
 class VMRecord(BaseModel):
@@ -141,6 +142,9 @@ class VMRecord(BaseModel):
     snapshot_id: str | None = None
     # The snapshot taken when it was terminated (snapshot_on_terminate), if any.
     terminate_snapshot_id: str | None = None
+    # Set when its egress_policy allows something but the host gives it no
+    # network at all (it then reaches nothing outside itself): why.
+    network_error: str | None = None
 
     @classmethod
     def from_row(cls, vm: VmRow) -> VMRecord:
@@ -167,6 +171,7 @@ class VMRecord(BaseModel):
             auto_resume=vm.auto_resume,
             snapshot_id=vm.snapshot_id,
             terminate_snapshot_id=vm.terminate_snapshot_id,
+            network_error=vm.network_error,
         )
 
 
