@@ -415,8 +415,8 @@ class VmService:
 
         result = await self.node.reconcile(live_vms)
         for vm_id, reason in result.broken.items():
-            if vm_id in self._boot_tasks or self.node.machines.saving(vm_id):
-                continue  # being made or saved: its resources come and go on purpose
+            if vm_id in self._boot_tasks or vm_id in self.node.transient or self.node.machines.saving(vm_id):
+                continue  # being made or saved, or the node's own: its resources come and go on purpose
             vm = await self.reload(vm_id)
             if vm.status == S.RUNNING:
                 log.warning("vm %s: %s", vm_id, reason)
