@@ -109,20 +109,25 @@ def network_env(data_dir: Path) -> dict[str, str]:
         "KILN_NET_NFT_TABLE": f"kiln_{tag[:8]}",
         "KILN_NET_OUTSIDE_POOL": f"198.18.{third}.0/24",
         "KILN_NET_HOST_ADDRESS": f"198.19.{third}.{(number >> 16) % 250 + 1}",
+        # Every Kiln table refuses marked packets that leave by another way than
+        # its own uplink: servers sharing one mark would refuse each other's proxy.
+        "KILN_NET_EGRESS_MARK": str(0x4B490000 | int(tag[4:8], 16)),
     }
 
 
 def start_server(
-    data_dir: Path, port: int | None = None, env: dict[str, str] | None = None
+    data_dir: Path, port: int | None = None, env: dict[str, str] | None = None, listen: str = "127.0.0.1"
 ) -> LiveServer:
-    """``env``: extra environment for the server (e.g. admission limits, KILN_CACHE_DIR)."""
+    """``env``: extra environment for the server (e.g. admission limits, KILN_CACHE_DIR);
+    ``listen``: the address it listens on (0.0.0.0: every address of the host; the
+    test still talks to it over loopback)."""
     port = port or free_port()
     log_path = data_dir.with_name(data_dir.name + ".log")
     env = {**os.environ, **network_env(data_dir), **(env or {}), "KILN_DATA_DIR": str(data_dir)}
     env.pop("KILN_DATABASE_URL", None)  # the test's own SQLite file, never a shared database
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [str(KILN), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [str(KILN), "serve", "--host", listen, "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
