@@ -44,9 +44,7 @@ async def test_get_and_set_through_both_routes(run_app: AppRunner, admin_key: Ca
         assert record["network_error"] == body["network_error"]
 
         # The whole policy is replaced: keys left out are false or empty.
-        again = await client.post(
-            f"/v1/egress/vm/{vm['vm_id']}", json={"allowed_cidrs": ["203.0.113.7"]}, headers=auth
-        )
+        again = await client.post(f"/v1/egress/vm/{vm['vm_id']}", json={"allowed_cidrs": ["203.0.113.7"]}, headers=auth)
         assert again.json()["allowed_cidrs"] == ["203.0.113.7"]
         assert again.json()["allow_package_managers"] is False and again.json()["allow_https"] is False
 

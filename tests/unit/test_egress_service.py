@@ -104,13 +104,17 @@ async def test_a_change_is_applied_then_stored(world: World) -> None:
         (vm.id, EgressRules(allowed_domains=("example.com",), allow_https=True, web_domains=domains))
     ]
     assert state.status == "applied"
-    assert state.policy == (await world.row(vm.id)).egress_policy == {
-        "allow_package_managers": True,
-        "allow_http": False,
-        "allow_https": True,
-        "allowed_domains": ["example.com"],
-        "allowed_cidrs": [],
-    }
+    assert (
+        state.policy
+        == (await world.row(vm.id)).egress_policy
+        == {
+            "allow_package_managers": True,
+            "allow_http": False,
+            "allow_https": True,
+            "allowed_domains": ["example.com"],
+            "allowed_cidrs": [],
+        }
+    )
     # The session's route reaches the same VM.
     assert (await world.egress.of_session(world.alice, vm.session_id)).policy == state.policy
     await world.egress.set_for_session(world.alice, vm.session_id, {})
