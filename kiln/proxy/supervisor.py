@@ -3,8 +3,9 @@
 One daemon per host (per ``KILN_DATA_DIR``). It runs in its own session, so
 like the VMs it outlives a restart (or a ``kill -9``) of the server, which
 then adopts it: ``start`` keeps a daemon that answers on the control socket
-and replaces one that does not. Its pid is in ``net/egress.pid``, its log in
-``net/egress.log``, the settings it runs with in ``net/egress.json`` (0600).
+and was started with the same settings, and replaces any other. Its pid is
+in ``net/egress.pid``, its log in ``net/egress.log``, the settings it runs
+with in ``net/egress.json`` (0600).
 """
 
 from __future__ import annotations
@@ -56,15 +57,17 @@ class EgressSupervisor:
         return pid if _is_daemon(pid) else None
 
     async def start(self) -> int:
-        """Make sure the daemon runs (adopting a live one); returns its pid."""
+        """Make sure the daemon runs (adopting a live one started with these
+        settings, replacing one started with others); returns its pid."""
         self.feed.ensure()
+        config = self.settings.model_dump_json()
         running = await self.ping()
-        if running is not None and running.get("pid") == self.pid():
+        if running is not None and running.get("pid") == self.pid() and self._config() == config:
             return int(running["pid"])
         await self.stop()
         fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as file:
-            file.write(self.settings.model_dump_json())
+            file.write(config)
         with self.log_file.open("ab") as log:
             # Popen returns at once (fork+exec); the daemon's start is awaited below.
             self._process = subprocess.Popen(  # noqa: ASYNC220
@@ -87,9 +90,13 @@ class EgressSupervisor:
         raise EgressDaemonError(f"the egress daemon did not answer within {START_SECONDS:g}s: {self._log_tail()}")
 
     async def stop(self) -> None:
-        """Stop the daemon (this one's child or an earlier server's); idempotent."""
-        pid = self._process.pid if self._process is not None else self.pid()
-        if pid is not None:
+        """Stop the daemon: this one's child, and the one the pid file names (an
+        earlier server's, or another supervisor's since); idempotent."""
+        targets = [self._process.pid] if self._process is not None and self._process.poll() is None else []
+        recorded = self.pid()  # only a live egress daemon: a pid file never names a recycled pid here
+        if recorded is not None and recorded not in targets:
+            targets.append(recorded)
+        for pid in targets:
             for sig, wait in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
@@ -100,6 +107,14 @@ class EgressSupervisor:
                     break
         self._process = None
         self.pid_file.unlink(missing_ok=True)
+
+    def _config(self) -> str | None:
+        """The settings the running daemon was started with (a new KILN_DNS_UPSTREAM,
+        say, needs a new daemon)."""
+        try:
+            return self.config_file.read_text()
+        except OSError:
+            return None
 
     def _log_tail(self) -> str:
         try:

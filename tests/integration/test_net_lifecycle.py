@@ -186,6 +186,12 @@ async def test_the_daemon_is_adopted_replaced_and_rereads_policies(
     assert pid is not None
     # A new server (a new supervisor) adopts the running daemon.
     assert await EgressSupervisor(egress_settings).start() == pid
+    # One with other settings (another DNS upstream) gets a daemon of its own settings.
+    other = egress_settings.model_copy(update={"dns_upstream": f"{world.dns}:53"})
+    other_pid = await EgressSupervisor(other).start()
+    assert other_pid != pid and not (await egress_daemon.ping() or {}).get("pid") == pid
+    pid = await egress_daemon.start()  # and back, for the tests after this one
+    assert pid != other_pid
     # A daemon killed with -9 is replaced, and the new one knows the VM from its policy file.
     os.kill(pid, signal.SIGKILL)
     new_pid = await egress_daemon.start()
