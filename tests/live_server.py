@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ import pytest
 from kiln.config import Settings
 from kiln.net import netns
 from kiln.net.host import uninstall
+from kiln.net.instances import separate_instance_env
 from kiln.net.links import host_links
 from kiln.proxy.supervisor import EgressSupervisor
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor
@@ -92,27 +92,9 @@ class LiveServer:
 def network_env(data_dir: Path) -> dict[str, str]:
     """Host names and addresses of this server's guest networking, its own (from
     its data dir's name): servers running at once never share a namespace
-    prefix, an nftables table, outside addresses or the egress daemon's address.
-    Chosen once per data dir (the server, restarted or not, keeps its names)."""
-    tag = hashlib.sha256(str(data_dir).encode()).hexdigest()
-    number = int(tag[:8], 16)
-    # Other test sessions (other checkouts, the net tests' own world) may hold
-    # some of these ranges: take the first /24 after this server's own that
-    # nothing on the host routes to.
-    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=False).stdout
-    for step in range(250):
-        third = (number + step) % 250 + 1
-        if f"198.18.{third}." not in routes and f"198.19.{third}." not in routes:
-            break
-    return {
-        "KILN_NET_PREFIX": f"ks{tag[:4]}",
-        "KILN_NET_NFT_TABLE": f"kiln_{tag[:8]}",
-        "KILN_NET_OUTSIDE_POOL": f"198.18.{third}.0/24",
-        "KILN_NET_HOST_ADDRESS": f"198.19.{third}.{(number >> 16) % 250 + 1}",
-        # Every Kiln table refuses marked packets that leave by another way than
-        # its own uplink: servers sharing one mark would refuse each other's proxy.
-        "KILN_NET_EGRESS_MARK": str(0x4B490000 | int(tag[4:8], 16)),
-    }
+    prefix, an nftables table, outside addresses, the egress daemon's address or
+    its mark. Chosen once per data dir (the server, restarted or not, keeps its names)."""
+    return separate_instance_env(str(data_dir))
 
 
 def start_server(
