@@ -27,14 +27,10 @@ VM_OBJECT = re.compile(r"vm\d+_")
 
 
 def world_env(world: OutsideWorld, **extra: str) -> dict[str, str]:
-    """A server whose VMs reach the world through its uplink, resolve through its
-    DNS, and count its TEST-NET-3 addresses as the public internet; VMs of the
+    """A server whose VMs reach the world (``OutsideWorld.server_env``), of the
     cached base snapshot's shape by default."""
-    blocked = [cidr for cidr in Settings().net_blocked_cidrs if cidr != "203.0.113.0/24"]
     return {
-        "KILN_UPLINK": world.uplink,
-        "KILN_DNS_UPSTREAM": world.dns,
-        "KILN_NET_BLOCKED_CIDRS": json.dumps(blocked),
+        **world.server_env(),
         "KILN_DEFAULT_MEMORY_MB": str(SMALL["memory_mb"]),
         "KILN_DEFAULT_VCPU_COUNT": str(SMALL["vcpu_count"]),
         **extra,
