@@ -12,10 +12,14 @@ and it is written only once the policy is in force or cannot be yet:
 - a VM being created or resumed: the change waits for that boot to end, then
   goes as above; other states (suspending, ended) are a 409.
 
+Once applied, the row is written while the VM runs or is being saved or is
+saved: a suspend that fails goes back to running with the applied rules, one
+that ends resumes with the row's.
+
 One lock per VM orders changes of the same VM, so the row always says what the
-node enforces. The row is written with a compare-and-set on the status read
-before the change: a VM that moved on meanwhile (a resume began) is looked at
-again rather than given a policy its new state would not read.
+node enforces. The row is written with a compare-and-set on the status it is
+in: a VM that moved on meanwhile to a state that would not read it (a resume
+began) is looked at again and the change goes as above.
 """
 
 from __future__ import annotations
@@ -101,13 +105,20 @@ class EgressService:
         async with self._lock(vm_id):
             for _ in range(ATTEMPTS):
                 vm = await self._vms.wait_booted(vm_id)
+                writable: tuple[VmStatus, ...]
                 if vm.status == S.RUNNING:
                     await self._apply(vm_id, rules)
-                elif vm.status != S.SUSPENDED:
+                    # Applied: the row may say so while the VM runs, and while it is
+                    # saved (a suspend that fails goes back to running with these rules;
+                    # one that ends resumes with the row's).
+                    writable = (S.RUNNING, S.SUSPENDING, S.SUSPENDED)
+                elif vm.status == S.SUSPENDED:
+                    writable = (S.SUSPENDED,)
+                else:
                     raise Conflict(
                         f"vm {vm_id} is {vm.status}: its egress policy can change while it runs or is suspended"
                     )
-                if await self._store(vm, policy):
+                if await self._store(vm_id, policy, writable):
                     return self._state(await self._vms.reload(vm_id))
         raise Conflict(f"vm {vm_id} kept changing state; try again")
 
@@ -124,16 +135,23 @@ class EgressService:
                 f"vm {vm_id}: the new egress policy could not be applied, the old one stays: {error}"
             ) from error
 
-    async def _store(self, vm: Vm, policy: dict[str, Any]) -> bool:
-        """Write the policy if the VM is still in the state it was applied in."""
-        if vm.status == S.RUNNING:
-            error = None if self._wired(vm.id) or not allows_anything(policy) else self._no_network(policy)
-        else:
-            error = network_error(policy, self._vms.node)  # the resume sets it again
-        async with self._vms.db.transaction() as session:
-            return await VmRepository(session).compare_and_set_status(
-                vm.id, vm.status, vm.status, egress_policy=policy, network_error=error
-            )
+    async def _store(self, vm_id: str, policy: dict[str, Any], writable: tuple[VmStatus, ...]) -> bool:
+        """Write the policy while the VM is in one of the ``writable`` states
+        (a compare-and-set on the one it is in); False once it is in another."""
+        for _ in range(ATTEMPTS):
+            vm = await self._vms.reload(vm_id)
+            if vm.status not in writable:
+                return False
+            if vm.status == S.RUNNING:
+                error = None if self._wired(vm_id) or not allows_anything(policy) else self._no_network(policy)
+            else:
+                error = network_error(policy, self._vms.node)  # a resume sets it again
+            async with self._vms.db.transaction() as session:
+                if await VmRepository(session).compare_and_set_status(
+                    vm_id, vm.status, vm.status, egress_policy=policy, network_error=error
+                ):
+                    return True
+        return False
 
     def _no_network(self, policy: dict[str, Any]) -> str:
         return network_error(policy, self._vms.node) or "the VM runs without a network, so it reaches nothing"

@@ -211,6 +211,18 @@ async def test_changes_of_one_vm_apply_and_store_in_order(world: World) -> None:
     assert (await world.row(vm.id)).egress_policy["allowed_domains"] == ["example.com"]
 
 
+async def test_a_change_applied_while_a_suspend_begins_is_stored_for_its_resume(world: World) -> None:
+    vm = await world.create(egress_policy=RAW)
+    world.networking.gate = asyncio.Event()
+    change = asyncio.create_task(world.egress.set_for_vm(world.alice, vm.id, WEB))
+    await asyncio.sleep(0.05)
+    await world.force_status(vm.id, "suspending")  # a suspend began while the rules were applied
+    world.networking.gate.set()
+    state = await change
+    assert len(world.networking.applied) == 1
+    assert state.status == "pending" and (await world.row(vm.id)).egress_policy["allowed_domains"] == ["example.com"]
+
+
 async def test_without_networking_a_vm_that_asks_for_egress_says_it_has_none(world: World) -> None:
     world.networking.status = NetStatus("off", "kiln does not run as root: VMs get no network")
     quiet = await world.create()
