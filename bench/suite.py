@@ -40,8 +40,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import host, raw, shares, ssh
-from bench.server import KilnServer, create_user_and_key, link_cache
+from bench import egress, host, raw, shares, ssh
+from bench.server import KilnServer, bench_settings, create_user_and_key, link_cache, remove_networking
 from bench.stats import Figure, Figures
 from kiln.config import Settings
 from kiln.runtime.driver import BootImage, SavedState
@@ -185,6 +185,7 @@ def declare_figures() -> Figures:
                     "sequential; rate per batch of 10")
     shares.declare(figures)
     ssh.declare(figures)
+    egress.declare(figures)
     return figures
 
 
@@ -250,6 +251,7 @@ class Bench:
             self.stop_server()
             self.phase("raw_touched", self.measure_raw_touched_restore, "raw_restore_touched_ms")
             self.phase("pool", self.measure_pool, "create_pool_ms")
+            self.phase("egress", lambda: egress.measure(self), *egress.FIGURES)
         finally:
             self.cleanup()
         self.host["load_average_end"] = host.load_average()
@@ -309,11 +311,12 @@ class Bench:
         cache = self.root / "cache"
         link_cache(self.real_settings.cache_dir, cache, image)
         data_dir = self.root / "var"
-        self.settings = Settings(
+        self.settings = bench_settings(
+            self.root,
             data_dir=data_dir,
             cache_dir=cache,
             database_url=f"sqlite+aiosqlite:///{data_dir / 'kiln.db'}",
-            accel=self.accel,  # type: ignore[arg-type]
+            accel=self.accel,
             default_memory_mb=SHAPE_MEMORY_MB,
             default_vcpu_count=SHAPE_VCPUS,
         )
@@ -408,9 +411,9 @@ class Bench:
 
     # -- the kiln server ---------------------------------------------------------------
 
-    def start_server(self, *, pool_size: int, log_name: str) -> None:
+    def start_server(self, *, pool_size: int, log_name: str, env: dict[str, str] | None = None) -> None:
         assert self.settings is not None
-        self.server = KilnServer(self.root, self.settings, pool_size=pool_size, log_name=log_name)
+        self.server = KilnServer(self.root, self.settings, pool_size=pool_size, log_name=log_name, env=env)
         self.server.start()
         self.run_info.setdefault("servers", []).append(
             {"url": self.server.url, "pid": self.server.process.pid if self.server.process else None,
@@ -792,6 +795,9 @@ class Bench:
             for pid in host.processes_under(self.root):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+            if self.settings is not None:
+                with contextlib.suppress(Exception):
+                    remove_networking(self.settings)
             time.sleep(0.2)
             shutil.rmtree(self.root, ignore_errors=True)
         finally:
@@ -925,7 +931,7 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
 
 
 PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
-          "api_list", "density", "raw_touched", "pool", "shares", "ssh")
+          "api_list", "density", "raw_touched", "pool", "shares", "ssh", "egress")
 
 
 def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:

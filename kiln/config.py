@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     uplink: str = ""
     # IP[:PORT] the guest DNS asks for allowed names; empty: the host's first resolver.
     dns_upstream: str = ""
+    # The registry domains an egress policy's allow_package_managers opens (over
+    # HTTP and HTTPS): a TOML file in the format of the one Kiln ships
+    # (kiln/services/package_managers.toml), which is used when this is unset.
+    # Read at server start.
+    egress_package_managers_file: Path | None = None
     # Every name Kiln makes on the host (namespaces <prefix>ns-<n>, veths
     # <prefix>v<n>) starts with this; at most 9 characters (IFNAMSIZ).
     net_prefix: str = "kiln"

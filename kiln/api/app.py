@@ -25,6 +25,7 @@ from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from kiln.api.routers import (
     api_keys,
     auth,
+    egress,
     execution,
     files,
     health,
@@ -43,6 +44,7 @@ from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
+from kiln.services.egress import EgressService
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
@@ -145,6 +147,7 @@ def create_app(
                 domains=domain_service,
                 ssh_keys=SshKeyService(db),
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
+                egress=EgressService(vm_service),
             )
             try:
                 yield
@@ -177,6 +180,7 @@ def create_app(
     app.include_router(shares.router)
     app.include_router(domains_router)
     app.include_router(ssh_keys.router)
+    app.include_router(egress.router)
     return app
 
 

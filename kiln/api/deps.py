@@ -15,6 +15,7 @@ from fastapi.security import OAuth2PasswordBearer
 
 from kiln.services.auth import AuthService
 from kiln.services.domains.service import DomainService
+from kiln.services.egress import EgressService
 from kiln.services.errors import Unauthenticated
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
@@ -52,6 +53,7 @@ class Services:
     shares: ShareService
     domains: DomainService
     ssh_keys: SshKeyService
+    egress: EgressService
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 
@@ -140,6 +142,8 @@ def ssh_endpoint(request: Request) -> tuple[str, int] | None:
     if host in WILDCARD_HOSTS:
         host = request.url.hostname or host
     return host, port
+def get_egress_service(request: Request) -> EgressService:
+    return get_services(request).egress
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
@@ -153,6 +157,7 @@ Files = Annotated[FileService, Depends(get_file_service)]
 Ptys = Annotated[PtyService, Depends(get_pty_service)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
+Egress = Annotated[EgressService, Depends(get_egress_service)]
 
 Vms = Annotated[VmService, Depends(get_vm_service)]
 Users = Annotated[UserService, Depends(get_user_service)]

@@ -149,12 +149,28 @@ class NetParticipant:
 
     async def release(self, vm_id: str, resources: list[HostResource], ledger: Ledger) -> None:
         ours = sorted((r for r in resources if r.kind in self.kinds), key=lambda r: RELEASE_ORDER.index(r.kind))
+        async with self._lease_lock:
+            # Names come from leases and leases are reused: what a reconciler pass
+            # saw under the VM that held a lease before may be another VM's now.
+            # Those are left alone, and the leases released here stay reserved
+            # until they are free, so no prepare takes one half-way.
+            others = {n for n, holder in self._reserved.items() if holder != vm_id}
+            ours = [r for r in ours if r.kind == EGRESS_POLICY or self._lease_number(r) not in others]
+            mine = {n for r in ours if (n := self._lease_number(r)) is not None}
+            for n in mine:
+                self._reserved[n] = vm_id
         self._networks.pop(vm_id, None)
-        for resource in ours:
-            await self._remove(resource)
-            await ledger.forget(resource)
-            if resource.kind == LEASE and (lease := self._lease_of(resource)) is not None:
-                self._reserved.pop(lease.n, None)
+        try:
+            for resource in ours:
+                await self._remove(resource)
+                await ledger.forget(resource)
+        finally:
+            async with self._lease_lock:
+                for n in mine:
+                    if self._reserved.get(n) == vm_id and not any(
+                        self._lease_number(r) == n for r in await ledger.of_vm(vm_id) if r.kind in self.kinds
+                    ):
+                        self._reserved.pop(n, None)
         self._vm_locks.pop(vm_id, None)
 
     async def inventory(self) -> list[HostResource]:
@@ -187,6 +203,9 @@ class NetParticipant:
                     EGRESS_POLICY, str(directory.path_of(egress.vm_id)), egress.vm_id, detail={"n": egress.lease}
                 )
             )
+        # A lease has nothing on the host of its own: it is there while anything made for it is.
+        for n in sorted({int(item.detail["n"]) for item in found}):
+            found.append(resource(LEASE, f"{plan.prefix}/{n}", n))
         return found
 
     # ---- policies of running VMs
@@ -247,11 +266,6 @@ class NetParticipant:
     def _rules(self) -> host_setup.HostRules:
         return host_rules(self.settings, self.plan)
 
-    def check_policy(self, rules: EgressRules) -> None:
-        """PolicyError if ``rules`` cannot be enforced (also on a host without networking)."""
-        never = never_reachable(self._plan) if self._plan is not None else []
-        compile_policy(rules, blocked=self.settings.net_blocked_cidrs, never=never)
-
     def _compile(self, rules: EgressRules) -> CompiledPolicy:
         return compile_policy(rules, blocked=self.settings.net_blocked_cidrs, never=never_reachable(self.plan))
 
@@ -299,6 +313,10 @@ class NetParticipant:
         if resource.kind == EGRESS_POLICY:
             return resource.name.startswith(str(self.settings.net_state_dir))
         return resource.name.startswith(prefix)
+
+    def _lease_number(self, resource: HostResource) -> int | None:
+        lease = self._lease_of(resource)
+        return None if lease is None else lease.n
 
     def _lease_of(self, resource: HostResource) -> Lease | None:
         plan = self.plan

@@ -7,7 +7,7 @@ import logging
 
 from kiln.net.host import NetStatus
 from kiln.net.participant import NetError, NetParticipant
-from kiln.net.policy import PolicyError
+from kiln.net.policy import PolicyError, compile_policy
 from kiln.node.participant import EgressRules
 from kiln.proxy.supervisor import EgressDaemonError, EgressSupervisor
 
@@ -20,6 +20,16 @@ class EgressRefused(ValueError):
 
 class EgressUnavailable(RuntimeError):
     """The host could not apply a policy (the old one stays in force), or has no networking."""
+
+
+def check_rules(rules: EgressRules) -> None:
+    """EgressRefused if a node could not enforce ``rules`` as written (a bad
+    CIDR or name, too many). Whether this host has networking or not: a policy
+    stored now may be enforced on a later start."""
+    try:
+        compile_policy(rules, blocked=(), never=())
+    except PolicyError as error:
+        raise EgressRefused(str(error)) from error
 
 
 class Networking:
@@ -48,22 +58,19 @@ class Networking:
             log.warning("guest networking is off: %s (VMs get no network at all)", self.participant.status.reason)
         return self.participant.status
 
-    def check(self, rules: EgressRules) -> None:
-        """EgressRefused if the policy cannot be enforced."""
-        try:
-            self.participant.check_policy(rules)
-        except PolicyError as error:
-            raise EgressRefused(str(error)) from error
-
     async def apply(self, vm_id: str, rules: EgressRules) -> None:
         """Make ``rules`` the running VM's policy (atomic; the old one stays on failure)."""
-        self.check(rules)
+        check_rules(rules)
         try:
             await self.participant.apply_policy(vm_id, rules)
         except PolicyError as error:
             raise EgressRefused(str(error)) from error
         except NetError as error:
             raise EgressUnavailable(str(error)) from error
+
+    def wired(self, vm_id: str) -> bool:
+        """True when the VM has a network here (its policy can change live)."""
+        return self.participant.network_of(vm_id) is not None
 
     def outside_address_of(self, vm_id: str) -> str | None:
         return self.participant.outside_address_of(vm_id)

@@ -28,6 +28,9 @@ from kiln.runtime.snapshots import reset_identity
 log = logging.getLogger(__name__)
 
 
+# Why VMs get no network on a node built without networking (/healthz, VM records).
+NETWORKING_OFF = "guest networking is turned off (KILN_NETWORKING=off)"
+
 class Node:
     def __init__(
         self,
@@ -60,10 +63,10 @@ class Node:
 
     def health(self) -> dict[str, object]:
         """What this host gives VMs, for ``GET /healthz``."""
-        networking: dict[str, object] = {"mode": "off", "reason": "KILN_NETWORKING=off"}
+        networking: dict[str, object] = {"mode": "off", "reason": NETWORKING_OFF}
         if self.networking is not None:
             status = self.networking.status
-            networking = {"mode": status.mode, "reason": status.reason}
+            networking = {"mode": status.mode, "reason": status.reason or None}
         return {
             "accelerator": self.accel,
             "confinement": self.confinement.status.as_dict() if self.confinement is not None else None,

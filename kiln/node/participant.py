@@ -61,9 +61,13 @@ class EgressRules:
     """The egress policy of a VM as the node enforces it (checked by the service layer)."""
 
     allowed_cidrs: tuple[str, ...] = ()
+    # Reachable over the schemes allowed below.
     allowed_domains: tuple[str, ...] = ()
     allow_http: bool = False
     allow_https: bool = False
+    # Reachable over HTTP and HTTPS whatever the two flags say (the package
+    # managers' registries: apt speaks HTTP, pip and npm HTTPS).
+    web_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

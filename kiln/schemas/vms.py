@@ -119,6 +119,7 @@ class VmRow(Protocol):
     auto_resume: bool
     snapshot_id: str | None
     terminate_snapshot_id: str | None
+    network_error: str | None
 
 
 class VMRecord(BaseModel):
@@ -149,6 +150,9 @@ class VMRecord(BaseModel):
     # Where the SSH gateway takes `ssh <vm_id>@<ssh_host> -p <ssh_port>` (null: no gateway).
     ssh_host: str | None = None
     ssh_port: int | None = None
+    # Set when its egress_policy allows something but the host gives it no
+    # network at all (it then reaches nothing outside itself): why.
+    network_error: str | None = None
 
     @classmethod
     def from_row(cls, vm: VmRow, ssh: tuple[str, int] | None = None) -> VMRecord:
@@ -177,6 +181,7 @@ class VMRecord(BaseModel):
             auto_resume=vm.auto_resume,
             snapshot_id=vm.snapshot_id,
             terminate_snapshot_id=vm.terminate_snapshot_id,
+            network_error=vm.network_error,
         )
 
 

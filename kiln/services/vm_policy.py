@@ -20,9 +20,9 @@ from datetime import timedelta
 from typing import Any
 
 from kiln.config import Settings
-from kiln.node.participant import EgressRules
 from kiln.schemas.vms import CustomDomainRequest, ShareRequest, VMCreateRequest, VMUpdateRequest
 from kiln.services.domains.policy import check_domain
+from kiln.services.egress_policy import canonical, check_policy
 from kiln.services.errors import FieldProblem, InvalidRequest
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -34,10 +34,6 @@ MAX_SNAPSHOT_NAME_LENGTH = 255
 RESERVED_MOUNT_ROOTS = ("/proc", "/sys", "/dev")
 MOUNT_MODES = ("rw", "ro")
 DEFAULT_IMAGE_VARIANT = "default"
-
-PACKAGE_MANAGER_FLAGS = ("allow_package_managers", "allow_public_repos")
-EGRESS_FLAGS = (*PACKAGE_MANAGER_FLAGS, "allow_http", "allow_https")
-EGRESS_LISTS = ("allowed_domains", "allowed_cidrs")
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ def check_create(
     env = request.env or {}
     _check_env(check, env)
     if request.egress_policy is not None:
-        _check_egress_policy(check, request.egress_policy)
+        problems.extend(check_policy(request.egress_policy, ("egress_policy",)))
     check.snapshot_name(("snapshot_name",), request.snapshot_name)
     _check_volumes(check, [volume.model_dump() for volume in request.volumes or []])
     if request.custom_domain is not None:
@@ -120,7 +116,8 @@ def check_create(
         image_variant=image_variant,
         metadata=metadata,
         env=env,
-        egress_policy=request.egress_policy,
+        # As the VM keeps it: every key, one name per key (none given: deny all).
+        egress_policy=None if request.egress_policy is None else canonical(request.egress_policy),
         snapshot_name=request.snapshot_name,
         snapshot_on_terminate=bool(request.snapshot_on_terminate),
         share=request.share,
@@ -168,10 +165,6 @@ def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProb
         refuse("volumes", "mounting volumes")
     if given.get("vault_ids"):
         refuse("vault_ids", "vault credential injection")
-    policy = given.get("egress_policy") or {}
-    for flag in PACKAGE_MANAGER_FLAGS:
-        if policy.get(flag):
-            refuse("egress_policy", f"{flag} (the package-manager domain group)")
     return problems
 
 
@@ -213,30 +206,6 @@ def _check_env(check: _Checker, env: dict[str, str]) -> None:
             check.fail(("env", name), "not a valid environment variable name")
         elif "\0" in value:
             check.fail(("env", name), "value must not contain NUL characters")
-
-
-def _check_egress_policy(check: _Checker, policy: dict[str, Any]) -> None:
-    for key, value in policy.items():
-        if key in EGRESS_FLAGS:
-            if not isinstance(value, bool):
-                check.fail(("egress_policy", key), "must be a boolean")
-        elif key in EGRESS_LISTS:
-            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                check.fail(("egress_policy", key), "must be a list of strings")
-        else:
-            check.fail(("egress_policy", key), "unknown egress policy key")
-
-
-def egress_rules(policy: dict[str, Any] | None) -> EgressRules:
-    """The rules a (checked) ``egress_policy`` asks for; none given: nothing is
-    reachable (deny by default)."""
-    policy = policy or {}
-    return EgressRules(
-        allowed_cidrs=tuple(policy.get("allowed_cidrs") or ()),
-        allowed_domains=tuple(policy.get("allowed_domains") or ()),
-        allow_http=bool(policy.get("allow_http")),
-        allow_https=bool(policy.get("allow_https")),
-    )
 
 
 def _check_volumes(check: _Checker, volumes: list[dict[str, Any]]) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.config import Settings
-from kiln.node.network import EgressRefused
+from kiln.node.network import EgressRefused, check_rules
 from kiln.node.node import Node
 from kiln.node.participant import VmContext
 from kiln.node.pool import WarmPool
@@ -36,6 +36,7 @@ from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.activity import Activity
 from kiln.services.admission import Admission
 from kiln.services.disk_budget import DiskBudget
+from kiln.services.egress_policy import EgressPolicies, network_error
 from kiln.services.errors import Conflict, ImageNotBuilt, InvalidRequest, NotFound, VmStartFailed
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
@@ -48,7 +49,7 @@ from kiln.services.states import (
     VmStatus,
     can_transition,
 )
-from kiln.services.vm_policy import CreatePlan, check_create, check_update, egress_rules
+from kiln.services.vm_policy import CreatePlan, check_create, check_update
 from kiln.store.db import Database
 from kiln.store.models import Vm
 from kiln.store.repositories import HostResourceRepository, SessionRepository, VmRepository
@@ -113,8 +114,12 @@ class VmService:
         admission: Admission,
         disk: DiskBudget,
         pool: WarmPool | None = None,
+        *,
+        egress: EgressPolicies,
     ) -> None:
         self._settings = settings
+        # Stored egress policies into the node's rules (with the package-manager group).
+        self.egress = egress
         self.db = db
         self.node = node
         self._images = images
@@ -208,6 +213,10 @@ class VmService:
             raise InvalidRequest.single(
                 ("snapshot_id",), "a clone starts from the VM itself; leave snapshot_id out"
             )
+        if request.egress_policy is None:
+            # A clone reaches what its source reaches unless the request says otherwise.
+            source = await self.get(owner_id, vm_id)
+            request = request.model_copy(update={"egress_policy": source.egress_policy})
         snapshot = await self.snapshots.snapshot_vm(owner_id, vm_id, request.snapshot_name, wait=True)
         if snapshot.status != SnapshotStatus.READY:
             raise Conflict(f"vm {vm_id} could not be snapshotted: {snapshot.failure_reason}")
@@ -317,6 +326,13 @@ class VmService:
             await asyncio.to_thread(self.disk.check_create, disk_bytes(image))
             if not await self.set_status(vm_id, S.SUSPENDED, S.RESUMING):
                 raise Conflict(f"vm {vm_id} changed state meanwhile; try again")
+            # Read again: a policy stored while it was suspended is the one it resumes with.
+            vm = await self.reload(vm_id)
+            if (error := network_error(vm.egress_policy, self.node)) != vm.network_error:
+                async with self.db.transaction() as session:
+                    await VmRepository(session).compare_and_set_status(
+                        vm_id, S.RESUMING, S.RESUMING, network_error=error
+                    )
             assert vm.disk_snapshot_id is not None, "a suspended VM has its saved state"
             saved = await self.snapshots.saved_state_of(vm.disk_snapshot_id)
             self._start_boot(self.context(vm, image, saved), {}, current=S.RESUMING)
@@ -347,11 +363,18 @@ class VmService:
             image=image,
             run_dir=self.run_dir(vm.id),
             restore_from=restore_from,
-            egress=egress_rules(vm.egress_policy) if self.node.wires_networks else None,
+            egress=self.egress.rules(vm.egress_policy) if self.node.wires_networks else None,
         )
 
     def booting(self, vm_id: str) -> bool:
         return vm_id in self._boot_tasks
+
+    async def wait_booted(self, vm_id: str) -> Vm:
+        """The VM's record once a boot in progress (create, resume) has ended, whatever its outcome."""
+        task = self._boot_tasks.get(vm_id)
+        if task is not None:
+            await asyncio.gather(asyncio.shield(task), return_exceptions=True)
+        return await self.reload(vm_id)
 
     async def set_status(self, vm_id: str, current: str, target: VmStatus, **fields: Any) -> bool:
         """Persist one transition; False if the VM is no longer in ``current``."""
@@ -427,8 +450,8 @@ class VmService:
 
         result = await self.node.reconcile(live_vms)
         for vm_id, reason in result.broken.items():
-            if vm_id in self._boot_tasks or self.node.machines.saving(vm_id):
-                continue  # being made or saved: its resources come and go on purpose
+            if vm_id in self._boot_tasks or vm_id in self.node.transient or self.node.machines.saving(vm_id):
+                continue  # being made or saved, or the node's own: its resources come and go on purpose
             vm = await self.reload(vm_id)
             if vm.status == S.RUNNING:
                 log.warning("vm %s: %s", vm_id, reason)
@@ -438,10 +461,10 @@ class VmService:
 
     def _check_egress(self, policy: dict[str, Any] | None) -> None:
         """422 on ``egress_policy`` for a policy that cannot be enforced (a bad name or CIDR)."""
-        if policy is None or self.node.networking is None:
+        if policy is None:
             return
         try:
-            self.node.networking.check(egress_rules(policy))
+            check_rules(self.egress.rules(policy))
         except EgressRefused as error:
             raise InvalidRequest.single(("egress_policy",), str(error)) from error
 
@@ -476,6 +499,7 @@ class VmService:
                     labels=plan.metadata,
                     env_status="pending" if plan.env else "none",
                     egress_policy=plan.egress_policy,
+                    network_error=network_error(plan.egress_policy, self.node),
                     volumes=[],
                     vault_ids=[],
                     snapshot_on_terminate=plan.snapshot_on_terminate,

@@ -15,6 +15,7 @@ from kiln.services import vm_recovery
 from kiln.services.admission import Admission
 from kiln.services.background import BackgroundTasks
 from kiln.services.disk_budget import DiskBudget
+from kiln.services.egress_policy import EgressPolicies
 from kiln.services.host_resources import StoreLedger
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
@@ -77,6 +78,8 @@ def build_vm_services(
         pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id)
     # The node's own VMs (idle pool VMs among them) count against the host.
     admission = Admission(settings, lambda: ResourceUsage(*node.transient_usage()))
-    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, pool)
+    # The package-manager group is read now: a broken file stops the start.
+    egress = EgressPolicies.load(settings.egress_package_managers_file)
+    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, pool, egress=egress)
     importer = ImageImporter(settings, db, node, images if isinstance(images, ImageFiles) else None, background)
     return VmServices(vms, importer, background)

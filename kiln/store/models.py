@@ -116,6 +116,9 @@ class Vm(Base):
     env_status: Mapped[str] = mapped_column(String(16), default="none")
     env_error: Mapped[str | None] = mapped_column(Text)
     egress_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Egress (migration 0005): set when the policy allows something but the host
+    # gives the VM no network at all (it then reaches nothing); says why.
+    network_error: Mapped[str | None] = mapped_column(Text)
     share: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     custom_domain: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     volumes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)

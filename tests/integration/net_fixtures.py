@@ -122,7 +122,8 @@ def net_settings(request: pytest.FixtureRequest, vm_settings: Settings) -> Setti
             "net_outside_pool": f"198.18.{random.randint(1, 254)}.0/24",
             "net_host_address": f"198.19.{random.randint(1, 250)}.{random.randint(1, 254)}",
             "net_dns_max_ttl": 60,
-            "net_egress_mark": 0x4B480000 + random.randint(1, 0xFFFF),
+            # Its own mark: other Kiln tables on the host refuse marked packets not leaving by their uplink.
+            "net_egress_mark": 0x4B490000 | int(tag, 16),
             # The world lives in TEST-NET-3: here it stands for the public internet.
             "net_blocked_cidrs": [c for c in vm_settings.net_blocked_cidrs if c != "203.0.113.0/24"],
         }

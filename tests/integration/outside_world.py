@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import random
 import shutil
@@ -30,6 +31,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from kiln.config import Settings
 from kiln.net import netns
 
 WORLD_RANGE = ipaddress.IPv4Network("203.0.113.0/24")
@@ -74,6 +77,8 @@ class Seen:
     """What a world server received, for tests that assert nothing arrived."""
 
     connections: list[tuple[str, str]] = field(default_factory=list)  # (server, peer address)
+    # When each connection was accepted (time.monotonic()), in the same order.
+    accepted_at: list[float] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)  # Host headers / SNI the servers saw
     datagrams: list[tuple[str, bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,10 +86,16 @@ class Seen:
     def add_connection(self, server: str, peer: str) -> None:
         with self.lock:
             self.connections.append((server, peer))
+            self.accepted_at.append(time.monotonic())
 
     def to(self, server: str) -> list[str]:
         with self.lock:
             return [peer for name, peer in self.connections if name == server]
+
+    def times_to(self, server: str) -> list[float]:
+        """When the connections to ``server`` were accepted (time.monotonic())."""
+        with self.lock:
+            return [at for (name, _), at in zip(self.connections, self.accepted_at, strict=True) if name == server]
 
 
 @dataclass
@@ -134,6 +145,16 @@ class OutsideWorld:
             "denied.test": self.denied,
             "raw.test": self.raw,
             "internal.test": self.private,
+        }
+
+    def server_env(self) -> dict[str, str]:
+        """What a ``kiln serve`` needs to use this world as its internet: the uplink,
+        the DNS server, and TEST-NET-3 (where the world lives) counted as public."""
+        blocked = [cidr for cidr in Settings().net_blocked_cidrs if cidr != str(WORLD_RANGE)]
+        return {
+            "KILN_UPLINK": self.uplink,
+            "KILN_DNS_UPSTREAM": self.dns,
+            "KILN_NET_BLOCKED_CIDRS": json.dumps(blocked),
         }
 
     # -- life

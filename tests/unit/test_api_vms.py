@@ -16,7 +16,7 @@ RECORD_FIELDS = {
     "vm_id", "session_id", "status", "vcpu_count", "memory_mb", "image_variant", "metadata",
     "created_at", "expires_at", "share", "custom_domain", "volumes", "vault_ids", "env_status",
     "env_error", "snapshot_on_terminate", "snapshot_name", "failure_reason", "auto_suspend",
-    "auto_resume", "snapshot_id", "terminate_snapshot_id", "ssh_host", "ssh_port",
+    "auto_resume", "snapshot_id", "terminate_snapshot_id", "ssh_host", "ssh_port", "network_error",
 }  # fmt: skip
 
 

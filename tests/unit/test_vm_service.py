@@ -228,7 +228,6 @@ async def test_all_problems_are_reported_at_once(world: World) -> None:
     [
         {"volumes": [{"volume_id": "v", "mount_path": "/data"}]},
         {"vault_ids": ["vault-1"]},
-        {"egress_policy": {"allow_package_managers": True}},
     ],
 )
 async def test_unbuilt_features_are_refused_by_name(world: World, fields: dict[str, Any]) -> None:
