@@ -48,6 +48,7 @@ class ConfinementStatus:
 class ConfinementParticipant:
     name = "confinement"
     kinds = frozenset({CGROUP})
+    kept_while_suspended = False
 
     def __init__(self, settings: Settings, hypervisor: Hypervisor) -> None:
         self._settings = settings

@@ -476,7 +476,6 @@ class VmService:
                     labels=plan.metadata,
                     env_status="pending" if plan.env else "none",
                     egress_policy=plan.egress_policy,
-                    volumes=[],
                     vault_ids=[],
                     snapshot_on_terminate=plan.snapshot_on_terminate,
                     snapshot_name=plan.snapshot_name,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from kiln.node.participant import Mount
+from kiln.node.participant import Mount, SavedDrive
 from kiln.runtime.driver import ScsiDrive
 from kiln.runtime.errors import RuntimeFailure
 from kiln.volumes import chain, hotplug, procfs
@@ -87,6 +87,8 @@ async def plan(
     existing = store.of_volume(mount.volume_id)
     for other in existing:
         if other.vm_id == vm_id and other.drive_id == drive_id:
+            if other.placeholder:
+                raise VolumeBusy(f"{mount_path} on {vm_id} still has the drive it was saved with")
             if other.read_only != mount.read_only:
                 raise VolumeBusy(
                     f"{mount_path} on {vm_id} is attached {'ro' if other.read_only else 'rw'} already"
@@ -128,6 +130,47 @@ async def plan(
         scsi_id=scsi_id,
         image=str(image),
         scratch=scratch,
+    )
+    store.save(attachment)
+    return attachment
+
+
+async def plan_saved(
+    store: AttachmentStore,
+    paths: VolumePaths,
+    meta: VolumeMeta,
+    vm_id: str,
+    drive: SavedDrive,
+) -> Attachment:
+    """The placeholder record of a drive ``vm_id``'s saved state has (state
+    mounted: the saved guest has it mounted): the drive's content at the save,
+    read-only as it was, or under a throwaway top for a writable drive."""
+    check_id(vm_id, "vm id")
+    for other in store.of_vm(vm_id):
+        if other.drive_id == drive.drive_id:
+            return other
+    layer = meta.checkpoint_layer(check_id(drive.source_checkpoint_id, "checkpoint id"))
+    if layer is None:
+        raise CheckpointNotFound(
+            f"volume {drive.volume_id} no longer has what {drive.mount_path} held when the VM "
+            f"was saved (checkpoint {drive.source_checkpoint_id})"
+        )
+    if drive.read_only:
+        image = paths.layer(layer.layer_id)
+    else:
+        image = await chain.make_scratch(paths, layer.layer_id, vm_id, drive.drive_id)
+    attachment = Attachment(
+        vm_id=vm_id,
+        drive_id=drive.drive_id,
+        volume_id=drive.volume_id,
+        mount_path=drive.mount_path,
+        read_only=drive.read_only,
+        checkpoint_id=drive.source_checkpoint_id,
+        scsi_id=drive.scsi_id,
+        image=str(image),
+        scratch=not drive.read_only,
+        state=MOUNTED,
+        placeholder=True,
     )
     store.save(attachment)
     return attachment

@@ -20,6 +20,7 @@ class Things:
 
     name = "things"
     kinds = frozenset({"thing"})
+    kept_while_suspended = False
 
     def __init__(self) -> None:
         self.on_host: set[str] = set()
