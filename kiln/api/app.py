@@ -11,6 +11,7 @@ running VMs alone, for the next start to adopt.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -21,7 +22,20 @@ from fastapi import FastAPI
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
-from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, shares, snapshots, users, vms
+from kiln.api.routers import (
+    api_keys,
+    auth,
+    execution,
+    files,
+    health,
+    pty,
+    sessions,
+    shares,
+    snapshots,
+    users,
+    vms,
+    volumes,
+)
 from kiln.api.sharing import start_sharing
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
@@ -39,6 +53,8 @@ from kiln.store.db import Database
 log = logging.getLogger(__name__)
 
 ADMIN_KEY_FILE = "admin-api-key"
+# A volume's file upload takes as much as POST /upload.
+VOLUME_UPLOAD_PATH = re.compile(r"/v1/volumes/[^/]+/files/upload")
 TOKEN_SECRET_FILE = "token-secret"
 
 
@@ -123,6 +139,9 @@ def create_app(
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
                 shares=sharing.shares,
+                volumes=vm_side.volumes,
+                volume_files=vm_side.volume_files,
+                mounts=vm_side.mounts,
             )
             try:
                 yield
@@ -142,12 +161,14 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_request_bytes,
-        limits_by_path={"/upload": settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+        limits_by_path={"/upload": upload_limit},
+        limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit)],
     )
-    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
+    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty, volumes):
         app.include_router(module.router)
     app.include_router(snapshots.router)
     app.include_router(shares.router)

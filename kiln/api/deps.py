@@ -25,6 +25,9 @@ from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.users import UserService
 from kiln.services.vms import VmService
+from kiln.services.volumes.files import VolumeFileService
+from kiln.services.volumes.mounts import VolumeMounts
+from kiln.services.volumes.service import VolumeService
 from kiln.store.models import User
 
 TOKEN_URL = "/v1/auth/token"
@@ -48,6 +51,9 @@ class Services:
     snapshots: SnapshotService
     importer: ImageImporter
     shares: ShareService
+    volumes: VolumeService
+    volume_files: VolumeFileService
+    mounts: VolumeMounts
 
 
 def get_services(request: Request) -> Services:
@@ -113,6 +119,18 @@ def get_share_service(request: Request) -> ShareService:
     return get_services(request).shares
 
 
+def get_volume_service(request: Request) -> VolumeService:
+    return get_services(request).volumes
+
+
+def get_volume_files(request: Request) -> VolumeFileService:
+    return get_services(request).volume_files
+
+
+def get_mounts(request: Request) -> VolumeMounts:
+    return get_services(request).mounts
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 Shares = Annotated[ShareService, Depends(get_share_service)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
@@ -121,6 +139,9 @@ Files = Annotated[FileService, Depends(get_file_service)]
 Ptys = Annotated[PtyService, Depends(get_pty_service)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
+VolumeServiceDep = Annotated[VolumeService, Depends(get_volume_service)]
+VolumeFiles = Annotated[VolumeFileService, Depends(get_volume_files)]
+Mounts = Annotated[VolumeMounts, Depends(get_mounts)]
 
 Vms = Annotated[VmService, Depends(get_vm_service)]
 Users = Annotated[UserService, Depends(get_user_service)]

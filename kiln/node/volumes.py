@@ -5,11 +5,20 @@ detach, keeping the drives' content for a save)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from kiln.node.machines import MachineRegistry
 from kiln.node.participant import Mount, SavedDrive
 from kiln.runtime.driver import Machine
-from kiln.volumes import Attachment, HelperVms, VolumeBusy, VolumeParticipant, Volumes
+from kiln.runtime.errors import RuntimeFailure
+from kiln.volumes import Attachment, HelperVms, VolumeBusy, VolumeParticipant, Volumes, hotplug
+from kiln.volumes.attach import as_handle
+
+# The rule for guest mount paths (absolute, normalised, not a system
+# directory): ``InvalidVolumeRequest`` says why a path cannot be used.
 from kiln.volumes.attachments import check_mount_path
+
+__all__ = ["NodeVolumes", "check_mount_path"]
 
 
 class NodeVolumes:
@@ -31,11 +40,6 @@ class NodeVolumes:
         """At shutdown: the helper VM waiting for work goes."""
         await self.volumes.close()
 
-    @staticmethod
-    def check_mount_path(path: str) -> str:
-        """The path, or ``InvalidVolumeRequest`` saying why a volume cannot go there."""
-        return check_mount_path(path)
-
     def _running(self, vm_id: str) -> Machine:
         machine = self._machines.get(vm_id)
         if machine is None:
@@ -56,8 +60,17 @@ class NodeVolumes:
     def attachments(self, vm_id: str) -> list[Attachment]:
         return self.volumes.attachments(vm_id)
 
-    async def pause_and_capture(self, vm_id: str, checkpoint_id: str) -> list[SavedDrive]:
+    async def pause_and_capture(self, vm_id: str, checkpoint_id: str, *, flush: bool) -> list[SavedDrive]:
         """Right before a save of the VM (its save lock held): the guest
         paused, each volume drive's content kept as checkpoint
         ``checkpoint_id`` (see ``Volumes.pause_and_capture``)."""
-        return await self.volumes.pause_and_capture(self._running(vm_id), checkpoint_id)
+        return await self.volumes.pause_and_capture(self._running(vm_id), checkpoint_id, flush=flush)
+
+    async def resume(self, vm_id: str) -> None:
+        """Continue a guest ``pause_and_capture`` paused, when no save follows."""
+        with contextlib.suppress(RuntimeFailure):
+            await hotplug.resume(as_handle(self._running(vm_id)).qmp)
+
+    def check_capturable(self, vm_id: str) -> None:
+        """VolumeBusy if a save of the VM could not keep what its drives hold."""
+        self.volumes.check_capturable(vm_id)

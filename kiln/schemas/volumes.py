@@ -94,6 +94,21 @@ class CheckpointRecord(BaseModel):
         )
 
 
+class FileEntryRow(Protocol):
+    """A file as the volume mechanism lists it (``kiln.volumes.FileEntry``)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def is_dir(self) -> bool: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def modified_at(self) -> float: ...  # seconds since the epoch
+
+
 class VolumeFileRecord(BaseModel):
     path: str  # relative to the volume's root
     size: int
@@ -102,10 +117,10 @@ class VolumeFileRecord(BaseModel):
     modified_at: datetime
 
     @classmethod
-    def from_entry(cls, path: str, size: int, is_dir: bool, kind: str, modified_at: float) -> VolumeFileRecord:
+    def from_entry(cls, entry: FileEntryRow) -> VolumeFileRecord:
         return cls(
-            path=path, size=size, is_dir=is_dir, kind=kind,
-            modified_at=datetime.fromtimestamp(modified_at, UTC),
+            path=entry.path, size=entry.size, is_dir=entry.is_dir, kind=entry.kind,
+            modified_at=datetime.fromtimestamp(entry.modified_at, UTC),
         )  # fmt: skip
 
 

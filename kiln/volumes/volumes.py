@@ -364,7 +364,9 @@ class Volumes:
                     "them; unmount it (or mount the checkpoint ro) first"
                 )
 
-    async def pause_and_capture(self, machine: object, checkpoint_id: str) -> list[SavedDrive]:
+    async def pause_and_capture(
+        self, machine: object, checkpoint_id: str, *, flush: bool = False
+    ) -> list[SavedDrive]:
         """For a save of the VM that is about to follow: pause the guest (when
         it has volume drives) and keep what each drive holds at this point: a
         checkpoint ``checkpoint_id`` of every volume it mounts (the drive of a
@@ -372,8 +374,10 @@ class Volumes:
         checkpoint for a checkpoint mounted ro. No freeze is needed: the
         memory saved next is the guest at this very point, as a resume sees
         it. The guest stays paused for the save (which continues it); on a
-        failure here it continues at once. Returns the drives as a restore
-        needs them (none: the VM was not paused)."""
+        failure here it continues at once. ``flush`` (the VM stops after the
+        save): every rw mount's dirty data reaches the volume first (a freeze
+        and thaw), since the volume lives on without the guest's page cache.
+        Returns the drives as a restore needs them (none: the VM was not paused)."""
         vm = as_handle(machine)
         attachments = [
             a for a in self.store.of_vm(vm.vm_id)
@@ -389,6 +393,12 @@ class Volumes:
                 volume_id: await stack.enter_async_context(self._locked(volume_id))
                 for volume_id in sorted({a.volume_id for a in attachments})
             }
+            if flush:
+                guest = self._guest(vm.agent)
+                for attachment in attachments:
+                    if attachment.writes_volume:
+                        await guest.freeze(attachment.mount_path)
+                        await guest.thaw(attachment.mount_path)
             await hotplug.pause(vm.qmp)
             try:
                 drives = [
