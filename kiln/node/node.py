@@ -225,4 +225,14 @@ class Node:
         async def live() -> set[str]:
             return await live_user_vms() | set(self._transient)
 
-        return await self.pipeline.reconcile(live, suspended_user_vms)
+        found = await self.pipeline.reconcile(live, suspended_user_vms)
+        # A VM reported broken is looked at again under its save lock: a hot
+        # attach or detach (or a save) that ran while the pass read the host
+        # and the ledger changes both on purpose, and is over by then.
+        broken = {}
+        for vm_id in found.broken:
+            async with self.machines.save_lock(vm_id):
+                reason = await self.pipeline.missing(vm_id)
+            if reason is not None:
+                broken[vm_id] = reason
+        return Reconciled(found.removed, broken)

@@ -148,6 +148,21 @@ class Pipeline:
             log.info("reconcile: removed %s %s (vm %s: not live)", item.kind, item.name, item.vm_id or "?")
         return Reconciled(removed, broken)
 
+    async def missing(self, vm_id: str) -> str | None:
+        """What the VM lacks now of the resources recorded for it (None:
+        nothing): ``reconcile``'s finding, looked at again by a caller that
+        holds what stops the VM's resources from changing meanwhile."""
+        rows = await self.ledger.of_vm(vm_id)
+        for participant in self.participants:
+            mine = [row for row in rows if row.kind in participant.kinds]
+            if not mine:
+                continue
+            present = {(item.kind, item.name) for item in await participant.inventory()}
+            for row in mine:
+                if (row.kind, row.name) not in present:
+                    return f"its {row.kind} {row.name} is gone from the host"
+        return None
+
     @staticmethod
     def _spec(vm: VmContext, launch: Launch) -> MachineSpec:
         return MachineSpec(

@@ -136,9 +136,16 @@ class VolumeParticipant:
             await self._settle(vm_id)
 
     async def release(self, vm_id: str, resources: list[HostResource], ledger: Ledger) -> None:
-        """Unmount cleanly if the VM still runs, otherwise mark what it had
-        mounted rw for a check; drop its records and throwaway tops. Idempotent."""
-        await self.volumes.release(vm_id)
+        """For each drive ``resources`` name: unmount cleanly if the VM still
+        runs, otherwise mark what it had mounted rw for a check; drop its
+        record and throwaway top. Only what is named: the reconciler hands
+        over what it found stray, never the VM's other drives. Idempotent."""
+        drives = {
+            resource.name.split("/", 1)[1]
+            for resource in resources
+            if resource.kind == ATTACHMENT_KIND and "/" in resource.name
+        }
+        await self.volumes.release(vm_id, drives)
         for resource in resources:
             if resource.kind == LAYER_KIND:
                 scratch = Path(resource.name)

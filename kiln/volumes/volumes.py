@@ -620,12 +620,15 @@ class Volumes:
                     force=force,
                 )
 
-    async def release(self, vm_id: str) -> list[Attachment]:
-        """The VM is gone, or going: forget its attachments and throwaway tops.
-        If it still runs, its guest unmounts first; if it died with a volume
-        mounted rw, that volume is checked before its next mount."""
+    async def release(self, vm_id: str, drive_ids: set[str] | None = None) -> list[Attachment]:
+        """The VM is gone, or going: forget its attachments (those of
+        ``drive_ids``; None: all) and throwaway tops. If it still runs, its
+        guest unmounts first; if it died with a volume mounted rw, that volume
+        is checked before its next mount."""
         released = []
         for attachment in self.store.of_vm(vm_id):
+            if drive_ids is not None and attachment.drive_id not in drive_ids:
+                continue
             try:
                 async with self._locked(attachment.volume_id) as (paths, meta):
                     await self._release_one(paths, meta, attachment)

@@ -479,8 +479,8 @@ class FakeVolumes:
         self.log.append(f"drives restoring={restoring}")
         return []
 
-    async def release(self, vm_id: str) -> list:
-        self.log.append("release")
+    async def release(self, vm_id: str, drive_ids: set[str] | None = None) -> list:
+        self.log.append(f"release {len(drive_ids or ())} drives")
         return []
 
 
@@ -505,4 +505,5 @@ async def test_the_participant_records_before_it_makes_and_forgets_after(
     assert all(r.owner_id == 3 and r.vm_id == "vm-1" for r in ledger.rows)
     log.clear()
     await participant.release("vm-1", list(ledger.rows), ledger)
-    assert log[0] == "release" and ledger.rows == []
+    # Only the drives named go (the reconciler hands over what it found stray).
+    assert log[0] == "release 2 drives" and ledger.rows == []
