@@ -10,6 +10,7 @@ kills any VM process a test left behind, whatever happened to the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import os
@@ -32,6 +33,7 @@ from kiln.net.host import uninstall
 from kiln.net.links import host_links
 from kiln.proxy.supervisor import EgressSupervisor
 from kiln.router.supervisor import RouterSupervisor
+from kiln.runtime.cgroups import discover
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor
 
 STARTUP_SECONDS = 60.0
@@ -113,6 +115,9 @@ def network_env(data_dir: Path) -> dict[str, str]:
         # Each Kiln's tables let only its own marked proxy connections out its
         # uplink: another Kiln's with the same mark would have them refused.
         "KILN_NET_EGRESS_MARK": str(0x4B490000 + (number & 0xFFFF)),
+        # Servers started from one test run share a cgroup: under one parent,
+        # each one's reconciler would remove the others' VM cgroups as strays.
+        "KILN_CGROUP_PARENT": f"kiln-{tag[:8]}",
     }
 
 
@@ -174,7 +179,22 @@ async def destroy_leftovers(settings: Settings) -> list[str]:
     await EgressSupervisor(settings).stop()
     await RouterSupervisor(settings).stop()
     await uninstall(settings)
+    remove_cgroups(settings)
     return left
+
+
+def remove_cgroups(settings: Settings) -> None:
+    """The server's VM cgroups and their parent (its own, see ``network_env``),
+    empty once its VMs are gone."""
+    for parent in discover(settings.cgroup_parent).parents.values():
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 async def leftover_links(settings: Settings) -> list[str]:

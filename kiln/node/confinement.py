@@ -81,6 +81,11 @@ class ConfinementParticipant:
             log.warning("VM confinement is partial: %s", self.status.reason)
         return self.status
 
+    @property
+    def vm_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) QEMU runs as once started; None: Kiln's own user."""
+        return self._owner
+
     # ---- hooks
 
     async def prepare(self, vm: VmContext, launch: Launch, ledger: Ledger) -> None:

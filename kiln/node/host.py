@@ -32,7 +32,10 @@ def build_node(settings: Settings, hypervisor: Hypervisor, ledger: Ledger) -> No
         networking = Networking(network, EgressSupervisor(settings))
     participants.append(VmProcess(hypervisor, settings.vms_dir))
     machines = MachineRegistry()
-    volumes = Volumes(settings, machines=machines.get)
+    # A confined QEMU opens volume files as the VMs' user: they are given to it.
+    volumes = Volumes(
+        settings, machines=machines.get, vm_owner=lambda: confinement.vm_owner if confinement else None
+    )
     volume_participant = VolumeParticipant(volumes, ledger)
     participants.append(volume_participant)
     return Node(

@@ -152,9 +152,13 @@ class Node:
 
     async def release(self, vm_id: str, *, suspending: bool = False) -> None:
         """``stop`` for callers that already hold the VM's save lock."""
-        self.machines.pop(vm_id)
-        await self.pipeline.release(vm_id, suspending=suspending)
-        self._transient.pop(vm_id, None)
+        try:
+            # The machine stays known while participants release: volumes
+            # unmount through the guest before the process goes.
+            await self.pipeline.release(vm_id, suspending=suspending)
+        finally:
+            self.machines.pop(vm_id)
+            self._transient.pop(vm_id, None)
 
     # -- saving
 
@@ -231,6 +235,8 @@ class Node:
         # and the ledger changes both on purpose, and is over by then.
         broken = {}
         for vm_id in found.broken:
+            if vm_id in self._transient:
+                continue  # the node's own VMs (being built or idle): not the caller's to fail
             async with self.machines.save_lock(vm_id):
                 reason = await self.pipeline.missing(vm_id)
             if reason is not None:

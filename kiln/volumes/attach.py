@@ -41,7 +41,7 @@ from kiln.volumes.errors import (
 )
 from kiln.volumes.guest import Agent, GuestVolumes
 from kiln.volumes.hotplug import Qmp
-from kiln.volumes.layout import VolumeMeta, VolumePaths, check_id, top_path, write_meta
+from kiln.volumes.layout import FileOwner, VolumeMeta, VolumePaths, check_id, top_path, write_meta
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,11 @@ async def plan(
     vm_id: str,
     mount: Mount,
     taken_scsi_ids: set[int],
+    owner: FileOwner = None,
 ) -> Attachment:
     """The attachment record of ``mount`` on ``vm_id``, written (state planned);
-    the same record again if it exists already."""
+    the same record again if it exists already. ``owner``: whose a throwaway
+    top is (the user a confined QEMU runs as)."""
     check_id(vm_id, "vm id")
     mount_path = check_mount_path(mount.mount_path)
     drive_id = drive_id_for(mount.volume_id, mount_path, mount.checkpoint_id)
@@ -118,7 +120,7 @@ async def plan(
         if mount.read_only:
             image = paths.layer(layer.layer_id)
         else:
-            image = await chain.make_scratch(paths, layer.layer_id, vm_id, drive_id)
+            image = await chain.make_scratch(paths, layer.layer_id, vm_id, drive_id, owner)
             scratch = True
     attachment = Attachment(
         vm_id=vm_id,
@@ -141,6 +143,7 @@ async def plan_saved(
     meta: VolumeMeta,
     vm_id: str,
     drive: SavedDrive,
+    owner: FileOwner = None,
 ) -> Attachment:
     """The placeholder record of a drive ``vm_id``'s saved state has (state
     mounted: the saved guest has it mounted): the drive's content at the save,
@@ -158,7 +161,7 @@ async def plan_saved(
     if drive.read_only:
         image = paths.layer(layer.layer_id)
     else:
-        image = await chain.make_scratch(paths, layer.layer_id, vm_id, drive.drive_id)
+        image = await chain.make_scratch(paths, layer.layer_id, vm_id, drive.drive_id, owner)
     attachment = Attachment(
         vm_id=vm_id,
         drive_id=drive.drive_id,

@@ -43,10 +43,12 @@ from kiln.volumes.files import ByteSource, BytesSource, FileEntry, VolumeFiles
 from kiln.volumes.guest import guest_volumes
 from kiln.volumes.helper import HelperVms
 from kiln.volumes.layout import (
+    FileOwner,
     VolumeMeta,
     VolumePaths,
     allocated_bytes,
     check_id,
+    open_to_vms,
     read_meta,
     top_path,
     volume_paths,
@@ -99,6 +101,7 @@ class Volumes:
         machines: MachineLookup | None = None,
         helpers: HelperVms | None = None,
         guest: GuestFactory = guest_volumes,
+        vm_owner: Callable[[], FileOwner] = lambda: None,
     ) -> None:
         self.settings = settings
         self.root = settings.volumes_dir
@@ -107,6 +110,8 @@ class Volumes:
         # Set once the node can start helper VMs (``kiln.node.volumes``).
         self.helpers = helpers
         self._guest = guest
+        # The user a confined QEMU runs as (known once the node started).
+        self._vm_owner = vm_owner
         self._locks = VolumeLocks()
 
     # ---- locking and where things run
@@ -131,6 +136,7 @@ class Volumes:
             meta = read_meta(paths)
             remove_stale_views(paths)
             await chain.recover(paths, meta)
+            open_to_vms(paths, meta, self._vm_owner())
             yield paths, meta
 
     def _running(self, attachment: Attachment) -> VmHandle | None:
@@ -167,6 +173,7 @@ class Volumes:
         # mkdir decides between two creates of one id; until volume.json is
         # written, the volume does not exist for anyone (VolumeNotFound).
         meta = await images.create(paths, size, self.tools_user)
+        open_to_vms(paths, meta, self._vm_owner())
         return self._info(paths, meta)
 
     async def get(self, volume_id: str) -> VolumeInfo:
@@ -317,7 +324,7 @@ class Volumes:
                     raise VolumeBusy(
                         f"volume {volume_id} is open in a VM this host cannot reach"
                     )
-                layer = await chain.checkpoint(paths, meta, checkpoint_id)
+                layer = await chain.checkpoint(paths, meta, checkpoint_id, owner=self._vm_owner())
             else:
                 layer = await self._checkpoint_online(
                     paths, meta, checkpoint_id, writer, vm
@@ -348,7 +355,7 @@ class Volumes:
             async def switch(top: Path) -> None:
                 await hotplug.snapshot_drive(vm.qmp, writer.drive_id, top)
 
-            return await chain.checkpoint(paths, meta, checkpoint_id, switch)
+            return await chain.checkpoint(paths, meta, checkpoint_id, switch, self._vm_owner())
         finally:
             await guest.thaw(writer.mount_path)
 
@@ -442,13 +449,13 @@ class Volumes:
         if attachment.read_only:
             # No writer while it is mounted ro: the reader keeps reading the
             # file that becomes the checkpoint's layer (same content).
-            await chain.checkpoint(paths, meta, checkpoint_id)
+            await chain.checkpoint(paths, meta, checkpoint_id, owner=self._vm_owner())
             return
 
         async def switch(top: Path) -> None:
             await hotplug.snapshot_drive(vm.qmp, attachment.drive_id, top)
 
-        await chain.checkpoint(paths, meta, checkpoint_id, switch)
+        await chain.checkpoint(paths, meta, checkpoint_id, switch, self._vm_owner())
         self.store.save(dataclasses.replace(attachment, image=str(top_path(paths, meta))))
 
     async def delete_checkpoint(self, volume_id: str, checkpoint_id: str) -> None:
@@ -510,7 +517,7 @@ class Volumes:
                 meta.volume_id,
             )
             await images.check(paths, meta, self.tools_user)
-        return await attach.plan(self.store, paths, meta, vm_id, mount, taken)
+        return await attach.plan(self.store, paths, meta, vm_id, mount, taken, self._vm_owner())
 
     async def plan_saved(self, vm_id: str, drive: SavedDrive) -> Attachment:
         """Record the placeholder of a drive ``vm_id``'s saved state has (a
@@ -518,7 +525,7 @@ class Volumes:
         command line at its saved target, and ``mount_all`` swaps it for the
         real mount once the guest is up."""
         async with self._locked(drive.volume_id) as (paths, meta):
-            return await attach.plan_saved(self.store, paths, meta, vm_id, drive)
+            return await attach.plan_saved(self.store, paths, meta, vm_id, drive, self._vm_owner())
 
     def drives_at_start(self, vm_id: str, *, restoring: bool) -> list[ScsiDrive]:
         return attach.drives_at_start(self.store.of_vm(vm_id), restoring=restoring)

@@ -101,10 +101,13 @@ def test_data_written_by_one_vm_is_read_by_a_later_vm_and_ro_refuses_writes(api:
         {"volume_id": volume["id"], "mount_path": "/data", "mode": "rw", "checkpoint_id": None, "status": "mounted"}
     ]
     api.run(first["session_id"], "echo 'from the first VM' > /data/note && sync")
+    # Not synced: deleting the VM unmounts cleanly (the guest syncs) before QEMU goes.
+    api.run(first["session_id"], "echo 'left in the page cache' > /data/unsynced")
     assert api.delete(first["vm_id"]).status_code == 200
 
     later = api.create_ok(**SMALL, volumes=[{"volume_id": volume["id"], "mount_path": "/mnt/in", "mode": "ro"}])
-    assert api.run(later["session_id"], "cat /mnt/in/note") == "from the first VM\n"
+    read = api.run(later["session_id"], "cat /mnt/in/note /mnt/in/unsynced")
+    assert read == "from the first VM\nleft in the page cache\n"
     refused = shell(api, later["session_id"], "echo more > /mnt/in/other")
     assert refused["exit_code"] != 0 and "Read-only file system" in refused["stderr"]
     # The device itself is read-only too, not just the mount.
@@ -225,10 +228,10 @@ def test_hot_attach_and_detach_survive_suspend_resume_and_a_snapshot_restore(api
     api.run(restored["session_id"], "echo restored >> /data/f && sync")
     assert unmount(api, restored["vm_id"], vid, "/data").status_code == 200
     assert api.run(restored["session_id"], "grep -c ' /data ' /proc/mounts || true") == "0\n"
-    assert api.http.delete(f"/v1/snapshots/{snapshot.json()['id']}").status_code == 200
     # The volume kept every write, and the restore left no stand-in drive behind.
     assert mount(api, restored["vm_id"], vid, "/again").status_code == 200
     assert api.run(restored["session_id"], "cat /again/f") == "after\nrestored\n"
+    assert unmount(api, restored["vm_id"], vid, "/again").status_code == 200
     # A snapshot whose volume was deleted says so.
     gone = new_volume(api, made, name="short-lived")
     assert mount(api, restored["vm_id"], gone["id"], "/gone").status_code == 200
@@ -237,7 +240,12 @@ def test_hot_attach_and_detach_survive_suspend_resume_and_a_snapshot_restore(api
     assert api.http.delete(f"/v1/volumes/{gone['id']}").status_code == 200
     refused = api.create(snapshot_id=saved["id"])
     assert refused.status_code == 409 and "is gone" in refused.json()["detail"], refused.text
-    assert api.http.delete(f"/v1/snapshots/{saved['id']}").status_code == 200
+    # Deleting the snapshots lets go of what they kept of the volume.
+    api.delete(restored["vm_id"])
+    for snapshot_id in (saved["id"], snapshot.json()["id"]):
+        assert api.http.delete(f"/v1/snapshots/{snapshot_id}").status_code == 200
+    info = api.http.get(f"/v1/volumes/{vid}/checkpoints").json()
+    assert info == []
 
 
 def test_files_round_trip_mounted_and_unmounted_and_no_symlink_leads_out(api: Api, made: list[str]) -> None:
@@ -279,7 +287,7 @@ def test_files_round_trip_mounted_and_unmounted_and_no_symlink_leads_out(api: Ap
     assert upload("escape/planted", b"x").status_code == 400
     assert upload("dir/blob.bin", b"replaced", overwrite=True).json()["size"] == 8
     assert api.run(vm["session_id"], "cat /data/dir/blob.bin") == "replaced"
-    names = [e["path"] for e in api.http.get(f"/v1/volumes/{vid}/files", params={"prefix": "d2", "limit": 1}).json()]
+    names = [e["path"] for e in api.http.get(f"/v1/volumes/{vid}/files", params={"prefix": "d2/", "limit": 1}).json()]
     assert len(names) == 1 and names[0].startswith("d2/")
     assert api.http.delete(f"/v1/volumes/{vid}/files", params={"path": "d2"}).status_code == 409
     assert api.http.delete(f"/v1/volumes/{vid}/files", params={"path": "d2", "recursive": "true"}).status_code == 200
@@ -315,7 +323,8 @@ def test_kill_9_of_the_server_and_of_qemu_loses_no_synced_write(crash_api: Api) 
     os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: not process_exists(pid), 10)
     assert wait_until(lambda: api.vm(vm["vm_id"])["status"] == "failed", 30), api.vm(vm["vm_id"])
-    assert api.vm(vm["vm_id"])["volumes"] == []
+    # Its mount goes once its drives are released (the status is set first).
+    assert wait_until(lambda: api.vm(vm["vm_id"])["volumes"] == [], 30), api.vm(vm["vm_id"])
 
     # Checked on the host first (the VM died with it mounted rw), then mounted again.
     later = api.create_ok(**SMALL, volumes=[{"volume_id": volume["id"], "mount_path": "/data"}])
