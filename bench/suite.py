@@ -40,7 +40,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import host, raw, shares
+from bench import host, raw, shares, volumes
 from bench.server import KilnServer, create_user_and_key, link_cache
 from bench.stats import Figure, Figures
 from kiln.config import Settings
@@ -184,6 +184,7 @@ def declare_figures() -> Figures:
                     note=f"GET /v1/vms/ (all records) listing {LIST_RECORDS} VM records, one client, "
                     "sequential; rate per batch of 10")
     shares.declare(figures)
+    volumes.declare(figures)
     return figures
 
 
@@ -240,6 +241,9 @@ class Bench:
             self.phase("concurrent", self.measure_concurrent_creates, "concurrent_creates_per_s",
                        "concurrent_create_ms", "concurrent_create_failures")
             self.phase("api_list", self.measure_listing, "api_list_rps")
+            self.phase("volumes", self.measure_volumes, "root_write_mb_s", "volume_write_mb_s", "root_read_mb_s",
+                       "volume_read_mb_s", "volume_checkpoint_1g_ms", "volume_checkpoint_1g_unmounted_ms",
+                       "volume_hot_attach_ms", "volume_detach_ms")
             self.phase("shares", self.measure_shares, "share_direct_rps", "share_rps", "share_direct_ms", "share_ms",
                        "share_ws_rtt_ms", "share_wake_first_byte_ms")
             self.phase("density", self.measure_density, "density_idle_vms", "density_create_ms",
@@ -562,6 +566,15 @@ class Bench:
                 self.figures, client, self.settings, self.server.share_port,
                 lambda body: self.create_vm(client, body)[1],
                 seconds=2.0 if quick else 10.0, ws_samples=20 if quick else 200, wakes=1 if quick else 3,
+            )  # fmt: skip
+            self.delete_vm(client, vm_id)
+
+    def measure_volumes(self) -> None:
+        quick = self.plan.mode == "quick"
+        with self.client() as client:
+            vm_id = volumes.measure(
+                self.figures, client, lambda: self.create_vm(client)[1],
+                samples=2 if quick else 5, dd_mib=64 if quick else 256, fill_mib=128 if quick else 512,
             )  # fmt: skip
             self.delete_vm(client, vm_id)
 
@@ -911,7 +924,7 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
 
 
 PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
-          "api_list", "density", "raw_touched", "pool", "shares")
+          "api_list", "density", "raw_touched", "pool", "shares", "volumes")
 
 
 def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:
