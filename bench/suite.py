@@ -40,7 +40,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import egress, host, raw, shares, ssh
+from bench import egress, host, raw, shares, ssh, volumes
 from bench.server import KilnServer, bench_settings, create_user_and_key, link_cache, remove_networking
 from bench.stats import Figure, Figures
 from kiln.config import Settings
@@ -186,6 +186,7 @@ def declare_figures() -> Figures:
     shares.declare(figures)
     ssh.declare(figures)
     egress.declare(figures)
+    volumes.declare(figures)
     return figures
 
 
@@ -242,6 +243,9 @@ class Bench:
             self.phase("concurrent", self.measure_concurrent_creates, "concurrent_creates_per_s",
                        "concurrent_create_ms", "concurrent_create_failures")
             self.phase("api_list", self.measure_listing, "api_list_rps")
+            self.phase("volumes", self.measure_volumes, "root_write_mb_s", "volume_write_mb_s", "root_read_mb_s",
+                       "volume_read_mb_s", "volume_checkpoint_1g_ms", "volume_checkpoint_1g_unmounted_ms",
+                       "volume_hot_attach_ms", "volume_detach_ms")
             self.phase("shares", self.measure_shares, "share_direct_rps", "share_rps", "share_direct_ms", "share_ms",
                        "share_ws_rtt_ms", "share_wake_first_byte_ms")
             self.phase("ssh", self.measure_ssh, "exec_true_ms", "ssh_true_ms", "upload_mb_s", "scp_upload_mb_s")
@@ -579,6 +583,15 @@ class Bench:
                 lambda body: self.create_vm(client, body)[1],
                 lambda session_id, command: self.execute(client, session_id, command, "bash"),
                 samples=5 if quick else 30, transfers=1 if quick else 3,
+            )  # fmt: skip
+            self.delete_vm(client, vm_id)
+
+    def measure_volumes(self) -> None:
+        quick = self.plan.mode == "quick"
+        with self.client() as client:
+            vm_id = volumes.measure(
+                self.figures, client, lambda: self.create_vm(client)[1],
+                samples=2 if quick else 5, dd_mib=64 if quick else 256, fill_mib=128 if quick else 512,
             )  # fmt: skip
             self.delete_vm(client, vm_id)
 
@@ -931,7 +944,7 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
 
 
 PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
-          "api_list", "density", "raw_touched", "pool", "shares", "ssh", "egress")
+          "api_list", "density", "raw_touched", "pool", "shares", "ssh", "egress", "volumes")
 
 
 def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:

@@ -10,7 +10,9 @@ kills any VM process a test left behind, whatever happened to the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import os
 import shutil
 import signal
@@ -32,6 +34,7 @@ from kiln.net.instances import separate_instance_env
 from kiln.net.links import host_links
 from kiln.proxy.supervisor import EgressSupervisor
 from kiln.router.supervisor import RouterSupervisor
+from kiln.runtime.cgroups import discover
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor
 from kiln.sshd.supervisor import SshGatewaySupervisor
 
@@ -101,10 +104,17 @@ def network_env(data_dir: Path) -> dict[str, str]:
     """Host names and addresses of this server's guest networking, its own (from
     its data dir's name): servers running at once never share a namespace
     prefix, an nftables table, outside addresses, the egress daemon's address or
-    its mark, or the router's HTTPS port. Chosen once per data dir (the server,
-    restarted or not, keeps its names)."""
-    # The router's HTTPS listener (custom domains): never another server's port.
-    return {**separate_instance_env(str(data_dir)), "KILN_SHARE_HTTPS_PORT": str(free_port())}
+    its mark, the router's HTTPS port or a cgroup parent. Chosen once per data
+    dir (the server, restarted or not, keeps its names)."""
+    tag = hashlib.sha256(str(data_dir).encode()).hexdigest()
+    return {
+        **separate_instance_env(str(data_dir)),
+        # The router's HTTPS listener (custom domains): never another server's port.
+        "KILN_SHARE_HTTPS_PORT": str(free_port()),
+        # Servers started from one test run share a cgroup: under one parent,
+        # each one's reconciler would remove the others' VM cgroups as strays.
+        "KILN_CGROUP_PARENT": f"kiln-{tag[:8]}",
+    }
 
 
 def start_server(
@@ -170,7 +180,22 @@ async def destroy_leftovers(settings: Settings) -> list[str]:
     await RouterSupervisor(settings).stop()
     await SshGatewaySupervisor(settings).stop()
     await uninstall(settings)
+    remove_cgroups(settings)
     return left
+
+
+def remove_cgroups(settings: Settings) -> None:
+    """The server's VM cgroups and their parent (its own, see ``network_env``),
+    empty once its VMs are gone."""
+    for parent in discover(settings.cgroup_parent).parents.values():
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 async def leftover_links(settings: Settings) -> list[str]:

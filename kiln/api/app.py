@@ -11,6 +11,7 @@ running VMs alone, for the next start to adopt.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -36,6 +37,7 @@ from kiln.api.routers import (
     ssh_keys,
     users,
     vms,
+    volumes,
 )
 from kiln.api.routers.domains import router as domains_router
 from kiln.api.sharing import start_sharing
@@ -58,6 +60,8 @@ from kiln.store.db import Database
 log = logging.getLogger(__name__)
 
 ADMIN_KEY_FILE = "admin-api-key"
+# A volume's file upload takes as much as POST /upload.
+VOLUME_UPLOAD_PATH = re.compile(r"/v1/volumes/[^/]+/files/upload")
 TOKEN_SECRET_FILE = "token-secret"
 
 
@@ -148,6 +152,9 @@ def create_app(
                 ssh_keys=SshKeyService(db),
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
                 egress=EgressService(vm_service),
+                volumes=vm_side.volumes,
+                volume_files=vm_side.volume_files,
+                mounts=vm_side.mounts,
             )
             try:
                 yield
@@ -169,12 +176,14 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_request_bytes,
-        limits_by_path={"/upload": settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+        limits_by_path={"/upload": upload_limit},
+        limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit)],
     )
-    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
+    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty, volumes):
         app.include_router(module.router)
     app.include_router(snapshots.router)
     app.include_router(shares.router)

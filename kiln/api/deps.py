@@ -28,6 +28,9 @@ from kiln.services.snapshots.service import SnapshotService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.users import UserService
 from kiln.services.vms import VmService
+from kiln.services.volumes.files import VolumeFileService
+from kiln.services.volumes.mounts import VolumeMounts
+from kiln.services.volumes.service import VolumeService
 from kiln.store.models import User
 
 TOKEN_URL = "/v1/auth/token"
@@ -54,6 +57,9 @@ class Services:
     domains: DomainService
     ssh_keys: SshKeyService
     egress: EgressService
+    volumes: VolumeService
+    volume_files: VolumeFileService
+    mounts: VolumeMounts
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 
@@ -142,8 +148,22 @@ def ssh_endpoint(request: Request) -> tuple[str, int] | None:
     if host in WILDCARD_HOSTS:
         host = request.url.hostname or host
     return host, port
+
+
 def get_egress_service(request: Request) -> EgressService:
     return get_services(request).egress
+
+
+def get_volume_service(request: Request) -> VolumeService:
+    return get_services(request).volumes
+
+
+def get_volume_files(request: Request) -> VolumeFileService:
+    return get_services(request).volume_files
+
+
+def get_mounts(request: Request) -> VolumeMounts:
+    return get_services(request).mounts
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
@@ -158,6 +178,9 @@ Ptys = Annotated[PtyService, Depends(get_pty_service)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
 Egress = Annotated[EgressService, Depends(get_egress_service)]
+VolumeServiceDep = Annotated[VolumeService, Depends(get_volume_service)]
+VolumeFiles = Annotated[VolumeFileService, Depends(get_volume_files)]
+Mounts = Annotated[VolumeMounts, Depends(get_mounts)]
 
 Vms = Annotated[VmService, Depends(get_vm_service)]
 Users = Annotated[UserService, Depends(get_user_service)]

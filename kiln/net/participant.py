@@ -58,6 +58,7 @@ class VmNetwork:
 class NetParticipant:
     name = "network"
     kinds = frozenset({LEASE, NETNS, VETH, NFT_CHAIN, EGRESS_POLICY})
+    kept_while_suspended = False
 
     def __init__(
         self,

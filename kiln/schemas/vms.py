@@ -9,11 +9,14 @@ these schemas stay the seed's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
+
+from kiln.schemas.volumes import MountRow, mount_summary
 
 # A free-form JSON object. pydantic would document ``dict[str, Any]`` with
 # ``additionalProperties: true``; the seed documents it as a bare object.
@@ -108,7 +111,6 @@ class VmRow(Protocol):
     expires_at: datetime
     share: dict[str, Any] | None
     custom_domain: dict[str, Any] | None
-    volumes: list[dict[str, Any]]
     vault_ids: list[str]
     env_status: str
     env_error: str | None
@@ -120,6 +122,9 @@ class VmRow(Protocol):
     snapshot_id: str | None
     terminate_snapshot_id: str | None
     network_error: str | None
+
+    @property
+    def mounts(self) -> Sequence[MountRow]: ...
 
 
 class VMRecord(BaseModel):
@@ -170,7 +175,7 @@ class VMRecord(BaseModel):
             expires_at=vm.expires_at,
             share=vm.share,
             custom_domain=vm.custom_domain,
-            volumes=vm.volumes,
+            volumes=[mount_summary(mount) for mount in vm.mounts],
             vault_ids=vm.vault_ids,
             env_status=vm.env_status,
             env_error=vm.env_error,

@@ -12,7 +12,6 @@ place when it is not. Each later feature deletes its line from that function.
 from __future__ import annotations
 
 import json
-import posixpath
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -24,15 +23,13 @@ from kiln.schemas.vms import CustomDomainRequest, ShareRequest, VMCreateRequest,
 from kiln.services.domains.policy import check_domain
 from kiln.services.egress_policy import canonical, check_policy
 from kiln.services.errors import FieldProblem, InvalidRequest
+from kiln.services.volumes.rules import mount_problems
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_ENV_ENTRIES = 256
 MAX_METADATA_BYTES = 64 * 1024
 MAX_SNAPSHOT_NAME_LENGTH = 255
-# Guest paths a volume must never cover: the guest's own kernel interfaces.
-RESERVED_MOUNT_ROOTS = ("/proc", "/sys", "/dev")
-MOUNT_MODES = ("rw", "ro")
 DEFAULT_IMAGE_VARIANT = "default"
 
 
@@ -161,8 +158,6 @@ def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProb
     def refuse(name: str, what: str) -> None:
         problems.append(FieldProblem((name,), f"{what} is not supported yet"))
 
-    if given.get("volumes"):
-        refuse("volumes", "mounting volumes")
     if given.get("vault_ids"):
         refuse("vault_ids", "vault credential injection")
     return problems
@@ -211,19 +206,7 @@ def _check_env(check: _Checker, env: dict[str, str]) -> None:
 def _check_volumes(check: _Checker, volumes: list[dict[str, Any]]) -> None:
     seen: set[str] = set()
     for index, volume in enumerate(volumes):
-        path = volume["mount_path"]
-        loc = ("volumes", index, "mount_path")
-        # normpath keeps a leading "//" (POSIX allows it a meaning); the guest does not.
-        normalized = "/" + posixpath.normpath(path).lstrip("/")
-        if not path.startswith("/") or "\0" in path:
-            check.fail(loc, "must be an absolute path")
-        elif normalized == "/" or any(
-            normalized == root or normalized.startswith(root + "/")
-            for root in RESERVED_MOUNT_ROOTS
-        ):
-            check.fail(loc, f"must not be / or under {', '.join(RESERVED_MOUNT_ROOTS)}")
-        elif normalized in seen:
-            check.fail(loc, f"{normalized} is mounted twice")
-        seen.add(normalized)
-        if volume["mode"] not in MOUNT_MODES:
-            check.fail(("volumes", index, "mode"), "must be 'rw' or 'ro'")
+        check.problems.extend(mount_problems(("volumes", index), volume["mount_path"], volume["mode"]))
+        if volume["mount_path"] in seen:
+            check.fail(("volumes", index, "mount_path"), f"{volume['mount_path']} is mounted twice")
+        seen.add(volume["mount_path"])

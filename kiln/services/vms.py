@@ -18,7 +18,7 @@ import logging
 import secrets
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from kiln.config import Settings
 from kiln.node.network import EgressRefused, check_rules
 from kiln.node.node import Node
-from kiln.node.participant import VmContext
+from kiln.node.participant import SavedDrive, VmContext
 from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Machine, SavedState
 from kiln.runtime.errors import AgentError
@@ -50,6 +50,7 @@ from kiln.services.states import (
     can_transition,
 )
 from kiln.services.vm_policy import CreatePlan, check_create, check_update
+from kiln.services.volumes.mounts import MountPlan, VolumeMounts, vm_mounts
 from kiln.store.db import Database
 from kiln.store.models import Vm
 from kiln.store.repositories import HostResourceRepository, SessionRepository, VmRepository
@@ -114,6 +115,7 @@ class VmService:
         admission: Admission,
         disk: DiskBudget,
         pool: WarmPool | None = None,
+        mounts: VolumeMounts | None = None,
         *,
         egress: EgressPolicies,
     ) -> None:
@@ -128,6 +130,7 @@ class VmService:
         self.admission = admission
         self.disk = disk
         self.pool = pool
+        self.mounts = mounts
         self._boot_tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
         # Serialises teardown (terminate / fail) per VM; entries vanish when unused.
@@ -168,6 +171,12 @@ class VmService:
         self._check_egress(plan.egress_policy)
         # snapshot_id: the snapshot's shape and image (404 / 422 when it cannot be).
         plan, source = await self.planner.plan_source(owner_id, request, plan)
+        mounts = MountPlan()
+        if self.mounts is not None:
+            # 404 / 409 / 422 before anything starts; a snapshot's volumes come back with it.
+            mounts = await self.mounts.plan(
+                owner_id, request.volumes, source.id if source else None, source.mounts if source else ()
+            )
         image = self._images.get(plan.image_variant)
         if image is None:
             raise ImageNotBuilt(
@@ -194,6 +203,7 @@ class VmService:
                 vm_id=claimed.vm_id if claimed else None,
                 snapshot_id=restore.snapshot_id if restore else None,
                 disk_snapshot_id=restore.disk_snapshot_id if restore else None,
+                mounts=mounts,
             )
         except BaseException:
             if claimed is not None:
@@ -201,7 +211,8 @@ class VmService:
                 if self.pool is not None:
                     self.pool.refill()
             raise
-        self._start_boot(self.context(vm, image, restore.saved if restore else None), plan.env, claimed=claimed)
+        context = self.context(vm, image, restore.saved if restore else None, saved_drives=mounts.saved_drives)
+        self._start_boot(context, plan.env, claimed=claimed)
         if not wait:
             return vm
         return await self._wait_running(vm.id)
@@ -217,6 +228,8 @@ class VmService:
             # A clone reaches what its source reaches unless the request says otherwise.
             source = await self.get(owner_id, vm_id)
             request = request.model_copy(update={"egress_policy": source.egress_policy})
+        if self.mounts is not None:
+            await self.mounts.check_clone(owner_id, vm_id)
         snapshot = await self.snapshots.snapshot_vm(owner_id, vm_id, request.snapshot_name, wait=True)
         if snapshot.status != SnapshotStatus.READY:
             raise Conflict(f"vm {vm_id} could not be snapshotted: {snapshot.failure_reason}")
@@ -311,7 +324,7 @@ class VmService:
                 raise Conflict(f"vm {vm_id} could not be suspended: {describe(error)}") from error
             await self.fail(vm_id, f"suspending failed: {describe(error)}")
             return await self.reload(vm_id)
-        await self.node.stop(vm_id)
+        await self.node.stop(vm_id, suspending=True)
         await self.set_status(vm_id, S.SUSPENDING, S.SUSPENDED, failure_reason=None)
         return await self.reload(vm_id)
 
@@ -351,8 +364,15 @@ class VmService:
     def run_dir(self, vm_id: str) -> Path:
         return self._settings.vms_dir / vm_id
 
-    def context(self, vm: Vm, image: BootImage, restore_from: SavedState | None) -> VmContext:
-        """What the pipeline needs to bring ``vm`` up from ``image`` or ``restore_from``.
+    def context(
+        self,
+        vm: Vm,
+        image: BootImage,
+        restore_from: SavedState | None,
+        saved_drives: tuple[SavedDrive, ...] = (),
+    ) -> VmContext:
+        """What the pipeline needs to bring ``vm`` up from ``image`` or ``restore_from``
+        (``saved_drives``: the volume drives that snapshot was saved with).
         Where the host wires networks every VM gets one, filtered by its policy
         (none given: nothing is reachable); elsewhere it gets none at all."""
         return VmContext(
@@ -364,6 +384,9 @@ class VmService:
             run_dir=self.run_dir(vm.id),
             restore_from=restore_from,
             egress=self.egress.rules(vm.egress_policy) if self.node.wires_networks else None,
+            mounts=vm_mounts(vm),
+            saved_drives=saved_drives,
+            resuming=vm.status == S.SUSPENDED,
         )
 
     def booting(self, vm_id: str) -> bool:
@@ -399,10 +422,12 @@ class VmService:
             if not await self.set_status(vm_id, vm.status, S.FAILED, failure_reason=reason):
                 return
             await self.node.stop(vm_id)
+            await self._mounts_gone(vm_id)
 
     async def finish_terminate(self, vm_id: str, snapshot_id: str | None = None) -> Vm:
         """Tear down a VM already ``terminating`` and record it ``terminated``."""
         await self.node.stop(vm_id)
+        await self._mounts_gone(vm_id)
         await self.set_status(
             vm_id, S.TERMINATING, S.TERMINATED, terminated_at=_now(), terminate_snapshot_id=snapshot_id
         )
@@ -444,11 +469,17 @@ class VmService:
         """One reconciler pass: remove what no live VM owns; fail running VMs
         that lost a resource they had."""
 
-        async def live_vms() -> set[str]:
+        async def vms_in(statuses: Collection[str]) -> set[str]:
             async with self.db.transaction() as session:
-                return {vm.id for vm in await VmRepository(session).list_any_owner(RESOURCE_HOLDING_STATUSES)}
+                return {vm.id for vm in await VmRepository(session).list_any_owner(statuses)}
 
-        result = await self.node.reconcile(live_vms)
+        async def live_vms() -> set[str]:
+            return await vms_in(RESOURCE_HOLDING_STATUSES)
+
+        async def suspended_vms() -> set[str]:
+            return await vms_in({S.SUSPENDED})
+
+        result = await self.node.reconcile(live_vms, suspended_vms)
         for vm_id, reason in result.broken.items():
             if vm_id in self._boot_tasks or vm_id in self.node.transient or self.node.machines.saving(vm_id):
                 continue  # being made or saved, or the node's own: its resources come and go on purpose
@@ -476,9 +507,10 @@ class VmService:
         vm_id: str | None = None,
         snapshot_id: str | None = None,
         disk_snapshot_id: str | None = None,
+        mounts: MountPlan | None = None,
     ) -> Vm:
         """Check the host's limits and the user's quota and insert the VM
-        (status creating), atomically."""
+        (status creating) with its mounts, atomically."""
         async with self.admission.lock, self.db.transaction() as session:
             await self.admission.check(session, owner_id, plan.memory_mb, plan.vcpu_count)
             session_id = plan.session_id or str(uuid.uuid4())
@@ -500,7 +532,6 @@ class VmService:
                     env_status="pending" if plan.env else "none",
                     egress_policy=plan.egress_policy,
                     network_error=network_error(plan.egress_policy, self.node),
-                    volumes=[],
                     vault_ids=[],
                     snapshot_on_terminate=plan.snapshot_on_terminate,
                     snapshot_name=plan.snapshot_name,
@@ -518,6 +549,9 @@ class VmService:
             if vm_id is not None:
                 # A claimed pool VM: its host resources are this user's now.
                 await HostResourceRepository(session).set_owner_any_owner(vm_id, owner_id)
+            if mounts is not None and self.mounts is not None:
+                await self.mounts.record(session, owner_id, vm.id, mounts)
+            await session.refresh(vm, ["mounts"])
             return vm
 
     def _start_boot(
@@ -555,14 +589,15 @@ class VmService:
             env_fields = {"env_status": env_status, "env_error": env_error} if current == S.CREATING else {}
             # False when a DELETE or the reaper moved the VM on meanwhile; they tear it down.
             self.activity.touch(vm_id)
-            await self.set_status(vm_id, current, S.RUNNING, **env_fields)
+            if await self.set_status(vm_id, current, S.RUNNING, **env_fields) and self.mounts is not None:
+                await self.mounts.vm_running(vm_id)
         except asyncio.CancelledError:
             raise  # whoever cancelled the boot (terminate, stop) cleans up
         except Exception as error:
             log.warning("vm %s failed to start: %s", vm_id, describe(error))
             if current == S.RESUMING:
                 # The saved state is untouched: the VM stays suspended, and may be resumed again.
-                await self.node.stop(vm_id)
+                await self.node.stop(vm_id, suspending=True)
                 reason = f"resuming failed: {describe(error)}"
                 await self.set_status(vm_id, S.RESUMING, S.SUSPENDED, failure_reason=reason)
             else:
@@ -624,6 +659,10 @@ class VmService:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    async def _mounts_gone(self, vm_id: str) -> None:
+        if self.mounts is not None:
+            await self.mounts.vm_ended(vm_id)
 
     def _teardown_lock(self, vm_id: str) -> asyncio.Lock:
         lock = self._teardown_locks.get(vm_id)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from kiln.config import Settings
 from kiln.node.host import build_node
-from kiln.node.launcher import PipelineLauncher
+from kiln.node.launcher import HelperLauncher, PipelineLauncher
 from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Hypervisor, SavedState
 from kiln.runtime.snapshots import BaseSnapshots, Shape
@@ -22,8 +22,16 @@ from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT
 from kiln.services.vms import ImageSource, VmService, new_vm_id
+from kiln.services.volumes.files import VolumeFileService
+from kiln.services.volumes.mounts import VolumeMounts
+from kiln.services.volumes.service import VolumeService
 from kiln.store.db import Database
 from kiln.store.repositories import ResourceUsage
+from kiln.volumes import HelperBase, HelperVms, VolumeError
+
+# Helper VMs (file access to unmounted volumes) are small: they only mount a
+# volume and move bytes.
+HELPER_SHAPE = Shape(memory_mb=256, vcpu_count=1)
 
 
 @dataclass(frozen=True)
@@ -31,12 +39,17 @@ class VmServices:
     vms: VmService
     importer: ImageImporter
     background: BackgroundTasks
+    volumes: VolumeService
+    volume_files: VolumeFileService
+    mounts: VolumeMounts
 
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
         vms = self.vms
         await vms.node.start_host()
+        await self.volumes.start()
         await vm_recovery.recover(vms, vms.db)
+        await self.mounts.settle()
         await vms.snapshots.fail_unfinished()
         await vms.snapshots.housekeeping.start()
         await vms.planner.base.remove_unfinished_builds()
@@ -53,6 +66,8 @@ class VmServices:
         await vms.snapshots.housekeeping.stop()
         await vms.stop()
         await self.background.stop()
+        if vms.node.volumes is not None:
+            await vms.node.volumes.close()
 
 
 def build_vm_services(
@@ -76,10 +91,23 @@ def build_vm_services(
             return image, saved
 
         pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id)
-    # The node's own VMs (idle pool VMs among them) count against the host.
+    if node.volumes is not None:
+
+        async def helper_base() -> HelperBase:
+            image = images.get(DEFAULT_IMAGE_VARIANT)
+            if image is None:
+                raise VolumeError(f"file access to unmounted volumes needs the {DEFAULT_IMAGE_VARIANT} image built")
+            _, saved = await planner.ensure_base_snapshot(image, HELPER_SHAPE)
+            return HelperBase(image, saved)
+
+        node.volumes.use_helpers(HelperVms(settings, HelperLauncher(node), helper_base))
+    # The node's own VMs (idle pool VMs and volume helpers among them) count against the host.
     admission = Admission(settings, lambda: ResourceUsage(*node.transient_usage()))
     # The package-manager group is read now: a broken file stops the start.
     egress = EgressPolicies.load(settings.egress_package_managers_file)
-    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, pool, egress=egress)
+    mounts = VolumeMounts(db, node, background)
+    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, pool, mounts, egress=egress)
     importer = ImageImporter(settings, db, node, images if isinstance(images, ImageFiles) else None, background)
-    return VmServices(vms, importer, background)
+    volumes = VolumeService(settings, db, node)
+    files = VolumeFileService(db, node, settings.max_upload_bytes, settings.max_download_bytes)
+    return VmServices(vms, importer, background, volumes, files, mounts)

@@ -23,7 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utc_now() -> datetime:
@@ -121,7 +121,6 @@ class Vm(Base):
     network_error: Mapped[str | None] = mapped_column(Text)
     share: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     custom_domain: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    volumes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     vault_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     snapshot_on_terminate: Mapped[bool] = mapped_column(Boolean, default=False)
     snapshot_name: Mapped[str | None] = mapped_column(String(255))
@@ -138,6 +137,10 @@ class Vm(Base):
     disk_snapshot_id: Mapped[str | None] = mapped_column(String(64), index=True)
     # The snapshot taken when the VM was terminated (snapshot_on_terminate).
     terminate_snapshot_id: Mapped[str | None] = mapped_column(String(64))
+    # Its volume mounts (migration 0009), read with the VM: its record shows them.
+    mounts: Mapped[list[VolumeMount]] = relationship(
+        lazy="selectin", order_by="VolumeMount.id", viewonly=True
+    )
 
 
 class ExecutionTask(Base):
@@ -190,6 +193,61 @@ class Snapshot(Base):
     # The snapshot whose disk this one's disk is written on top of.
     parent_id: Mapped[str | None] = mapped_column(String(64), index=True)
     directory: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    # The volume drives the saved VM had (migration 0009): each drive's mount
+    # and where it sat, and the checkpoint of its volume that holds what it
+    # held at the save (``kiln.node.participant.SavedDrive``); a restore
+    # mounts those volumes again.
+    mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+
+class Volume(Base):
+    """A persistent volume: an ext4 filesystem of at most ``quota_bytes``
+    (``kiln.volumes`` keeps its files under the data dir, by this id)."""
+
+    __tablename__ = "volumes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    quota_bytes: Mapped[int] = mapped_column(BigInteger)
+    # As last counted (the guest's statfs, or the image's superblock).
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now, onupdate=utc_now)
+
+
+class VolumeCheckpoint(Base):
+    """A user's checkpoint of a volume (its content at one moment, copy-on-write)."""
+
+    __tablename__ = "volume_checkpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    # What its own layer takes on the host when it was made (the changes since the one before).
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class VolumeMount(Base):
+    """A volume mounted in a VM (at create, or hot), for as long as the VM
+    lives or until it is unmounted. ``status``: attaching, mounted, detaching,
+    or failed (a background attach that did not work; ``failure_reason``)."""
+
+    __tablename__ = "volume_mounts"
+    __table_args__ = (UniqueConstraint("vm_id", "mount_path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id", ondelete="CASCADE"), index=True)
+    mount_path: Mapped[str] = mapped_column(String(1024))
+    mode: Mapped[str] = mapped_column(String(2))  # rw or ro
+    checkpoint_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
 
 
