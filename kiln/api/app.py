@@ -21,7 +21,20 @@ from fastapi import FastAPI
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
-from kiln.api.routers import api_keys, auth, execution, files, health, pty, sessions, shares, snapshots, users, vms
+from kiln.api.routers import (
+    api_keys,
+    auth,
+    execution,
+    files,
+    health,
+    pty,
+    sessions,
+    shares,
+    snapshots,
+    users,
+    vaults,
+    vms,
+)
 from kiln.api.sharing import start_sharing
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
@@ -123,6 +136,8 @@ def create_app(
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
                 shares=sharing.shares,
+                vaults=vm_side.vaults,
+                vault_calls=vm_side.vault_calls,
             )
             try:
                 yield
@@ -151,6 +166,7 @@ def create_app(
         app.include_router(module.router)
     app.include_router(snapshots.router)
     app.include_router(shares.router)
+    app.include_router(vaults.router)
     return app
 
 

@@ -24,6 +24,8 @@ from kiln.services.shares.service import ShareService
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.users import UserService
+from kiln.services.vault_calls import VaultCallLog
+from kiln.services.vaults import VaultService
 from kiln.services.vms import VmService
 from kiln.store.models import User
 
@@ -48,6 +50,8 @@ class Services:
     snapshots: SnapshotService
     importer: ImageImporter
     shares: ShareService
+    vaults: VaultService
+    vault_calls: VaultCallLog
 
 
 def get_services(request: Request) -> Services:
@@ -115,6 +119,16 @@ def get_share_service(request: Request) -> ShareService:
 
 CurrentUser = Annotated[User, Depends(current_user)]
 Shares = Annotated[ShareService, Depends(get_share_service)]
+def get_vault_service(request: Request) -> VaultService:
+    return get_services(request).vaults
+
+
+def get_vault_calls(request: Request) -> VaultCallLog:
+    return get_services(request).vault_calls
+
+
+Vaults = Annotated[VaultService, Depends(get_vault_service)]
+VaultCalls = Annotated[VaultCallLog, Depends(get_vault_calls)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]
 Files = Annotated[FileService, Depends(get_file_service)]

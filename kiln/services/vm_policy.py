@@ -158,8 +158,6 @@ def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProb
         refuse("custom_domain", "a custom domain")
     if given.get("volumes"):
         refuse("volumes", "mounting volumes")
-    if given.get("vault_ids"):
-        refuse("vault_ids", "vault credential injection")
     policy = given.get("egress_policy") or {}
     for flag in PACKAGE_MANAGER_FLAGS:
         if policy.get(flag):

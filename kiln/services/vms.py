@@ -18,7 +18,7 @@ import logging
 import secrets
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +48,7 @@ from kiln.services.states import (
     VmStatus,
     can_transition,
 )
+from kiln.services.vault_bindings import VaultBindings
 from kiln.services.vm_policy import CreatePlan, check_create, check_update, egress_rules
 from kiln.store.db import Database
 from kiln.store.models import Vm
@@ -112,6 +113,7 @@ class VmService:
         planner: RestorePlanner,
         admission: Admission,
         disk: DiskBudget,
+        vault_bindings: VaultBindings,
         pool: WarmPool | None = None,
     ) -> None:
         self._settings = settings
@@ -123,6 +125,7 @@ class VmService:
         self.admission = admission
         self.disk = disk
         self.pool = pool
+        self.vault_bindings = vault_bindings
         self._boot_tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
         # Serialises teardown (terminate / fail) per VM; entries vanish when unused.
@@ -161,6 +164,7 @@ class VmService:
     async def create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
         plan = check_create(request, self._settings, self._images.variants())
         self._check_egress(plan.egress_policy)
+        vault_ids = await self.vault_bindings.checked_ids(owner_id, request.vault_ids)
         # snapshot_id: the snapshot's shape and image (404 / 422 when it cannot be).
         plan, source = await self.planner.plan_source(owner_id, request, plan)
         image = self._images.get(plan.image_variant)
@@ -186,6 +190,7 @@ class VmService:
             vm = await self._admit(
                 owner_id,
                 plan,
+                vault_ids,
                 vm_id=claimed.vm_id if claimed else None,
                 snapshot_id=restore.snapshot_id if restore else None,
                 disk_snapshot_id=restore.disk_snapshot_id if restore else None,
@@ -232,6 +237,8 @@ class VmService:
 
     async def update(self, owner_id: int, vm_id: str, request: VMUpdateRequest) -> Vm:
         changes = check_update(request, self._settings)
+        if "vault_ids" in changes:
+            changes["vault_ids"] = await self.vault_bindings.checked_ids(owner_id, changes["vault_ids"])
         async with self.db.transaction() as session:
             vm = await VmRepository(session).get(owner_id, vm_id)
             if vm is None:
@@ -248,6 +255,8 @@ class VmService:
                     setattr(vm, name, changes[name])
             if "vault_ids" in changes:
                 vm.vault_ids = changes["vault_ids"]
+        if "vault_ids" in changes and vm.status == S.RUNNING:
+            await self.vault_bindings.apply(vm)  # the next request already has (or lacks) them
         return vm
 
     async def terminate(self, owner_id: int, vm_id: str) -> Vm:
@@ -449,6 +458,7 @@ class VmService:
         self,
         owner_id: int,
         plan: CreatePlan,
+        vault_ids: Sequence[str],
         *,
         vm_id: str | None = None,
         snapshot_id: str | None = None,
@@ -477,7 +487,7 @@ class VmService:
                     env_status="pending" if plan.env else "none",
                     egress_policy=plan.egress_policy,
                     volumes=[],
-                    vault_ids=[],
+                    vault_ids=list(vault_ids),
                     snapshot_on_terminate=plan.snapshot_on_terminate,
                     snapshot_name=plan.snapshot_name,
                     snapshot_id=snapshot_id,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from kiln.config import Settings
 from kiln.node.host import build_node
@@ -19,10 +20,14 @@ from kiln.services.host_resources import StoreLedger
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
+from kiln.services.vault_bindings import VaultBindings, injections_of_vm
+from kiln.services.vault_calls import VaultCallLog
+from kiln.services.vaults import VaultService
 from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT
 from kiln.services.vms import ImageSource, VmService, new_vm_id
 from kiln.store.db import Database
 from kiln.store.repositories import ResourceUsage
+from kiln.vault.crypto import load_master_key
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,8 @@ class VmServices:
     vms: VmService
     importer: ImageImporter
     background: BackgroundTasks
+    vaults: VaultService
+    vault_calls: VaultCallLog
 
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
@@ -41,6 +48,7 @@ class VmServices:
         await vms.planner.base.remove_unfinished_builds()
         await self.importer.remove_unfinished()
         vms.start_loops()
+        self.vault_calls.start()
         if vms.pool is not None:
             await vms.pool.start()
 
@@ -50,6 +58,7 @@ class VmServices:
         if vms.pool is not None:
             await vms.pool.stop()
         await vms.snapshots.housekeeping.stop()
+        await self.vault_calls.stop()
         await vms.stop()
         await self.background.stop()
 
@@ -57,7 +66,7 @@ class VmServices:
 def build_vm_services(
     settings: Settings, db: Database, hypervisor: Hypervisor, images: ImageSource
 ) -> VmServices:
-    node = build_node(settings, hypervisor, StoreLedger(db))
+    node = build_node(settings, hypervisor, StoreLedger(db), injections_of=partial(injections_of_vm, db))
     background = BackgroundTasks()
     base = BaseSnapshots(settings, hypervisor, PipelineLauncher(node))
     planner = RestorePlanner(db, node, base, background, settings.max_base_shapes)
@@ -77,6 +86,9 @@ def build_vm_services(
         pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id)
     # The node's own VMs (idle pool VMs among them) count against the host.
     admission = Admission(settings, lambda: ResourceUsage(*node.transient_usage()))
-    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, pool)
+    bindings = VaultBindings(db, node)
+    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, bindings, pool)
     importer = ImageImporter(settings, db, node, images if isinstance(images, ImageFiles) else None, background)
-    return VmServices(vms, importer, background)
+    # The master key first made here, before the egress daemon (which opens what it seals) starts.
+    vaults = VaultService(db, load_master_key(settings.data_dir), bindings)
+    return VmServices(vms, importer, background, vaults, VaultCallLog(db, node))

@@ -228,7 +228,6 @@ async def test_all_problems_are_reported_at_once(world: World) -> None:
     [
         {"custom_domain": {"domain": "example.com"}},
         {"volumes": [{"volume_id": "v", "mount_path": "/data"}]},
-        {"vault_ids": ["vault-1"]},
         {"egress_policy": {"allow_package_managers": True}},
     ],
 )
