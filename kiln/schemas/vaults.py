@@ -12,8 +12,6 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
-from kiln.vault.auth import MAX_VALUE_LENGTH
-
 MAX_NAME = 255
 MAX_DESCRIPTION = 4096
 
@@ -30,13 +28,13 @@ class VaultUpdateRequest(BaseModel):
 
 class CredentialCreateRequest(BaseModel):
     name: str
-    value: str = Field(max_length=MAX_VALUE_LENGTH)
+    value: str  # checked by the service (a 422 that never quotes it)
     credential_type: str = Field(default="api_key", min_length=1, max_length=64)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
 
 
 class CredentialRotateRequest(BaseModel):
-    value: str = Field(max_length=MAX_VALUE_LENGTH)
+    value: str
 
 
 class ServiceCreateRequest(BaseModel):
