@@ -121,8 +121,6 @@ class NetParticipant:
             log.warning("VM %s gets no network: %s", vm.vm_id, self.status.reason)
             return
         policy = self._compile(vm.egress)  # PolicyError before anything is made
-        # A user's VM (a pool VM has no owner yet: its vaults come with the claim).
-        injections = await self.injections_of(vm.vm_id) if vm.owner_id is not None else ()
         plan = self.plan
         async with self._lease_lock:
             lease = plan.lease(await self._free_lease(ledger))
@@ -138,8 +136,8 @@ class NetParticipant:
         )
         await links.create(plan, lease, tap_uid=uid, tap_gid=gid, dns_port=self.settings.net_dns_port)
         await ledger.record(self._resource(NFT_CHAIN, vm, lease))
-        await asyncio.to_thread(nft.run, add_vm(lease, policy, self._rules, intercepts=bool(injections)))
-        network = VmNetwork(vm.vm_id, lease, policy, generation=1, injections=injections)
+        await asyncio.to_thread(nft.run, add_vm(lease, policy, self._rules))
+        network = VmNetwork(vm.vm_id, lease, policy, generation=1)
         await ledger.record(self._resource(EGRESS_POLICY, vm, lease))
         await self.feed.publish(self._egress(network))
         self._networks[vm.vm_id] = network
@@ -157,18 +155,15 @@ class NetParticipant:
         # The guest's interface, route and resolver (after a restore too: the
         # guest wakes up with its source's configuration).
         await machine.agent.call("net_config", timeout=NET_CONFIG_TIMEOUT_SECONDS, **self.plan.guest_net_config())
-        if network.injections:
-            await self.trust_egress_ca(machine)
+        if vm.owner_id is not None:  # a pool VM has no vaults until it is claimed
+            await self.refresh_injections(vm.vm_id, machine, trust=True)
 
     async def claimed(self, vm: VmContext, machine: Machine) -> None:
         if self.network_of(vm.vm_id) is None:
             return
         # A pool VM was wired with nothing allowed; now it is the user's, with its vaults.
-        injections = await self.injections_of(vm.vm_id)
-        if injections:
-            await self.trust_egress_ca(machine)
-            self._networks[vm.vm_id] = replace(self._networks[vm.vm_id], injections=injections)
         await self.apply_policy(vm.vm_id, vm.egress or EgressRules())
+        await self.refresh_injections(vm.vm_id, machine, trust=True)
 
     async def trust_egress_ca(self, machine: Machine) -> None:
         """Make every common client in the guest trust the egress CA (system
@@ -264,21 +259,25 @@ class NetParticipant:
                 log.warning("VM %s: cannot close flows the new policy forbids: %s", vm_id, error)
             return policy
 
-    async def set_injections(self, vm_id: str, injections: tuple[Injection, ...], machine: Machine | None) -> None:
-        """Make ``injections`` what the running VM's vaults add to its requests
-        (a rotation, a binding or unbinding, a deleted service): the next request
-        uses them. The guest trusts the egress CA before the first one is
-        published. NetError if the host refused the change (the old one stays)."""
+    async def refresh_injections(self, vm_id: str, machine: Machine | None, *, trust: bool = False) -> None:
+        """Make what the VM's vaults inject now (read from ``injections_of``)
+        what its requests get: after a rotation, a binding or unbinding, a
+        deleted service, the next request uses it. Read under the VM's lock, so
+        of two refreshes the later one never applies older data. The guest is
+        made to trust the egress CA before its first injection is published
+        (and with ``trust``, at every ready or claim: a restored guest has its
+        source's trust). NetError if the host refused it (the old one stays)."""
         lock = self._vm_locks.setdefault(vm_id, asyncio.Lock())
         async with lock:
             network = self.network_of(vm_id)
             if network is None:
                 raise NetError(f"VM {vm_id} has no network")
-            if injections == network.injections:
-                return
-            if injections and machine is not None:
+            injections = await self.injections_of(vm_id)
+            if injections and machine is not None and (trust or not network.injections):
                 await self.trust_egress_ca(machine)
-            await self._change(network, replace(network, injections=injections, generation=network.generation + 1))
+            if injections != network.injections:
+                updated = replace(network, injections=injections, generation=network.generation + 1)
+                await self._change(network, updated)
 
     async def _change(self, network: VmNetwork, updated: VmNetwork) -> None:
         """One nft transaction, then the feed (undone in the kernel if the feed cannot be written)."""

@@ -16,7 +16,6 @@ from kiln.node.participant import EgressRules
 from kiln.proxy.supervisor import EgressDaemonError, EgressSupervisor
 from kiln.runtime.driver import Machine
 from kiln.runtime.errors import AgentError
-from kiln.vault.binding import Injection
 from kiln.vault.ca import CaError
 from kiln.vault.journal import Call, CallJournal
 
@@ -77,11 +76,11 @@ class Networking:
     def outside_address_of(self, vm_id: str) -> str | None:
         return self.participant.outside_address_of(vm_id)
 
-    async def set_injections(self, vm_id: str, injections: tuple[Injection, ...], machine: Machine | None) -> None:
-        """What the running VM's vaults inject from its next request on (the
-        guest is made to trust the egress CA first); EgressUnavailable if not applied."""
+    async def refresh_vaults(self, vm_id: str, machine: Machine | None) -> None:
+        """The VM's vaults, as the store has them now, inject from its next request
+        on (the guest is made to trust the egress CA first); EgressUnavailable if not applied."""
         try:
-            await self.participant.set_injections(vm_id, injections, machine)
+            await self.participant.refresh_injections(vm_id, machine)
         except (NetError, CaError, AgentError) as error:
             raise EgressUnavailable(f"the vaults of VM {vm_id} could not be applied: {error}") from error
 

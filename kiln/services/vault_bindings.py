@@ -2,11 +2,12 @@
 
 ``vault_ids`` of a create or PATCH must name vaults of the VM's owner (any
 other id, another user's included, is a 422 naming it). What a VM's vaults
-inject (``injections_of_vm``) is read from the store whenever the node brings
-the VM up or claims it for a user, and pushed to the node for running VMs
-whenever it changes: a PATCH of ``vault_ids``, a credential added, rotated or
-deleted, a service added or deleted, a vault deleted. Each takes effect on the
-VM's next request, without a restart.
+inject (``injections_of_vm``) is read from the store by the node when the
+VM's guest is ready or it is claimed for a user, and again whenever it
+changes (the node is told to: ``VaultBindings.apply``): a PATCH of
+``vault_ids``, a credential added, rotated or deleted, a service added or
+deleted, a vault deleted. Each takes effect on the VM's next request, without
+a restart.
 """
 
 from __future__ import annotations
@@ -92,15 +93,18 @@ class VaultBindings:
         return wanted
 
     async def apply(self, vm: Vm) -> None:
-        """Push what ``vm``'s vaults inject now to its network (GuestUnavailable if it could not)."""
+        """Have ``vm``'s network inject what its vaults hold now (the node reads
+        them through ``injections_of_vm``); GuestUnavailable if it could not."""
         networking = self.node.networking
         if networking is None or not self.node.wires_networks:
             return  # no VM here has a network: nothing can be intercepted
         try:
-            await networking.set_injections(
-                vm.id, await injections_of_vm(self.db, vm.id), self.node.machine(vm.id)
-            )
+            await networking.refresh_vaults(vm.id, self.node.machine(vm.id))
         except EgressUnavailable as error:
+            if vm.status != VmStatus.RUNNING:
+                # Coming up: it reads its vaults once its guest is ready.
+                log.debug("vm %s is %s; its vaults apply when it is ready: %s", vm.id, vm.status, error)
+                return
             raise GuestUnavailable(str(error)) from error
 
     async def refresh_vault(self, owner_id: int, vault_id: str) -> None:

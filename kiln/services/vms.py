@@ -255,7 +255,7 @@ class VmService:
                     setattr(vm, name, changes[name])
             if "vault_ids" in changes:
                 vm.vault_ids = changes["vault_ids"]
-        if "vault_ids" in changes and vm.status == S.RUNNING:
+        if "vault_ids" in changes and vm.status in (S.CREATING, S.RUNNING):
             await self.vault_bindings.apply(vm)  # the next request already has (or lacks) them
         return vm
 

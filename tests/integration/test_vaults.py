@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from instavm import InstaVM
-from live_api import SMALL, Api, live_server
+from live_api import SMALL, Api, live_server, wait_until
 from outside_world import OutsideWorld
 from unit.harness import add_user
 
@@ -79,6 +79,10 @@ def bench(world: OutsideWorld) -> Iterator[Bench]:
         "KILN_NET_BLOCKED_CIDRS": json.dumps(blocked),  # the world stands for the public internet
         "KILN_EGRESS_CA_BUNDLE": str(world.ca_bundle),
         "KILN_LOG_LEVEL": "debug",
+        # One warm VM of the default image in the small shape: a create may be a pool claim.
+        "KILN_POOL_SIZE": "1",
+        "KILN_DEFAULT_MEMORY_MB": str(SMALL["memory_mb"]),
+        "KILN_DEFAULT_VCPU_COUNT": str(SMALL["vcpu_count"]),
     }
     with live_server("kiln-vault-", env=env) as api:
         sdk = InstaVM(api_key=api.server.admin_key, base_url=api.server.url, auto_start_session=False)
@@ -130,6 +134,19 @@ def test_a_bound_vm_calls_services_with_a_credential_it_never_holds(bench: Bench
     plain = bench.sh(session, CURL + "http://api.echo.test/plain")
     assert plain["exit_code"] == 0 and value not in plain["stdout"], plain
     assert bench.echoed("echo-http")[-1].header("Authorization") == [f"Bearer {value}"]
+
+
+def test_a_vm_claimed_from_the_warm_pool_trusts_the_ca_and_injects(bench: Bench) -> None:
+    log = bench.api.server.log_path
+    assert wait_until(lambda: "pool VM " in log.read_text(errors="replace"), 120), "the pool never filled"
+    vm = bench.sdk.vms.create(wait=True, vault_ids=[bench.state["vault"]])  # the default image and shape: the pool's
+    assert f"vm {vm['vm_id']} claimed from the pool" in log.read_text(errors="replace")
+    bench.state["pooled"] = vm["vm_id"]
+    result = bench.sh(vm["session_id"], CURL + "https://api.echo.test/pooled")
+    assert result["exit_code"] == 0 and bench.values[0] not in result["stdout"], result
+    arrived = bench.echoed("echo-https")[-1]
+    assert arrived.path == "/pooled" and arrived.header("Authorization") == [f"Bearer {bench.values[0]}"]
+    bench.sdk.vms.delete(vm["vm_id"])
 
 
 def test_the_guest_holds_the_value_nowhere(bench: Bench) -> None:
@@ -184,7 +201,9 @@ def test_the_request_log_lists_the_calls(bench: Bench) -> None:
     assert ("GET", "other.echo.test", "/wild", 200, "ECHO_KEY") in calls
     untrusted = next(log for log in logs if log["host"] == "untrusted.test")
     assert untrusted["status"] is None and "not trusted" in untrusted["error"]
-    assert all(log["vm_id"] == bench.state["vm"] for log in logs)
+    pooled = next(log for log in logs if log["path"] == "/pooled")
+    assert pooled["vm_id"] == bench.state["pooled"]
+    assert {log["vm_id"] for log in logs} == {bench.state["vm"], bench.state["pooled"]}
     assert not any(value in json.dumps(logs) for value in bench.values)
 
 
