@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 from kiln.config import Settings
+from kiln.crypto.master_key import derive_key, load_master_key
 from kiln.net.addresses import AddressPlan
 from kiln.net.answers import AnswerBook
 from kiln.net.dns import GuestDns, Upstream, upstream_resolver
@@ -28,8 +29,8 @@ from kiln.net.registry import VmRegistry
 from kiln.proxy.intercept import Interceptor
 from kiln.proxy.transparent import TransparentProxy
 from kiln.proxy.upstream import upstream_context
+from kiln.vault.binding import VAULT_PURPOSE
 from kiln.vault.ca import EgressCa, ca_directory
-from kiln.vault.crypto import load_master_key
 from kiln.vault.journal import CallJournal
 
 log = logging.getLogger("kiln.proxy")
@@ -74,7 +75,8 @@ class EgressDaemon:
         interceptor = Interceptor(
             self.registry,
             EgressCa.load_or_create(ca_directory(settings.net_state_dir)),
-            load_master_key(settings.data_dir),
+            # Read, never made here: the server makes it before it starts the daemon.
+            derive_key(load_master_key(settings.data_dir, settings.master_key, create=False), VAULT_PURPOSE),
             self.journal,
             upstream_tls=upstream_context(settings.egress_ca_bundle),
             mark=settings.net_egress_mark,

@@ -6,7 +6,7 @@ VM's vaults cover the name. For HTTPS the interceptor terminates TLS with a
 leaf certificate for the name signed by the egress CA (``kiln.vault.ca``);
 then ``kiln.proxy.relay`` carries the requests, each with the credential of
 the VM's service for that name at that moment, opened from its sealed form
-with the master key only for that request. The service is reached at the
+(``kiln.crypto.sealing``, the master key's vault purpose key) only for that request. The service is reached at the
 address the guest DNS gave, over TLS verified against the host's trust store
 or ``KILN_EGRESS_CA_BUNDLE`` for HTTPS. Each call is logged (never a value)
 and appended to the call journal for ``request-logs``.
@@ -18,13 +18,13 @@ import asyncio
 import logging
 import ssl
 
+from kiln.crypto.sealing import SealError, unseal
 from kiln.net.registry import KnownVm, VmRegistry
 from kiln.proxy.relay import Credential, Relay
 from kiln.proxy.streams import ByteStream, PlainStream, TlsServerStream, reset
 from kiln.proxy.upstream import connect_service
 from kiln.vault.binding import Injection, credential_context
 from kiln.vault.ca import EgressCa
-from kiln.vault.crypto import MasterKey, SealedValueError
 from kiln.vault.journal import Call, CallJournal, request_path
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Interceptor:
         self,
         registry: VmRegistry,
         ca: EgressCa,
-        master_key: MasterKey,
+        key: bytes,
         journal: CallJournal,
         *,
         upstream_tls: ssl.SSLContext,
@@ -45,7 +45,7 @@ class Interceptor:
     ) -> None:
         self.registry = registry
         self.ca = ca
-        self.master_key = master_key
+        self._key = key  # the master key's VAULT_PURPOSE key
         self.journal = journal
         self.upstream_tls = upstream_tls
         self.mark = mark
@@ -93,8 +93,8 @@ class Interceptor:
         if injection is None:
             return None
         try:
-            value = self.master_key.open(injection.sealed_value, credential_context(injection.credential_id))
-        except SealedValueError as error:
+            value = unseal(self._key, injection.sealed_value, credential_context(injection.credential_id))
+        except SealError as error:
             log.error("VM %s: credential %s of vault %s cannot be opened: %s",
                       vm_id, injection.credential_name, injection.vault_id, error)  # fmt: skip
             return None

@@ -2,7 +2,8 @@
 
 Another user's vault (or a credential or service of it) is a 404, never a
 403. A credential's value is sealed under the master key the moment it
-arrives (``kiln.vault.crypto``, bound to the credential's id) and never
+arrives (``kiln.crypto.sealing`` with the master key's ``vault-credentials``
+purpose key, bound to the credential's id) and never
 returned, logged or put into an error; only the egress daemon opens it, for the
 request it goes into. Names of credentials are unique in their vault (an
 ``auth_config`` names one), hosts of services too. A service whose
@@ -26,6 +27,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from kiln.crypto.sealing import seal
 from kiln.services.errors import Conflict, InvalidRequest, NotFound
 from kiln.services.vault_bindings import VaultBindings
 from kiln.store.db import Database
@@ -34,7 +36,6 @@ from kiln.store.vault_repositories import VaultCredentialRepository, VaultReposi
 from kiln.vault import catalog
 from kiln.vault.auth import MAX_VALUE_LENGTH, AuthConfigError, is_header_text, parse_auth_config
 from kiln.vault.binding import credential_context
-from kiln.vault.crypto import MasterKey
 from kiln.vault.hosts import HostError, parse_service_host
 
 CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -62,9 +63,9 @@ def check_value(value: str, loc: tuple[str, ...] = ("value",)) -> bytes:
 
 
 class VaultService:
-    def __init__(self, db: Database, master_key: MasterKey, bindings: VaultBindings) -> None:
+    def __init__(self, db: Database, key: bytes, bindings: VaultBindings) -> None:
         self.db = db
-        self.master_key = master_key
+        self._key = key  # the master key's VAULT_PURPOSE key: seals, never opens here
         self.bindings = bindings
 
     # ---- vaults
@@ -135,7 +136,7 @@ class VaultService:
         credential_id = _new_id("cred")
         credential = VaultCredential(
             id=credential_id, owner_id=owner_id, vault_id=vault_id, name=name, credential_type=credential_type,
-            description=description, sealed_value=self.master_key.seal(plaintext, credential_context(credential_id)),
+            description=description, sealed_value=seal(self._key, plaintext, credential_context(credential_id)),
             created_at=_now(),
         )  # fmt: skip
         async with self._unique(f"vault {vault_id} already has a credential named {name!r}") as session:
@@ -156,7 +157,7 @@ class VaultService:
         plaintext = check_value(value)
         async with self.db.transaction() as session:
             credential = await self._credential(session, owner_id, vault_id, credential_id)
-            credential.sealed_value = self.master_key.seal(plaintext, credential_context(credential.id))
+            credential.sealed_value = seal(self._key, plaintext, credential_context(credential.id))
             credential.rotated_at = _now()
         await self.bindings.refresh_vault(owner_id, vault_id)
         return credential

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from kiln.config import Settings
+from kiln.crypto.master_key import derive_key, load_master_key
 from kiln.node.host import build_node
 from kiln.node.launcher import PipelineLauncher
 from kiln.node.pool import WarmPool
@@ -27,7 +28,7 @@ from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT
 from kiln.services.vms import ImageSource, VmService, new_vm_id
 from kiln.store.db import Database
 from kiln.store.repositories import ResourceUsage
-from kiln.vault.crypto import load_master_key
+from kiln.vault.binding import VAULT_PURPOSE
 
 
 @dataclass(frozen=True)
@@ -90,5 +91,6 @@ def build_vm_services(
     vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, bindings, pool)
     importer = ImageImporter(settings, db, node, images if isinstance(images, ImageFiles) else None, background)
     # The master key first made here, before the egress daemon (which opens what it seals) starts.
-    vaults = VaultService(db, load_master_key(settings.data_dir), bindings)
+    vault_key = derive_key(load_master_key(settings.data_dir, settings.master_key), VAULT_PURPOSE)
+    vaults = VaultService(db, vault_key, bindings)
     return VmServices(vms, importer, background, vaults, VaultCallLog(db, node))

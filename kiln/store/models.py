@@ -241,7 +241,7 @@ class Vault(Base):
 
 
 class VaultCredential(Base):
-    """A secret of a vault, sealed under the master key (``kiln.vault.crypto``);
+    """A secret of a vault, sealed under the master key's vault purpose key (``kiln.crypto``);
     its plaintext is never stored and never returned."""
 
     __tablename__ = "vault_credentials"

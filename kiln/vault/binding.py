@@ -3,8 +3,8 @@
 The service layer makes these from the store (a VM's vaults, their enabled
 services whose credential exists) and hands them to the node, which passes
 them to the egress daemon in the VM's feed file. The value travels sealed
-(``kiln.vault.crypto``, context ``credential_context``): only the daemon opens
-it, for the request it goes into.
+(``kiln.crypto.sealing`` with the master key's ``VAULT_PURPOSE`` key, bound to
+``credential_context``): only the daemon opens it, for the request it goes into.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.vault.hosts import best_match
+
+# The master key's purpose key credentials are sealed with (kiln.crypto.master_key.derive_key).
+VAULT_PURPOSE = "vault-credentials"
 
 
 def credential_context(credential_id: str) -> str:

@@ -1,9 +1,8 @@
-"""kiln.vault: sealing under the master key, service hosts, auth shapes, the catalog,
-the egress CA (a real TLS handshake in memory) and the call journal."""
+"""kiln.vault: service hosts, auth shapes, the catalog, the egress CA (a real TLS
+handshake in memory) and the call journal; a credential sealed for its row."""
 
 from __future__ import annotations
 
-import base64
 import json
 import ssl
 import stat
@@ -11,63 +10,22 @@ from pathlib import Path
 
 import pytest
 
+from kiln.crypto.sealing import SealError, seal, unseal
 from kiln.vault import catalog
 from kiln.vault.auth import AuthConfigError, parse_auth_config
-from kiln.vault.binding import Injection, injection_for
+from kiln.vault.binding import Injection, credential_context, injection_for
 from kiln.vault.ca import CERT_FILE, KEY_FILE, EgressCa, ca_directory, read_certificate
-from kiln.vault.crypto import KEY_FILE as MASTER_KEY_FILE
-from kiln.vault.crypto import MasterKey, MasterKeyError, SealedValueError, load_master_key
 from kiln.vault.hosts import HostError, best_match, host_matches, parse_service_host
 from kiln.vault.journal import Call, CallJournal, request_path
 
 KEY = bytes(range(32))
 
 
-# ---- sealing
-
-
-def test_a_sealed_value_opens_only_with_its_key_and_context() -> None:
-    key = MasterKey(KEY)
-    token = key.seal(b"sk-live-123", "vault-credential:cred_1")
-    assert b"sk-live-123" not in token.encode() and "c2stbGl2ZS0xMjM" not in token
-    assert key.open(token, "vault-credential:cred_1") == b"sk-live-123"
-    assert key.seal(b"sk-live-123", "vault-credential:cred_1") != token  # a fresh nonce each time
-    with pytest.raises(SealedValueError, match="another use"):
-        key.open(token, "vault-credential:cred_2")
-    with pytest.raises(SealedValueError, match="another master key"):
-        MasterKey(bytes(32)).open(token, "vault-credential:cred_1")
-    version, key_id, body = token.split(".")
-    flipped = body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1]
-    with pytest.raises(SealedValueError):
-        key.open(f"{version}.{key_id}.{flipped}", "vault-credential:cred_1")
-    with pytest.raises(SealedValueError, match="not a sealed value"):
-        key.open("plain", "vault-credential:cred_1")
-    assert KEY.hex() not in repr(key) and str(list(KEY)) not in repr(key)
-
-
-def test_the_master_key_from_the_environment_as_base64_or_hex(tmp_path: Path) -> None:
-    from_base64 = load_master_key(tmp_path, {"KILN_MASTER_KEY": base64.b64encode(KEY).decode()})
-    from_hex = load_master_key(tmp_path, {"KILN_MASTER_KEY": KEY.hex()})
-    urlsafe = load_master_key(tmp_path, {"KILN_MASTER_KEY": base64.urlsafe_b64encode(KEY).decode().rstrip("=")})
-    assert from_base64.key_id == from_hex.key_id == urlsafe.key_id == MasterKey(KEY).key_id
-    assert not (tmp_path / MASTER_KEY_FILE).exists()  # a configured key makes no file
-
-
-def test_a_malformed_master_key_is_refused_without_quoting_it(tmp_path: Path) -> None:
-    with pytest.raises(MasterKeyError) as error:
-        load_master_key(tmp_path, {"KILN_MASTER_KEY": "not-a-key-hunter2"})
-    assert "hunter2" not in str(error.value) and "openssl rand -base64 32" in str(error.value)
-
-
-def test_the_key_file_is_made_once_0600_and_then_reused(tmp_path: Path) -> None:
-    first = load_master_key(tmp_path, {})
-    path = tmp_path / MASTER_KEY_FILE
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert load_master_key(tmp_path, {}).key_id == first.key_id
-    assert [p.name for p in tmp_path.iterdir()] == [MASTER_KEY_FILE]  # no temporary left
-    path.chmod(0o644)
-    with pytest.raises(MasterKeyError, match="readable by others"):
-        load_master_key(tmp_path, {})
+def test_a_credential_opens_only_for_its_own_row() -> None:
+    sealed = seal(KEY, b"sk-live-123", credential_context("cred_1"))
+    assert unseal(KEY, sealed, credential_context("cred_1")) == b"sk-live-123"
+    with pytest.raises(SealError):
+        unseal(KEY, sealed, credential_context("cred_2"))
 
 
 # ---- hosts
