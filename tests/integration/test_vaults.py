@@ -70,8 +70,9 @@ class Bench:
 @pytest.fixture(scope="module")
 def bench(world: OutsideWorld) -> Iterator[Bench]:
     settings = Settings()
-    image = ImageStore(settings).build(VARIANT)
-    asyncio.run(BaseSnapshots(settings, QemuHypervisor(settings)).ensure(image, Shape(**SMALL)))
+    store, base = ImageStore(settings), BaseSnapshots(settings, QemuHypervisor(settings))
+    for variant in (VARIANT, "default"):  # the default image's for the warm pool
+        asyncio.run(base.ensure(store.build(variant), Shape(**SMALL)))
     blocked = [cidr for cidr in settings.net_blocked_cidrs if cidr != "203.0.113.0/24"]
     env = {
         "KILN_UPLINK": world.uplink,
