@@ -210,8 +210,12 @@ async def _next(connection: h11.Connection, stream: ByteStream, seconds: float) 
 
 
 async def _pump(source: ByteStream, sink: ByteStream) -> None:
-    while data := await source.receive():
-        await sink.send(data)
+    """One way of a switched connection; its end ends the other way too."""
+    try:
+        while data := await source.receive():
+            await sink.send(data)
+    finally:
+        await sink.aclose()
 
 
 def _host_of(value: bytes) -> str | None:

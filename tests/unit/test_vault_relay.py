@@ -48,6 +48,7 @@ class End:
         if not self.closed and self.peer is not None:
             self.closed = True
             self.peer.inbox.put_nowait(b"")
+            self.inbox.put_nowait(b"")  # as a closed socket: our own reads end too
 
 
 def pipe() -> tuple[End, End]:
@@ -223,3 +224,41 @@ def test_the_scrubber_catches_the_secret_across_every_cut() -> None:
             ) + scrubber.flush()
             assert len(out) == len(text) and SECRET not in out
             assert out == text.replace(SECRET, b"*" * len(SECRET))
+
+
+async def test_a_switch_of_protocols_is_spliced_after_its_101() -> None:
+    async def upgrade_service() -> End:
+        ours, theirs = pipe()
+
+        async def serve() -> None:
+            connection = h11.Connection(h11.SERVER)
+            while not isinstance(event := connection.next_event(), h11.Request):
+                connection.receive_data(await ours.receive())
+            assert dict(event.headers)[b"authorization"] == b"Bearer " + SECRET
+            upgraded = [("upgrade", "echo"), ("connection", "upgrade")]
+            switch = h11.InformationalResponse(status_code=101, headers=upgraded)
+            await ours.send(connection.send(switch))
+            while data := await ours.receive():
+                await ours.send(data[::-1])
+
+        asyncio.get_running_loop().create_task(serve())
+        return theirs
+
+    guest_end, relay_end = pipe()
+    recorded: Recorded = []
+    relay = Relay(
+        relay_end, NAME, connect=upgrade_service, current=lambda: Credential(INJECTION, SECRET),
+        record=lambda injection, method, target, status, error: recorded.append((method, target, status, error)),
+    )  # fmt: skip
+    running = asyncio.create_task(relay.run())
+    head = f"GET /ws HTTP/1.1\r\nHost: {NAME}\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n".encode()
+    await guest_end.send(head)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += await guest_end.receive()
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    await guest_end.send(b"ping")
+    assert await guest_end.receive() == b"gnip"
+    await guest_end.aclose()
+    await asyncio.wait_for(running, 5)
+    assert recorded == [("GET", "/ws", 101, None)]
