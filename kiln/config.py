@@ -16,7 +16,6 @@ def _host_memory_mb() -> int:
 
 
 class Settings(BaseSettings):
-    # CONTRACT.md also names KILN_EGRESS_CA_BUNDLE: it arrives with the feature that reads it.
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
 
     data_dir: Path = Path("./var")
@@ -140,6 +139,9 @@ class Settings(BaseSettings):
     # Firewall mark of the egress proxy's upstream connections (they may only
     # leave through the uplink).
     net_egress_mark: int = 0x4B494C4E
+    # The CA bundle the egress proxy verifies vault services' certificates
+    # against; None: the host's trust store.
+    egress_ca_bundle: Path | None = None
     # Never reachable from a VM unless one of its allowed CIDRs lies inside
     # them; DNS answers in them are dropped (no rebinding onto internal hosts).
     net_blocked_cidrs: list[str] = [

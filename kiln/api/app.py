@@ -36,6 +36,7 @@ from kiln.api.routers import (
     snapshots,
     ssh_keys,
     users,
+    vaults,
     vms,
     volumes,
 )
@@ -155,6 +156,8 @@ def create_app(
                 volumes=vm_side.volumes,
                 volume_files=vm_side.volume_files,
                 mounts=vm_side.mounts,
+                vaults=vm_side.vaults,
+                vault_calls=vm_side.vault_calls,
             )
             try:
                 yield
@@ -190,6 +193,7 @@ def create_app(
     app.include_router(domains_router)
     app.include_router(ssh_keys.router)
     app.include_router(egress.router)
+    app.include_router(vaults.router)
     return app
 
 

@@ -27,6 +27,8 @@ from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.users import UserService
+from kiln.services.vault_calls import VaultCallLog
+from kiln.services.vaults import VaultService
 from kiln.services.vms import VmService
 from kiln.services.volumes.files import VolumeFileService
 from kiln.services.volumes.mounts import VolumeMounts
@@ -60,6 +62,8 @@ class Services:
     volumes: VolumeService
     volume_files: VolumeFileService
     mounts: VolumeMounts
+    vaults: VaultService
+    vault_calls: VaultCallLog
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 
@@ -171,6 +175,16 @@ Domains = Annotated[DomainService, Depends(get_domain_service)]
 SshKeys = Annotated[SshKeyService, Depends(get_ssh_key_service)]
 SshEndpoint = Annotated[tuple[str, int] | None, Depends(ssh_endpoint)]
 Shares = Annotated[ShareService, Depends(get_share_service)]
+def get_vault_service(request: Request) -> VaultService:
+    return get_services(request).vaults
+
+
+def get_vault_calls(request: Request) -> VaultCallLog:
+    return get_services(request).vault_calls
+
+
+Vaults = Annotated[VaultService, Depends(get_vault_service)]
+VaultCalls = Annotated[VaultCallLog, Depends(get_vault_calls)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]
 Files = Annotated[FileService, Depends(get_file_service)]

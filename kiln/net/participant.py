@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from kiln.config import Settings
@@ -30,6 +31,8 @@ from kiln.net.policy import CompiledPolicy, compile_policy
 from kiln.net.ruleset import FAMILY, add_vm, remove_vm, update_vm
 from kiln.node.participant import EgressRules, HostResource, Launch, Ledger, VmContext
 from kiln.runtime.driver import Machine, Nic
+from kiln.vault.binding import Injection
+from kiln.vault.ca import GUEST_TRUST_NAME, read_certificate
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,14 @@ EGRESS_POLICY = "egress-policy"
 # Released in this order (the reverse of creation).
 RELEASE_ORDER = (EGRESS_POLICY, NFT_CHAIN, VETH, NETNS, LEASE)
 NET_CONFIG_TIMEOUT_SECONDS = 15.0
+TRUST_CA_TIMEOUT_SECONDS = 15.0
+
+# The credentials a VM's vaults inject (the service layer reads them from the store).
+InjectionSource = Callable[[str], Awaitable[tuple[Injection, ...]]]
+
+
+async def no_injections(vm_id: str) -> tuple[Injection, ...]:
+    return ()
 
 
 class NetError(RuntimeError):
@@ -53,6 +64,7 @@ class VmNetwork:
     lease: Lease
     policy: CompiledPolicy
     generation: int
+    injections: tuple[Injection, ...] = ()
 
 
 class NetParticipant:
@@ -65,8 +77,10 @@ class NetParticipant:
         settings: Settings,
         *,
         feed: PolicyFeed | None = None,
+        injections_of: InjectionSource = no_injections,
     ) -> None:
         self.settings = settings
+        self.injections_of = injections_of
         self.status, plan = host_setup.probe(settings)
         self._plan = plan
         self.feed: PolicyFeed = feed or PolicyDirectory(settings.net_state_dir)
@@ -134,19 +148,29 @@ class NetParticipant:
         log.info("VM %s: network %s (outside %s)", vm.vm_id, lease.netns, lease.outside_address)
 
     async def ready(self, vm: VmContext, machine: Machine, *, restored: bool) -> None:
-        if self.network_of(vm.vm_id) is None:
+        network = self.network_of(vm.vm_id)
+        if network is None:
             return
         # Restored guests too: a snapshot of an unwired VM has no address, and one
         # of a wired VM gets the same address again (the call is idempotent).
         # The guest's interface, route and resolver (after a restore too: the
         # guest wakes up with its source's configuration).
         await machine.agent.call("net_config", timeout=NET_CONFIG_TIMEOUT_SECONDS, **self.plan.guest_net_config())
+        if vm.owner_id is not None:  # a pool VM has no vaults until it is claimed
+            await self.refresh_injections(vm.vm_id, machine, trust=True)
 
     async def claimed(self, vm: VmContext, machine: Machine) -> None:
         if self.network_of(vm.vm_id) is None:
             return
-        # A pool VM was wired with nothing allowed; now it is the user's.
+        # A pool VM was wired with nothing allowed; now it is the user's, with its vaults.
         await self.apply_policy(vm.vm_id, vm.egress or EgressRules())
+        await self.refresh_injections(vm.vm_id, machine, trust=True)
+
+    async def trust_egress_ca(self, machine: Machine) -> None:
+        """Make every common client in the guest trust the egress CA (system
+        bundle and the variables Python, Node, curl and pip read; idempotent)."""
+        pem = await asyncio.to_thread(read_certificate, self.settings.net_state_dir)
+        await machine.agent.call("trust_ca", timeout=TRUST_CA_TIMEOUT_SECONDS, pem=pem, name=GUEST_TRUST_NAME)
 
     async def release(self, vm_id: str, resources: list[HostResource], ledger: Ledger) -> None:
         ours = sorted((r for r in resources if r.kind in self.kinds), key=lambda r: RELEASE_ORDER.index(r.kind))
@@ -218,7 +242,11 @@ class NetParticipant:
             egress = self.feed.published().get(vm_id)
             if egress is not None:
                 network = VmNetwork(
-                    vm_id, self._plan.lease(egress.lease), self._compile(egress.rules), egress.generation
+                    vm_id,
+                    self._plan.lease(egress.lease),
+                    self._compile(egress.rules),
+                    egress.generation,
+                    egress.injections,
                 )
                 self._networks[vm_id] = network
         return network
@@ -243,23 +271,50 @@ class NetParticipant:
             if network is None:
                 raise NetError(f"VM {vm_id} has no network")
             policy = self._compile(rules)
-            try:
-                await asyncio.to_thread(nft.run, update_vm(network.lease, policy, self._rules))
-            except nft.NftError as error:
-                raise NetError(f"the new egress policy of VM {vm_id} was refused: {error}") from error
-            updated = replace(network, policy=policy, generation=network.generation + 1)
-            try:
-                await self.feed.publish(self._egress(updated))
-            except OSError as error:
-                await asyncio.to_thread(nft.run, update_vm(network.lease, network.policy, self._rules))
-                raise NetError(f"cannot store the new egress policy of VM {vm_id}: {error}") from error
-            self._networks[vm_id] = updated
+            await self._change(network, replace(network, policy=policy, generation=network.generation + 1))
             try:
                 await conntrack.close_forbidden(network.lease.outside_address, policy.allows_address)
             except (conntrack.ConntrackError, OSError) as error:
                 # The rules already refuse those flows at their next packet.
                 log.warning("VM %s: cannot close flows the new policy forbids: %s", vm_id, error)
             return policy
+
+    async def refresh_injections(self, vm_id: str, machine: Machine | None, *, trust: bool = False) -> None:
+        """Make what the VM's vaults inject now (read from ``injections_of``)
+        what its requests get: after a rotation, a binding or unbinding, a
+        deleted service, the next request uses it. Read under the VM's lock, so
+        of two refreshes the later one never applies older data. The guest is
+        made to trust the egress CA before its first injection is published
+        (and with ``trust``, at every ready or claim: a restored guest has its
+        source's trust). NetError if the host refused it (the old one stays)."""
+        lock = self._vm_locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            network = self.network_of(vm_id)
+            if network is None:
+                raise NetError(f"VM {vm_id} has no network")
+            injections = await self.injections_of(vm_id)
+            if injections and machine is not None and (trust or not network.injections):
+                await self.trust_egress_ca(machine)
+            if injections != network.injections:
+                updated = replace(network, injections=injections, generation=network.generation + 1)
+                await self._change(network, updated)
+
+    async def _change(self, network: VmNetwork, updated: VmNetwork) -> None:
+        """One nft transaction, then the feed (undone in the kernel if the feed cannot be written)."""
+        vm_id = network.vm_id
+        try:
+            await asyncio.to_thread(nft.run, self._update(updated))
+        except nft.NftError as error:
+            raise NetError(f"the new egress policy of VM {vm_id} was refused: {error}") from error
+        try:
+            await self.feed.publish(self._egress(updated))
+        except OSError as error:
+            await asyncio.to_thread(nft.run, self._update(network))
+            raise NetError(f"cannot store the new egress policy of VM {vm_id}: {error}") from error
+        self._networks[vm_id] = updated
+
+    def _update(self, network: VmNetwork) -> list[dict]:
+        return update_vm(network.lease, network.policy, self._rules, intercepts=bool(network.injections))
 
     # ---- helpers
 
@@ -277,6 +332,7 @@ class NetParticipant:
             outside_address=network.lease.outside_address,
             rules=network.policy.rules,
             generation=network.generation,
+            injections=network.injections,
         )
 
     def _resource(self, kind: str, vm: VmContext, lease: Lease) -> HostResource:

@@ -4,7 +4,7 @@ in the order they prepare (and release in reverse), and the host daemons."""
 from __future__ import annotations
 
 from kiln.config import Settings
-from kiln.net.participant import NetParticipant
+from kiln.net.participant import InjectionSource, NetParticipant, no_injections
 from kiln.node.confinement import ConfinementParticipant
 from kiln.node.machines import MachineRegistry
 from kiln.node.network import Networking
@@ -17,7 +17,10 @@ from kiln.runtime.driver import Hypervisor
 from kiln.volumes import VolumeParticipant, Volumes
 
 
-def build_node(settings: Settings, hypervisor: Hypervisor, ledger: Ledger) -> Node:
+def build_node(
+    settings: Settings, hypervisor: Hypervisor, ledger: Ledger, injections_of: InjectionSource = no_injections
+) -> Node:
+    """``injections_of``: the credentials a VM's vaults inject (from the store)."""
     # Confinement first (the others see the user QEMU runs as), then the
     # network (its TAP goes into the process's launch), then the process,
     # then volumes (their drives go into its launch, and they are released
@@ -27,7 +30,7 @@ def build_node(settings: Settings, hypervisor: Hypervisor, ledger: Ledger) -> No
     participants: list[Participant] = [confinement] if confinement is not None else []
     networking = None
     if settings.networking != "off":
-        network = NetParticipant(settings)
+        network = NetParticipant(settings, injections_of=injections_of)
         participants.append(network)
         networking = Networking(network, EgressSupervisor(settings))
     participants.append(VmProcess(hypervisor, settings.vms_dir))

@@ -1,15 +1,23 @@
 """The node's face of guest networking (``kiln.net``): whether VMs get networks
-here, starting the egress daemon, and changing a running VM's egress policy."""
+here, starting the egress daemon, changing a running VM's egress policy and the
+credentials its vaults inject, and the daemon's record of injected calls."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 
+from kiln.net.feed import PolicyDirectory, notify
 from kiln.net.host import NetStatus
 from kiln.net.participant import NetError, NetParticipant
 from kiln.net.policy import PolicyError, compile_policy
 from kiln.node.participant import EgressRules
 from kiln.proxy.supervisor import EgressDaemonError, EgressSupervisor
+from kiln.runtime.driver import Machine
+from kiln.runtime.errors import AgentError
+from kiln.vault.ca import CaError
+from kiln.vault.journal import Call, CallJournal
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +82,23 @@ class Networking:
 
     def outside_address_of(self, vm_id: str) -> str | None:
         return self.participant.outside_address_of(vm_id)
+
+    async def refresh_vaults(self, vm_id: str, machine: Machine | None) -> None:
+        """The VM's vaults, as the store has them now, inject from its next request
+        on (the guest is made to trust the egress CA first); EgressUnavailable if not applied."""
+        try:
+            await self.participant.refresh_injections(vm_id, machine)
+        except (NetError, CaError, AgentError) as error:
+            raise EgressUnavailable(f"the vaults of VM {vm_id} could not be applied: {error}") from error
+
+    async def take_calls(self) -> list[tuple[Path, list[Call]]]:
+        """The calls the egress daemon injected credentials into, not taken yet:
+        (file, calls) pairs; remove each file once its calls are stored."""
+        state_dir = self.participant.settings.net_state_dir
+        # The daemon is the journal's only writer: it hands the current file over.
+        await notify(PolicyDirectory(state_dir).control_socket, {"op": "rotate_calls"})
+
+        def read() -> list[tuple[Path, list[Call]]]:
+            return [(path, CallJournal.read(path)) for path in CallJournal(state_dir).taken()]
+
+        return await asyncio.to_thread(read)

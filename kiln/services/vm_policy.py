@@ -4,9 +4,9 @@
 service uses, or raise ``InvalidRequest`` listing every problem at once (the API
 answers 422 with one ``detail`` entry per problem).
 
-Fields of features Kiln has not built yet are refused in ``refuse_unbuilt``,
-and only there: a client must never believe a share, a volume or a vault is in
-place when it is not. Each later feature deletes its line from that function.
+Every field of the founding spec's ``POST /v1/vms`` has its feature now (the
+last, ``vault_ids``, with the vaults), so nothing here refuses a field as
+unbuilt.
 """
 
 from __future__ import annotations
@@ -101,7 +101,6 @@ def check_create(
         problems.extend(
             check_domain(settings, domain.domain, domain.dns_provider, domain.dns_credentials, ("custom_domain",))[1]
         )
-    problems.extend(refuse_unbuilt(request))
 
     if problems:
         raise InvalidRequest(problems)
@@ -140,27 +139,9 @@ def check_update(request: VMUpdateRequest, settings: Settings) -> dict[str, Any]
     if "metadata" in changes:
         check.metadata(("metadata",), changes["metadata"])
     check.snapshot_name(("snapshot_name",), changes.get("snapshot_name"))
-    problems.extend(refuse_unbuilt(request))
     if problems:
         raise InvalidRequest(problems)
     return changes
-
-
-def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProblem]:
-    """Problems for request fields whose feature does not exist yet.
-
-    THE one place that knows which features are missing: a feature's issue
-    removes its line here when it makes the field work.
-    """
-    given = request.model_dump(exclude_none=True)
-    problems: list[FieldProblem] = []
-
-    def refuse(name: str, what: str) -> None:
-        problems.append(FieldProblem((name,), f"{what} is not supported yet"))
-
-    if given.get("vault_ids"):
-        refuse("vault_ids", "vault credential injection")
-    return problems
 
 
 class _Checker:

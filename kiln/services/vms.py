@@ -18,7 +18,7 @@ import logging
 import secrets
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +49,7 @@ from kiln.services.states import (
     VmStatus,
     can_transition,
 )
+from kiln.services.vault_bindings import VaultBindings
 from kiln.services.vm_policy import CreatePlan, check_create, check_update
 from kiln.services.volumes.mounts import MountPlan, VolumeMounts, vm_mounts
 from kiln.store.db import Database
@@ -114,6 +115,7 @@ class VmService:
         planner: RestorePlanner,
         admission: Admission,
         disk: DiskBudget,
+        vault_bindings: VaultBindings,
         pool: WarmPool | None = None,
         mounts: VolumeMounts | None = None,
         *,
@@ -131,6 +133,7 @@ class VmService:
         self.disk = disk
         self.pool = pool
         self.mounts = mounts
+        self.vault_bindings = vault_bindings
         self._boot_tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
         # Serialises teardown (terminate / fail) per VM; entries vanish when unused.
@@ -169,6 +172,7 @@ class VmService:
     async def create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
         plan = check_create(request, self._settings, self._images.variants())
         self._check_egress(plan.egress_policy)
+        vault_ids = await self.vault_bindings.checked_ids(owner_id, request.vault_ids)
         # snapshot_id: the snapshot's shape and image (404 / 422 when it cannot be).
         plan, source = await self.planner.plan_source(owner_id, request, plan)
         mounts = MountPlan()
@@ -200,6 +204,7 @@ class VmService:
             vm = await self._admit(
                 owner_id,
                 plan,
+                vault_ids,
                 vm_id=claimed.vm_id if claimed else None,
                 snapshot_id=restore.snapshot_id if restore else None,
                 disk_snapshot_id=restore.disk_snapshot_id if restore else None,
@@ -254,6 +259,8 @@ class VmService:
 
     async def update(self, owner_id: int, vm_id: str, request: VMUpdateRequest) -> Vm:
         changes = check_update(request, self._settings)
+        if "vault_ids" in changes:
+            changes["vault_ids"] = await self.vault_bindings.checked_ids(owner_id, changes["vault_ids"])
         async with self.db.transaction() as session:
             vm = await VmRepository(session).get(owner_id, vm_id)
             if vm is None:
@@ -270,6 +277,8 @@ class VmService:
                     setattr(vm, name, changes[name])
             if "vault_ids" in changes:
                 vm.vault_ids = changes["vault_ids"]
+        if "vault_ids" in changes and vm.status in (S.CREATING, S.RUNNING):
+            await self.vault_bindings.apply(vm)  # the next request already has (or lacks) them
         return vm
 
     async def terminate(self, owner_id: int, vm_id: str) -> Vm:
@@ -503,6 +512,7 @@ class VmService:
         self,
         owner_id: int,
         plan: CreatePlan,
+        vault_ids: Sequence[str],
         *,
         vm_id: str | None = None,
         snapshot_id: str | None = None,
@@ -532,7 +542,7 @@ class VmService:
                     env_status="pending" if plan.env else "none",
                     egress_policy=plan.egress_policy,
                     network_error=network_error(plan.egress_policy, self.node),
-                    vault_ids=[],
+                    vault_ids=list(vault_ids),
                     snapshot_on_terminate=plan.snapshot_on_terminate,
                     snapshot_name=plan.snapshot_name,
                     snapshot_id=snapshot_id,

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from kiln.config import Settings
+from kiln.crypto.master_key import derive_key, load_master_key
 from kiln.node.host import build_node
 from kiln.node.launcher import HelperLauncher, PipelineLauncher
 from kiln.node.pool import WarmPool
@@ -20,6 +22,9 @@ from kiln.services.host_resources import StoreLedger
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
+from kiln.services.vault_bindings import VaultBindings, injections_of_vm
+from kiln.services.vault_calls import VaultCallLog
+from kiln.services.vaults import VaultService
 from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT
 from kiln.services.vms import ImageSource, VmService, new_vm_id
 from kiln.services.volumes.files import VolumeFileService
@@ -27,6 +32,7 @@ from kiln.services.volumes.mounts import VolumeMounts
 from kiln.services.volumes.service import VolumeService
 from kiln.store.db import Database
 from kiln.store.repositories import ResourceUsage
+from kiln.vault.binding import VAULT_PURPOSE
 from kiln.volumes import HelperBase, HelperVms, VolumeError
 
 # Helper VMs (file access to unmounted volumes) are small: they only mount a
@@ -42,6 +48,8 @@ class VmServices:
     volumes: VolumeService
     volume_files: VolumeFileService
     mounts: VolumeMounts
+    vaults: VaultService
+    vault_calls: VaultCallLog
 
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
@@ -55,6 +63,7 @@ class VmServices:
         await vms.planner.base.remove_unfinished_builds()
         await self.importer.remove_unfinished()
         vms.start_loops()
+        self.vault_calls.start()
         if vms.pool is not None:
             await vms.pool.start()
 
@@ -64,6 +73,7 @@ class VmServices:
         if vms.pool is not None:
             await vms.pool.stop()
         await vms.snapshots.housekeeping.stop()
+        await self.vault_calls.stop()
         await vms.stop()
         await self.background.stop()
         if vms.node.volumes is not None:
@@ -73,7 +83,7 @@ class VmServices:
 def build_vm_services(
     settings: Settings, db: Database, hypervisor: Hypervisor, images: ImageSource
 ) -> VmServices:
-    node = build_node(settings, hypervisor, StoreLedger(db))
+    node = build_node(settings, hypervisor, StoreLedger(db), injections_of=partial(injections_of_vm, db))
     background = BackgroundTasks()
     base = BaseSnapshots(settings, hypervisor, PipelineLauncher(node))
     planner = RestorePlanner(db, node, base, background, settings.max_base_shapes)
@@ -106,8 +116,14 @@ def build_vm_services(
     # The package-manager group is read now: a broken file stops the start.
     egress = EgressPolicies.load(settings.egress_package_managers_file)
     mounts = VolumeMounts(db, node, background)
-    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, pool, mounts, egress=egress)
+    bindings = VaultBindings(db, node)
+    vms = VmService(
+        settings, db, node, images, snapshots, planner, admission, disk, bindings, pool, mounts, egress=egress
+    )
     importer = ImageImporter(settings, db, node, images if isinstance(images, ImageFiles) else None, background)
     volumes = VolumeService(settings, db, node)
     files = VolumeFileService(db, node, settings.max_upload_bytes, settings.max_download_bytes)
-    return VmServices(vms, importer, background, volumes, files, mounts)
+    # The master key first made here, before the egress daemon (which opens what it seals) starts.
+    vault_key = derive_key(load_master_key(settings.data_dir, settings.master_key), VAULT_PURPOSE)
+    vaults = VaultService(db, vault_key, bindings)
+    return VmServices(vms, importer, background, volumes, files, mounts, vaults, VaultCallLog(db, node))

@@ -75,7 +75,7 @@ async def test_no_wait(
         ({"memory_mb": "lots"}, ["body", "memory_mb"]),
         ({"env": {"BAD NAME": "x"}}, ["body", "env", "BAD NAME"]),
         ({"share": {"port": 70000}}, ["body", "share", "port"]),
-        ({"vault_ids": ["v1"]}, ["body", "vault_ids"]),
+        ({"vault_ids": ["v1"]}, ["body", "vault_ids", 0]),  # no such vault
         ({"volumes": [{"volume_id": "v", "mount_path": "/proc/x"}]}, ["body", "volumes", 0, "mount_path"]),
         ({"image_variant": "unknown"}, ["body", "image_variant"]),
     ],

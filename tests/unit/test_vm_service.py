@@ -232,20 +232,6 @@ async def test_all_problems_are_reported_at_once(world: World) -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"vault_ids": ["vault-1"]},
-    ],
-)
-async def test_unbuilt_features_are_refused_by_name(world: World, fields: dict[str, Any]) -> None:
-    (name,) = fields
-    with pytest.raises(InvalidRequest) as error:
-        await world.service.create(world.alice, request(**fields), wait=True)
-    assert problems_of(error)[(name,)].endswith("is not supported yet")
-    assert world.hypervisor.machines == {}
-
-
-@pytest.mark.parametrize(
-    "fields",
-    [
         {"egress_policy": {}},
         {"egress_policy": {"allow_http": False, "allowed_domains": []}},
         {"volumes": []},
