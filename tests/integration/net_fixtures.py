@@ -230,3 +230,11 @@ async def net_vm(
         table = nft_lib.list_ruleset_of("inet", egress_settings.net_nft_table)
         leftovers = [o["chain"]["name"] for o in table if "chain" in o and o["chain"]["name"].startswith("vm")]
         assert leftovers == [], leftovers
+
+
+@pytest.fixture
+def quiet_world(world: OutsideWorld) -> OutsideWorld:
+    """The world with nothing seen yet: a test that asserts nothing arrived sees
+    only its own traffic, not the earlier tests' of the session."""
+    world.seen.clear()
+    return world

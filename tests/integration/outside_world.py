@@ -106,6 +106,12 @@ class Seen:
             self.connections.append((server, peer))
             self.accepted_at.append(time.monotonic())
 
+    def clear(self) -> None:
+        """Forget what came before (the world serves a whole test session)."""
+        with self.lock:
+            for record in (self.connections, self.accepted_at, self.hosts, self.datagrams, self.requests):
+                record.clear()
+
     def to(self, server: str) -> list[str]:
         with self.lock:
             return [peer for name, peer in self.connections if name == server]

@@ -42,7 +42,8 @@ from outside_world import RAW_PORT, OutsideWorld
 from test_net_isolation import GUEST_HTTP_PORT, GUEST_SERVER, HostServer
 from unit.harness import add_user
 
-pytestmark = pytest.mark.vm
+# Each test asserts about the traffic it caused alone.
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("quiet_world")]
 
 GUEST_ADDRESS = "198.19.255.254/30"
 
