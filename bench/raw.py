@@ -21,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState
 from kiln.runtime.qemu.cmdline import build_argv, tcg_kernel_arguments
@@ -47,7 +48,7 @@ class RawQmp:
         self._read_message()  # the greeting
         self.execute("qmp_capabilities")
 
-    def execute(self, command: str, *, fds: tuple[int, ...] = (), **arguments: object) -> object:
+    def execute(self, command: str, *, fds: tuple[int, ...] = (), **arguments: Any) -> object:
         """Run ``command``; ``fds`` go beside it (SCM_RIGHTS), as ``getfd`` takes them."""
         request: dict = {"execute": command}
         if arguments:
