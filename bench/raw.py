@@ -48,7 +48,7 @@ class RawQmp:
         self._read_message()  # the greeting
         self.execute("qmp_capabilities")
 
-    def execute(self, command: str, *, fds: tuple[int, ...] = (), **arguments: Any) -> object:
+    def execute(self, command: str, fds: tuple[int, ...] = (), /, **arguments: Any) -> object:
         """Run ``command``; ``fds`` go beside it (SCM_RIGHTS), as ``getfd`` takes them."""
         request: dict = {"execute": command}
         if arguments:
@@ -236,7 +236,7 @@ def restore(
         qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         # Through an fd, as kiln does: QEMU's seccomp sandbox (spawn=deny) rules out exec:.
         with (saved.directory / "vmstate").open("rb") as state:
-            qmp.execute("getfd", fds=(state.fileno(),), fdname="incoming")
+            qmp.execute("getfd", (state.fileno(),), fdname="incoming")
         qmp.execute("migrate-incoming", uri="fd:incoming")
         while True:
             status = qmp.execute("query-status")["status"]  # type: ignore[index]
