@@ -11,6 +11,7 @@ running VMs alone, for the next start to adopt.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -25,6 +26,7 @@ from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from kiln.api.routers import (
     api_keys,
     auth,
+    egress,
     execution,
     files,
     health,
@@ -35,7 +37,9 @@ from kiln.api.routers import (
     ssh_keys,
     stage_env,
     users,
+    vaults,
     vms,
+    volumes,
 )
 from kiln.api.routers.domains import router as domains_router
 from kiln.api.sharing import start_sharing
@@ -45,6 +49,7 @@ from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
+from kiln.services.egress import EgressService
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
@@ -59,6 +64,8 @@ from kiln.store.db import Database
 log = logging.getLogger(__name__)
 
 ADMIN_KEY_FILE = "admin-api-key"
+# A volume's file upload takes as much as POST /upload.
+VOLUME_UPLOAD_PATH = re.compile(r"/v1/volumes/[^/]+/files/upload")
 TOKEN_SECRET_FILE = "token-secret"
 
 
@@ -149,6 +156,12 @@ def create_app(
                 domains=domain_service,
                 ssh_keys=SshKeyService(db),
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
+                egress=EgressService(vm_service),
+                volumes=vm_side.volumes,
+                volume_files=vm_side.volume_files,
+                mounts=vm_side.mounts,
+                vaults=vm_side.vaults,
+                vault_calls=vm_side.vault_calls,
                 staged_env=staged_env,
             )
             try:
@@ -171,17 +184,21 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_request_bytes,
-        limits_by_path={"/upload": settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+        limits_by_path={"/upload": upload_limit},
+        limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit)],
     )
-    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
+    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty, volumes):
         app.include_router(module.router)
     app.include_router(snapshots.router)
     app.include_router(shares.router)
     app.include_router(domains_router)
     app.include_router(ssh_keys.router)
+    app.include_router(egress.router)
+    app.include_router(vaults.router)
     app.include_router(stage_env.router)
     # Last: it answers only where no route above (or added later) has the path.
     install_refusals(app)

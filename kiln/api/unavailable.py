@@ -56,10 +56,6 @@ NOT_BUILT: tuple[Unbuilt, ...] = (
 
 # Features other branches are building: their routes win as soon as they merge.
 BEING_BUILT: tuple[Unbuilt, ...] = (
-    Unbuilt("/v1/egress", "egress policies"),  # branch egress
-    Unbuilt("/v1/volumes", "volumes"),  # branch volapi
-    Unbuilt("/v1/vms/*/volumes", "volumes"),  # branch volapi
-    Unbuilt("/v1/vaults", "vaults"),  # branch vaults
     Unbuilt("/v1/audit", "the audit log"),  # branch events
     Unbuilt("/v1/webhooks", "webhooks"),  # branch events
     Unbuilt("/v1/users/me/usage-breakdown", "the usage breakdown"),  # branch events
