@@ -314,6 +314,83 @@ def terminals(w: World) -> None:
     assert pty.kill(sid, spare)["success"] is True
 
 
+def egress(w: World) -> None:
+    """Policies by VM and by session, as the CLI's `egress get` reads them back."""
+    vm_id = w.client.get_session_status()["vm_id"]
+    w.client.set_vm_egress(
+        vm_id, allow_package_managers=False, allow_http=False, allow_https=True, allowed_domains=["example.com"]
+    )
+    policy = w.client.get_vm_egress(vm_id)
+    assert policy["allowed_domains"] == ["example.com"] and policy["allow_https"] is True
+    w.client.set_session_egress(
+        allow_package_managers=False, allow_http=False, allow_https=False, allowed_cidrs=["203.0.113.7/32"]
+    )
+    policy = w.client.get_session_egress()
+    assert policy["allowed_cidrs"] == ["203.0.113.7/32"] and policy["allowed_domains"] == []
+    # Back to nothing: the other recipes' VM reaches nothing outside.
+    w.client.set_session_egress(allow_package_managers=False, allow_http=False, allow_https=False)
+
+
+def vaults(w: World) -> None:
+    """A vault with a credential and services, read and undone the SDK's way."""
+    c = w.client
+    vault = c.create_vault(f"contract-{uuid.uuid4().hex[:6]}", description="contract")
+    vid = vault["id"]
+    assert any(v["id"] == vid for v in c.list_vaults())
+    assert c.get_vault(vid)["name"] == vault["name"]
+    assert c.update_vault(vid, description="renamed")["description"] == "renamed"
+    credential = c.add_vault_credential(vid, name="CONTRACT_TOKEN", value="s3cret-value")
+    assert credential["id"] and "s3cret-value" not in json.dumps(credential)
+    assert [cr["name"] for cr in c.list_vault_credentials(vid)] == ["CONTRACT_TOKEN"]
+    assert "s3cret" not in json.dumps(c.rotate_vault_credential(vid, credential["id"], value="s3cret-two"))
+    bearer = {"type": "bearer", "token": "CONTRACT_TOKEN"}
+    service = c.add_vault_service(vid, host="api.example.com", auth_config=bearer)
+    catalog = c.get_vault_catalog()
+    assert catalog and {"id", "host"} <= catalog[0].keys()
+    # A template's service uses the credential its catalog entry names.
+    template_key = c.add_vault_credential(vid, name=catalog[0]["credential_key"], value="template-secret")
+    c.add_vault_services_from_templates(vid, [catalog[0]["id"]])
+    hosts = [sv["host"] for sv in c.list_vault_services(vid)]
+    assert "api.example.com" in hosts and catalog[0]["host"] in hosts
+    assert isinstance(c.discover_vault(vid), dict)
+    assert c.get_vault_request_logs(vid, limit=10) == []
+    assert c.delete_vault_service(vid, service["id"])
+    assert c.delete_vault_credential(vid, credential["id"])
+    assert [cr["id"] for cr in c.list_vault_credentials(vid)] == [template_key["id"]]
+    assert c.delete_vault(vid)
+    assert all(v["id"] != vid for v in c.list_vaults())
+
+
+def volumes(w: World) -> None:
+    """A volume's files and checkpoints, and a hot mount into the shared VM."""
+    vols, vms = w.client.volumes, w.client.vms
+    volume = vols.create(f"contract-{uuid.uuid4().hex[:6]}", quota_bytes=64 * 1024 * 1024)
+    vid = volume["id"]
+    try:
+        assert any(v["id"] == vid for v in vols.list())
+        assert vols.get(vid)["quota_bytes"] == 64 * 1024 * 1024
+        assert vols.update(vid, name="contract-renamed")["name"] == "contract-renamed"
+        local = w.scratch / "vol.txt"
+        local.write_text("on the volume\n")
+        vols.upload_file(vid, str(local), "dir/vol.txt")
+        assert "dir/vol.txt" in [f["path"].lstrip("/") for f in vols.list_files(vid)]
+        vols.download_file(vid, "dir/vol.txt", local_path=str(w.scratch / "vol-back.txt"))
+        assert (w.scratch / "vol-back.txt").read_text() == "on the volume\n"
+        checkpoint = vols.create_checkpoint(vid, name="cp1")
+        assert any(cp["id"] == checkpoint["id"] for cp in vols.list_checkpoints(vid))
+        vols.delete_checkpoint(vid, checkpoint["id"])
+        vols.delete_file(vid, "dir/vol.txt")
+        vm_id = w.client.get_session_status()["vm_id"]
+        vms.mount_volume(vm_id, vid, "/mnt/contract")
+        assert any(m.get("volume_id") == vid for m in vms.list_volumes(vm_id))
+        listing = w.client.execute("ls -d /mnt/contract && echo mounted", language="bash")
+        assert "mounted" in listing["stdout"]
+        vms.unmount_volume(vm_id, vid, "/mnt/contract")
+        assert all(m.get("volume_id") != vid for m in vms.list_volumes(vm_id))
+    finally:
+        vols.delete(vid)
+
+
 # Each recipe names the methods it calls; together they cover every "works" row.
 RECIPES: list[tuple[tuple[str, ...], Callable[[World], None]]] = [
     (("start_session", "get_session_info", "get_session_status", "is_session_active", "get_usage",
@@ -329,6 +406,15 @@ RECIPES: list[tuple[tuple[str, ...], Callable[[World], None]]] = [
       "snapshots.delete"), vm_lifecycle),
     (("pty.create", "pty.list", "pty.resize", "pty.get", "pty.ws_url", "pty.create_for_vm", "pty.list_for_vm",
       "pty.get_for_vm", "pty.resize_for_vm", "pty.ws_url_for_vm", "pty.kill_for_vm", "pty.kill"), terminals),
+    (("set_vm_egress", "get_vm_egress", "set_session_egress", "get_session_egress"), egress),
+    (("create_vault", "list_vaults", "get_vault", "update_vault", "add_vault_credential", "list_vault_credentials",
+      "rotate_vault_credential", "add_vault_service", "get_vault_catalog", "add_vault_services_from_templates",
+      "list_vault_services", "discover_vault", "get_vault_request_logs", "delete_vault_service",
+      "delete_vault_credential", "delete_vault"), vaults),
+    (("volumes.create", "volumes.list", "volumes.get", "volumes.update", "volumes.upload_file", "volumes.list_files",
+      "volumes.download_file", "volumes.create_checkpoint", "volumes.list_checkpoints", "volumes.delete_checkpoint",
+      "volumes.delete_file", "vms.mount_volume", "vms.list_volumes", "vms.unmount_volume", "volumes.delete"),
+     volumes),
 ]  # fmt: skip
 
 
