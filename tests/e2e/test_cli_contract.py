@@ -185,6 +185,63 @@ def test_pty_exits_with_the_shells_exit_code(cli: Cli, tmp_path: Path) -> None:
     WORKED.add("pty")
 
 
+def test_egress_vault_and_volume_commands_work(cli: Cli, tmp_path: Path) -> None:
+    created = cli.json("create", "--memory", str(SMALL["memory_mb"]), "--vcpu", str(SMALL["vcpu_count"]))
+    assert isinstance(created, dict)
+    vm_id = created["vm_id"]
+    try:
+        cli.ok("egress", "set", "--vm", vm_id, "--no-allow-package-managers", "--deny-http", "--domain", "example.com")
+        assert "example.com" in cli.ok("egress", "get", "--vm", vm_id)
+        cli.ok("egress", "set", "--session", created["session_id"], "--deny-http", "--deny-https")
+        assert "allow_https" in json.dumps(cli.json("egress", "get", "--session", created["session_id"]))
+
+        vault = cli.json("vault", "create", f"cli-{uuid.uuid4().hex[:6]}", "--description", "cli contract")
+        assert isinstance(vault, dict)
+        vid = vault["id"]
+        assert vid in cli.ok("vault", "list") and "cli contract" in cli.ok("vault", "get", vid)
+        cli.ok("vault", "update", vid, "--description", "renamed")
+        secret = cli.json("vault", "secret", "set", vid, "CLI_TOKEN", "--value", "cli-s3cret")
+        assert isinstance(secret, dict) and "cli-s3cret" not in json.dumps(secret)
+        assert "CLI_TOKEN" in cli.ok("vault", "secret", "list", vid)
+        cli.ok("vault", "secret", "rotate", vid, secret["id"], "--value", "cli-s3cret-2")
+        service = cli.json("vault", "service", "add", vid, "--host", "api.example.com", "--credential", "CLI_TOKEN")
+        assert isinstance(service, dict)
+        assert "api.example.com" in cli.ok("vault", "service", "list", vid)
+        assert cli.ok("vault", "catalog")
+        cli.ok("vault", "discover", vid)
+        cli.ok("vault", "logs", vid)
+        cli.ok("vault", "service", "remove", vid, service["id"])
+        cli.ok("vault", "secret", "delete", vid, secret["id"], "--yes")
+        cli.ok("vault", "delete", vid, "--yes")
+
+        volume = cli.json("volume", "create", f"cli-{uuid.uuid4().hex[:6]}", "--quota", str(64 * 1024 * 1024))
+        assert isinstance(volume, dict)
+        volume_id = volume["id"]
+        assert volume_id in cli.ok("volume", "ls") and volume_id in cli.ok("volume", "get", volume_id)
+        cli.ok("volume", "update", volume_id, "--name", "cli-renamed")
+        local = tmp_path / "up.txt"
+        local.write_text("from the cli\n")
+        cli.ok("volume", "files", "upload", volume_id, str(local), "--path", "up.txt")
+        assert "up.txt" in cli.ok("volume", "files", "ls", volume_id)
+        cli.ok("volume", "files", "download", volume_id, "up.txt", "--out", str(tmp_path / "down.txt"))
+        assert (tmp_path / "down.txt").read_text() == "from the cli\n"
+        checkpoint = cli.json("volume", "checkpoint", "create", volume_id, "--name", "cp")
+        assert isinstance(checkpoint, dict)
+        assert checkpoint["id"] in cli.ok("volume", "checkpoint", "ls", volume_id)
+        cli.ok("volume", "checkpoint", "rm", volume_id, checkpoint["id"])
+        cli.ok("volume", "files", "rm", volume_id, "up.txt")
+        cli.ok("volume", "rm", volume_id)
+    finally:
+        cli.run("rm", vm_id)
+    WORKED.update({"egress set", "egress get", "vault create", "vault list", "vault get", "vault update",
+                   "vault secret set", "vault secret list", "vault secret rotate", "vault service add",
+                   "vault service list", "vault catalog", "vault discover", "vault logs", "vault service remove",
+                   "vault secret delete", "vault delete", "volume create", "volume ls", "volume get",
+                   "volume update", "volume files upload", "volume files ls", "volume files download",
+                   "volume checkpoint create", "volume checkpoint ls", "volume checkpoint rm", "volume files rm",
+                   "volume rm"})  # fmt: skip
+
+
 def read_until(stream: IO[bytes], marker: bytes) -> bytes:
     """What ``stream`` gives up to ``marker`` (the test's timeout bounds the wait)."""
     seen = b""
