@@ -234,6 +234,10 @@ def vm_lifecycle(w: World) -> None:
 
         # The next command sees the staged value, the one after it does not.
         assert (token(), token()) == ("tok-1\n", "none\n")
+        # Python too: the session's interpreter gets it in os.environ.
+        vms.stage_env(vm_id, {"CONTRACT_TOKEN": "tok-2"})
+        body = {"session_id": created["session_id"], "command": "import os; print(os.environ['CONTRACT_TOKEN'])"}
+        assert w.http.post("/execute", json=body).json()["stdout"] == "tok-2\n"
 
         snapshot = vms.snapshot(vm_id, name="contract-snap")
         snapshot_id = snapshot.get("snapshot_id") or snapshot["id"]
