@@ -199,8 +199,8 @@ class NetParticipant:
         self._vm_locks.pop(vm_id, None)
 
     async def inventory(self) -> list[HostResource]:
-        """Namespaces (and the leases they hold), host veths, VM chains and
-        policy files of this prefix and table."""
+        """Namespaces, host veths, VM chains and policy files of this prefix and
+        table, and the leases they belong to."""
         plan = self.plan
         owners = {egress.lease: egress.vm_id for egress in self.feed.published().values()}
         found: list[HostResource] = []
@@ -211,8 +211,6 @@ class NetParticipant:
         for name in netns.names():
             if (n := plan.lease_of_netns(name)) is not None:
                 found.append(resource(NETNS, name, n))
-                # A lease has no object of its own: it lives as long as its namespace.
-                found.append(resource(LEASE, f"{plan.prefix}/{n}", n))
         for name in await links.host_links():
             if (n := plan.lease_of_veth(name)) is not None:
                 found.append(resource(VETH, name.split("@")[0], n))

@@ -32,6 +32,7 @@ import pytest
 from outside_world import OutsideWorld, can_build_worlds
 
 from kiln.config import Settings
+from kiln.crypto.master_key import load_master_key
 from kiln.net import netns
 from kiln.net import nft as nft_lib
 from kiln.net.host import uninstall
@@ -154,6 +155,8 @@ def egress_daemon(request: pytest.FixtureRequest, egress_settings: Settings) -> 
         async def go() -> None:
             status = await NetParticipant(egress_settings).start()
             assert status.available, status.reason
+            # As the server does before it: the daemon only reads the master key.
+            load_master_key(egress_settings.data_dir, egress_settings.master_key)
             await supervisor.start()
 
         asyncio.run(go())
