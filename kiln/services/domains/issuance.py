@@ -361,7 +361,12 @@ class DomainWorker:
         return order, key_pem
 
     async def _publish_and_check(self, row: CustomDomain, provider: DnsProvider, records: list[DnsRecord]) -> None:
-        shown = [record.to_json() | {"present": None} for record in records]
+        # What the last check found stands until this one ends (a renewal's
+        # re-check must not show records it has not looked at yet as unknown).
+        known = {(e["type"], e["name"], e["value"]): e.get("present") for e in row.dns_records or []}
+        shown = [
+            record.to_json() | {"present": known.get((record.type, record.name, record.value))} for record in records
+        ]
         await self._update(row.id, dns_records=shown)
         if provider.publishes and records:
             await self._update(
