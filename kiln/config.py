@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -197,6 +197,8 @@ class Settings(BaseSettings):
     ssh_gateway: bool = True  # false: no gateway process (tests of the API alone)
     ssh_host: str = ""
     ssh_port: int = 2222
+    # The event stream (audit log, webhooks): events older than this are removed (hourly).
+    events_retention_days: int = Field(default=30, ge=1)
 
     @property
     def share_listen_host(self) -> str:

@@ -24,6 +24,7 @@ from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from kiln.api.routers import (
     api_keys,
+    audit,
     auth,
     execution,
     files,
@@ -43,6 +44,7 @@ from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
+from kiln.services.events.audit import AuditService
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.pty import PtyService
@@ -131,6 +133,8 @@ def create_app(
             sharing = await start_sharing(settings, db, vm_service)
             domain_service = await start_domains(settings, db, vm_service)
             ssh = await start_ssh_gateway(settings, vm_service)
+            audit_service = AuditService(db, settings.events_retention_days)
+            audit_service.start()
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -144,11 +148,13 @@ def create_app(
                 shares=sharing.shares,
                 domains=domain_service,
                 ssh_keys=SshKeyService(db),
+                audit=audit_service,
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
             )
             try:
                 yield
             finally:
+                await audit_service.stop()
                 await domain_service.worker.stop()
                 await ssh.stop()
                 await sharing.stop()
@@ -177,6 +183,7 @@ def create_app(
     app.include_router(shares.router)
     app.include_router(domains_router)
     app.include_router(ssh_keys.router)
+    app.include_router(audit.router)
     return app
 
 

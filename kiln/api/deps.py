@@ -16,6 +16,7 @@ from fastapi.security import OAuth2PasswordBearer
 from kiln.services.auth import AuthService
 from kiln.services.domains.service import DomainService
 from kiln.services.errors import Unauthenticated
+from kiln.services.events.audit import AuditService
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.guest import GuestTarget, session_target, vm_target
@@ -52,6 +53,7 @@ class Services:
     shares: ShareService
     domains: DomainService
     ssh_keys: SshKeyService
+    audit: AuditService
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 

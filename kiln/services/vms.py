@@ -19,6 +19,7 @@ import secrets
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,17 @@ from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.activity import Activity
 from kiln.services.admission import Admission
 from kiln.services.disk_budget import DiskBudget
-from kiln.services.errors import Conflict, ImageNotBuilt, InvalidRequest, NotFound, VmStartFailed
+from kiln.services.errors import (
+    CapacityExhausted,
+    Conflict,
+    ImageNotBuilt,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    VmStartFailed,
+)
+from kiln.services.events.record import NewEvent, by_user, record, record_alone, vm_event
+from kiln.services.events.vm_events import created_event, transition_event
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.states import (
@@ -159,6 +170,17 @@ class VmService:
     # -- user operations -----------------------------------------------------------
 
     async def create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
+        try:
+            return await self._create(owner_id, request, wait)
+        except (QuotaExceeded, CapacityExhausted) as refusal:
+            # A refusal changes nothing, so its event has a transaction of its own.
+            kind = "quota.refused" if isinstance(refusal, QuotaExceeded) else "capacity.refused"
+            payload = {"vcpu_count": request.vcpu_count, "memory_mb": request.memory_mb}
+            refused = NewEvent(kind, owner_id, status="denied", payload=payload, error_message=str(refusal))
+            await record_alone(self.db, replace(refused, session_id=request.session_id, **by_user(owner_id)))
+            raise
+
+    async def _create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
         plan = check_create(request, self._settings, self._images.variants())
         self._check_egress(plan.egress_policy)
         # snapshot_id: the snapshot's shape and image (404 / 422 when it cannot be).
@@ -248,6 +270,7 @@ class VmService:
                     setattr(vm, name, changes[name])
             if "vault_ids" in changes:
                 vm.vault_ids = changes["vault_ids"]
+            await record(session, vm_event(vm, "vm.updated", payload={"fields": sorted(changes)}, **by_user(owner_id)))
         return vm
 
     async def terminate(self, owner_id: int, vm_id: str) -> Vm:
@@ -358,7 +381,14 @@ class VmService:
         if not can_transition(current, target):
             return False
         async with self.db.transaction() as session:
-            return await VmRepository(session).compare_and_set_status(vm_id, current, target, **fields)
+            vms = VmRepository(session)
+            if not await vms.compare_and_set_status(vm_id, current, target, **fields):
+                return False
+            # The event commits with the transition (an outbox: never one without the other).
+            vm = await vms.get_any_owner(vm_id)
+            if vm is not None:
+                await record(session, transition_event(vm, current, target, fields.get("failure_reason")))
+            return True
 
     async def reload(self, vm_id: str) -> Vm:
         async with self.db.transaction() as session:
@@ -491,6 +521,7 @@ class VmService:
             )
             for hook in self.admit_hooks:
                 await hook(session, vm, plan)
+            await record(session, created_event(vm, from_pool=vm_id is not None))
             if vm_id is not None:
                 # A claimed pool VM: its host resources are this user's now.
                 await HostResourceRepository(session).set_owner_any_owner(vm_id, owner_id)

@@ -277,3 +277,32 @@ class SshKey(Base):
     public_key: Mapped[str] = mapped_column(Text)
     comment: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class Event(Base):
+    """One thing that happened (the audit log, and the outbox webhooks are fed from).
+
+    Written in the same transaction as the change it records, so a crash never
+    loses one nor invents one. ``owner_id`` is the user the event belongs to
+    (None for the host's own events, e.g. a login for an unknown name); no
+    foreign key: the log outlives the users it names. The id orders events and
+    is the cursor of ``GET /v1/audit/events``."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now, index=True)
+    owner_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    # user (a request of the owner's), system (the server's own loops), anonymous.
+    actor_type: Mapped[str] = mapped_column(String(16))
+    actor_id: Mapped[str | None] = mapped_column(String(128))
+    event_group: Mapped[str] = mapped_column(String(32), index=True)
+    event_type: Mapped[str] = mapped_column(String(64), index=True)
+    # success, failure, denied (a refusal: quota, login).
+    status: Mapped[str] = mapped_column(String(16))
+    vm_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    session_id: Mapped[str | None] = mapped_column(String(128))
+    resource_type: Mapped[str | None] = mapped_column(String(32))
+    resource_id: Mapped[str | None] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error_message: Mapped[str | None] = mapped_column(Text)
