@@ -199,6 +199,14 @@ class Settings(BaseSettings):
     ssh_port: int = 2222
     # The event stream (audit log, webhooks): events older than this are removed (hourly).
     events_retention_days: int = Field(default=30, ge=1)
+    # Webhooks (kiln/services/webhooks): endpoints on loopback, private or link-local
+    # addresses are refused unless this is set (tests set it for their receiver).
+    webhook_allow_private: bool = False
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    # The wait before retry n is base * 2^(n-1) seconds, at most the max.
+    webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(default=600.0, gt=0)
+    quota_webhook_endpoints: int = Field(default=20, ge=0)
 
     @property
     def share_listen_host(self) -> str:

@@ -36,10 +36,12 @@ from kiln.api.routers import (
     ssh_keys,
     users,
     vms,
+    webhooks,
 )
 from kiln.api.routers.domains import router as domains_router
 from kiln.api.sharing import start_sharing
 from kiln.api.ssh import start_ssh_gateway
+from kiln.api.webhooks import start_webhooks
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
@@ -135,6 +137,7 @@ def create_app(
             ssh = await start_ssh_gateway(settings, vm_service)
             audit_service = AuditService(db, settings.events_retention_days)
             audit_service.start()
+            webhook_service = start_webhooks(settings, db)
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -149,11 +152,13 @@ def create_app(
                 domains=domain_service,
                 ssh_keys=SshKeyService(db),
                 audit=audit_service,
+                webhooks=webhook_service,
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
             )
             try:
                 yield
             finally:
+                await webhook_service.worker.stop()
                 await audit_service.stop()
                 await domain_service.worker.stop()
                 await ssh.stop()
@@ -184,6 +189,7 @@ def create_app(
     app.include_router(domains_router)
     app.include_router(ssh_keys.router)
     app.include_router(audit.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -28,6 +28,7 @@ from kiln.services.snapshots.service import SnapshotService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.users import UserService
 from kiln.services.vms import VmService
+from kiln.services.webhooks.service import WebhookService
 from kiln.store.models import User
 
 TOKEN_URL = "/v1/auth/token"
@@ -54,6 +55,7 @@ class Services:
     domains: DomainService
     ssh_keys: SshKeyService
     audit: AuditService
+    webhooks: WebhookService
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.services.events.catalog import group_of
+from kiln.services.webhooks.fanout import fan_out
 from kiln.store.db import Database
 from kiln.store.events import EventRepository
 from kiln.store.models import Event, Share, Snapshot, Vm, utc_now
@@ -39,8 +40,9 @@ class NewEvent:
 
 
 async def record(session: AsyncSession, new: NewEvent) -> Event:
+    """Add the event, and a delivery for each webhook endpoint that wants it."""
     error = new.error_message[:MAX_ERROR_CHARS] if new.error_message else None
-    return await EventRepository(session).add(
+    event = await EventRepository(session).add(
         Event(
             created_at=utc_now(),
             owner_id=new.owner_id,
@@ -57,6 +59,8 @@ async def record(session: AsyncSession, new: NewEvent) -> Event:
             error_message=error,
         )
     )
+    await fan_out(session, event)
+    return event
 
 
 async def record_alone(db: Database, new: NewEvent) -> None:
