@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+HOLD = 0
+
 
 @dataclass
 class Received:
@@ -27,9 +29,12 @@ class Received:
 @dataclass
 class Receiver:
     url: str
+    # Statuses to answer, in order, then 200s; HOLD keeps the request open until ``release``.
     script: list[int] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    release: threading.Event = field(default_factory=threading.Event)
+    holding: threading.Event = field(default_factory=threading.Event)
 
     def answer_next(self) -> int:
         with self.lock:
@@ -61,6 +66,10 @@ def receiver(script: list[int] | None = None) -> Iterator[Receiver]:
         def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             status = state.answer_next()
+            if status == HOLD:
+                state.holding.set()
+                state.release.wait(120)
+                status = 500
             headers = {name.lower(): value for name, value in self.headers.items()}
             with state.lock:
                 state.received.append(Received(self.path, headers, body, status))

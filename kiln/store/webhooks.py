@@ -15,6 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.store.models import WebhookDelivery, WebhookEndpoint
 
+# How many due rows one pass looks at to find one per endpoint.
+DUE_SCAN_ROWS = 500
+
 
 class WebhookRepository:
     def __init__(self, session: AsyncSession) -> None:
@@ -85,15 +88,24 @@ class WebhookRepository:
             query = query.where(WebhookDelivery.id < before)
         return list(await self.session.scalars(query.order_by(WebhookDelivery.id.desc()).limit(limit)))
 
-    async def due_any_owner(self, now: datetime, limit: int, skip: set[int]) -> builtins.list[WebhookDelivery]:
-        """Pending deliveries whose time has come, oldest first (``skip``: in flight)."""
+    async def due_any_owner(self, now: datetime, limit: int, busy: set[int]) -> builtins.list[WebhookDelivery]:
+        """Pending deliveries whose time has come, at most one per endpoint (its
+        oldest), none of an endpoint in ``busy`` (one being sent to)."""
         query = (
             select(WebhookDelivery)
             .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
-            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-            .limit(limit + len(skip))
+            .order_by(WebhookDelivery.id)
+            .limit(DUE_SCAN_ROWS)
         )
-        return [row for row in await self.session.scalars(query) if row.id not in skip][:limit]
+        taken: builtins.list[WebhookDelivery] = []
+        endpoints = set(busy)
+        for row in await self.session.scalars(query):
+            if row.endpoint_id not in endpoints:
+                endpoints.add(row.endpoint_id)
+                taken.append(row)
+                if len(taken) == limit:
+                    break
+        return taken
 
     async def delivery_any_owner(self, delivery_id: int) -> WebhookDelivery | None:
         return await self.session.get(WebhookDelivery, delivery_id)

@@ -1,7 +1,9 @@
 """The delivery worker: sends due deliveries outside any request, retries with backoff.
 
-A pass (every ``KILN_WEBHOOK_POLL_SECONDS``) takes the pending deliveries whose
-time has come, oldest first, and sends up to ``CONCURRENCY`` at once. Each
+A pass (every ``KILN_WEBHOOK_POLL_SECONDS``, and again at once while there was
+work) takes the oldest due delivery of each endpoint and sends up to
+``CONCURRENCY`` at once: one endpoint gets one request at a time, its events in
+the order they happened (a delivery waiting for its retry lets the later ones by). Each
 attempt is recorded on its row: a 2xx ends it ``succeeded``; anything else
 (an error status, a refused address, no answer within the endpoint's
 ``timeout_seconds``) schedules the next attempt after
@@ -52,7 +54,8 @@ class DeliveryWorker:
         self._max = retry_max_seconds
         self.allow_private = allow_private
         self._on_outcome = on_outcome
-        self._in_flight: set[int] = set()
+        # Endpoints being sent to: one delivery at a time each, so an endpoint gets its events in order.
+        self._busy: set[int] = set()
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
@@ -85,14 +88,14 @@ class DeliveryWorker:
     async def run_once(self) -> int:
         """One pass; how many deliveries were attempted."""
         async with self._db.transaction() as session:
-            due = await WebhookRepository(session).due_any_owner(utc_now(), CONCURRENCY, self._in_flight)
+            due = await WebhookRepository(session).due_any_owner(utc_now(), CONCURRENCY, self._busy)
         if not due:
             return 0
-        self._in_flight.update(delivery.id for delivery in due)
+        self._busy.update(delivery.endpoint_id for delivery in due)
         try:
             await asyncio.gather(*(self._deliver(delivery) for delivery in due))
         finally:
-            self._in_flight.difference_update(delivery.id for delivery in due)
+            self._busy.difference_update(delivery.endpoint_id for delivery in due)
         return len(due)
 
     async def _forever(self) -> None:
