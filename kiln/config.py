@@ -207,6 +207,9 @@ class Settings(BaseSettings):
     webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
     webhook_retry_max_seconds: float = Field(default=600.0, gt=0)
     quota_webhook_endpoints: int = Field(default=20, ge=0)
+    # GET /metrics takes `Authorization: Bearer <this>` (a scraper's credential) or
+    # the admin's key; empty: the admin's key only.
+    metrics_token: str = ""
 
     @property
     def share_listen_host(self) -> str:

@@ -22,6 +22,7 @@ from kiln.api.custom_domains import start_domains
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
+from kiln.api.metrics import Metrics, PrometheusTelemetry
 from kiln.api.routers import (
     api_keys,
     audit,
@@ -29,6 +30,7 @@ from kiln.api.routers import (
     execution,
     files,
     health,
+    metrics,
     pty,
     sessions,
     shares,
@@ -49,6 +51,7 @@ from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
 from kiln.services.events.audit import AuditService
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
+from kiln.services.host_stats import HostStats
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.ssh_keys import SshKeyService
@@ -137,7 +140,9 @@ def create_app(
             ssh = await start_ssh_gateway(settings, vm_service)
             audit_service = AuditService(db, settings.events_retention_days)
             audit_service.start()
-            webhook_service = start_webhooks(settings, db)
+            telemetry = PrometheusTelemetry()
+            vm_service.telemetry = telemetry
+            webhook_service = start_webhooks(settings, db, telemetry.webhook_outcome)
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -153,6 +158,7 @@ def create_app(
                 ssh_keys=SshKeyService(db),
                 audit=audit_service,
                 webhooks=webhook_service,
+                metrics=Metrics(telemetry, HostStats(db, vm_service.pool), settings.metrics_token),
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
             )
             try:
@@ -190,6 +196,7 @@ def create_app(
     app.include_router(ssh_keys.router)
     app.include_router(audit.router)
     app.include_router(webhooks.router)
+    app.include_router(metrics.router)
     return app
 
 

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from fastapi.security import OAuth2PasswordBearer
 
+from kiln.api.metrics import Metrics
 from kiln.services.auth import AuthService
 from kiln.services.domains.service import DomainService
 from kiln.services.errors import Unauthenticated
@@ -56,6 +57,7 @@ class Services:
     ssh_keys: SshKeyService
     audit: AuditService
     webhooks: WebhookService
+    metrics: Metrics
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -59,6 +60,7 @@ from kiln.services.states import (
     VmStatus,
     can_transition,
 )
+from kiln.services.telemetry import NoTelemetry, Telemetry
 from kiln.services.vm_policy import CreatePlan, check_create, check_update, egress_rules
 from kiln.store.db import Database
 from kiln.store.models import Vm
@@ -143,6 +145,8 @@ class VmService:
         # When each VM was last used (guest calls here, share traffic from the router).
         self.activity = Activity()
         self.admit_hooks: list[AdmitHook] = []
+        # The operator's metrics (the app sets its own; kiln.services.telemetry).
+        self.telemetry: Telemetry = NoTelemetry()
 
     # -- service lifecycle -------------------------------------------------------
 
@@ -175,12 +179,14 @@ class VmService:
         except (QuotaExceeded, CapacityExhausted) as refusal:
             # A refusal changes nothing, so its event has a transaction of its own.
             kind = "quota.refused" if isinstance(refusal, QuotaExceeded) else "capacity.refused"
+            self.telemetry.admission_refused(kind.partition(".")[0])
             payload = {"vcpu_count": request.vcpu_count, "memory_mb": request.memory_mb}
             refused = NewEvent(kind, owner_id, status="denied", payload=payload, error_message=str(refusal))
             await record_alone(self.db, replace(refused, session_id=request.session_id, **by_user(owner_id)))
             raise
 
     async def _create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
+        started = time.monotonic()
         plan = check_create(request, self._settings, self._images.variants())
         self._check_egress(plan.egress_policy)
         # snapshot_id: the snapshot's shape and image (404 / 422 when it cannot be).
@@ -221,7 +227,14 @@ class VmService:
         self._start_boot(self.context(vm, image, restore.saved if restore else None), plan.env, claimed=claimed)
         if not wait:
             return vm
-        return await self._wait_running(vm.id)
+        path = "pool" if claimed is not None else "restore" if restore is not None else "cold"
+        try:
+            running = await self._wait_running(vm.id)
+        except VmStartFailed:
+            self.telemetry.vm_create_finished(path, time.monotonic() - started, ok=False)
+            raise
+        self.telemetry.vm_create_finished(path, time.monotonic() - started, ok=True)
+        return running
 
     async def clone(self, owner_id: int, vm_id: str, request: VMCreateRequest, wait: bool) -> Vm:
         """Snapshot the VM (named ``request.snapshot_name``) and create a new VM

@@ -13,6 +13,7 @@ import pytest
 from instavm import InstaVM
 from live_api import SMALL, Api, live_server
 from live_server import KILN, LiveServer, ensure_default_image
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.vm
 
@@ -111,3 +112,23 @@ def test_another_users_events_are_invisible(api: Api) -> None:
     assert hidden.status_code == 404 and "not found" in hidden.json()["detail"]
     # The admin sees evie's events too.
     assert {event["id"] for event in mine} <= {event["id"] for event in admins}
+
+
+def test_metrics_parse_and_match_the_api(api: Api) -> None:
+    vm = api.create_ok(**SMALL, vm_lifetime_seconds=600)
+    assert api.run(vm["session_id"], "echo metrics").strip() == "metrics"
+    answer = api.http.get("/metrics")
+    assert answer.status_code == 200, answer.text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+    every = api.http.get("/v1/vms/").json()
+    for status in ("creating", "running", "suspended", "terminated", "failed"):
+        assert samples[("kiln_vms", (("status", status),))] == sum(v["status"] == status for v in every), status
+    # This module's creates restore the cached base snapshot (no pool here).
+    assert samples[("kiln_vm_create_seconds_count", (("path", "restore"),))] >= 1
+    assert samples[("kiln_exec_seconds_count", (("language", "bash"),))] >= 1
+    assert httpx.get(f"{api.server.url}/metrics").status_code == 401
+    api.delete(vm["vm_id"])
