@@ -36,6 +36,7 @@ from kiln.api.routers import (
     shares,
     snapshots,
     ssh_keys,
+    usage,
     users,
     vms,
     webhooks,
@@ -55,6 +56,7 @@ from kiln.services.host_stats import HostStats
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.ssh_keys import SshKeyService
+from kiln.services.usage import UsageService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource
 from kiln.services.wiring import build_vm_services
@@ -159,6 +161,7 @@ def create_app(
                 audit=audit_service,
                 webhooks=webhook_service,
                 metrics=Metrics(telemetry, HostStats(db, vm_service.pool), settings.metrics_token),
+                usage=UsageService(db, settings.usage_dollars_per_vcpu_hour, settings.usage_dollars_per_gib_hour),
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
             )
             try:
@@ -197,6 +200,7 @@ def create_app(
     app.include_router(audit.router)
     app.include_router(webhooks.router)
     app.include_router(metrics.router)
+    app.include_router(usage.router)
     return app
 
 

@@ -27,6 +27,7 @@ from kiln.services.shares.service import ShareService
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.ssh_keys import SshKeyService
+from kiln.services.usage import UsageService
 from kiln.services.users import UserService
 from kiln.services.vms import VmService
 from kiln.services.webhooks.service import WebhookService
@@ -58,6 +59,7 @@ class Services:
     audit: AuditService
     webhooks: WebhookService
     metrics: Metrics
+    usage: UsageService
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 
@@ -161,6 +163,13 @@ Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
 
 Vms = Annotated[VmService, Depends(get_vm_service)]
+
+
+def get_usage_service(request: Request) -> UsageService:
+    return get_services(request).usage
+
+
+Ledger = Annotated[UsageService, Depends(get_usage_service)]
 Users = Annotated[UserService, Depends(get_user_service)]
 Auth = Annotated[AuthService, Depends(get_auth_service)]
 

@@ -61,6 +61,7 @@ from kiln.services.states import (
     can_transition,
 )
 from kiln.services.telemetry import NoTelemetry, Telemetry
+from kiln.services.usage import ledger_transition
 from kiln.services.vm_policy import CreatePlan, check_create, check_update, egress_rules
 from kiln.store.db import Database
 from kiln.store.models import Vm
@@ -401,6 +402,7 @@ class VmService:
             vm = await vms.get_any_owner(vm_id)
             if vm is not None:
                 await record(session, transition_event(vm, current, target, fields.get("failure_reason")))
+                await ledger_transition(session, vm, current, target)
             return True
 
     async def reload(self, vm_id: str) -> Vm:

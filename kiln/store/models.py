@@ -359,3 +359,22 @@ class WebhookDelivery(Base):
     replay_of: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class UsageInterval(Base):
+    """The usage ledger: one row per stretch of time a VM ran with its shape.
+
+    Opened when the VM enters ``running`` and closed when it leaves it, in the
+    transaction of the transition; ``ended_at`` is None while it runs. Rows
+    outlive their VM (no foreign key to ``vms``): usage is history."""
+
+    __tablename__ = "usage_intervals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(64), index=True)
+    session_id: Mapped[str] = mapped_column(String(128))
+    vcpu_count: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)

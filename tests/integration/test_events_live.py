@@ -132,3 +132,22 @@ def test_metrics_parse_and_match_the_api(api: Api) -> None:
     assert samples[("kiln_exec_seconds_count", (("language", "bash"),))] >= 1
     assert httpx.get(f"{api.server.url}/metrics").status_code == 401
     api.delete(vm["vm_id"])
+
+
+def test_the_usage_ledger_counts_what_vms_ran(api: Api) -> None:
+    vm = api.create_ok(**SMALL, vm_lifetime_seconds=600)
+    assert api.run(vm["session_id"], "echo used").strip() == "used"
+    client = sdk(api)
+    client.session_id = vm["session_id"]  # the SDK's get_usage reads its own session
+
+    running = client.get_usage()
+    assert running["vcpu_seconds"] > 0 and running["memory_gib_seconds"] > 0
+    api.delete(vm["vm_id"])
+    ended = client.get_usage()
+    breakdown = client.get_usage_breakdown(days=1)
+    [mine] = [item for item in breakdown["vms"] if item["vm_id"] == vm["vm_id"]]
+    # Closed at the termination: the ledger no longer grows, and the day holds it.
+    assert client.get_usage()["vcpu_seconds"] == ended["vcpu_seconds"] >= running["vcpu_seconds"]
+    assert mine["vcpu_seconds"] == ended["vcpu_seconds"]
+    assert mine["memory_gib_seconds"] == ended["memory_gib_seconds"]
+    assert breakdown["total_days"] == 1 and breakdown["totals"]["cpu_hours"] >= mine["cpu_hours"] > 0
