@@ -67,7 +67,7 @@ def serve(
     from kiln.services.auth import InvalidTokenSecret, load_or_create_secret
 
     settings = get_settings()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     try:
         # Checked here too (the app's start-up does it again) so that an unusable
         # secret ends the command with its message, not uvicorn's traceback.

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
 
     # Logging of `kiln serve` (secrets are redacted at every level: kiln.api.logs).
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # text: a line per record; json: one JSON object per line, with the request id.
+    log_format: Literal["text", "json"] = "text"
 
     # OCI imports (POST /v1/snapshots with oci_image). Comma-separated in the
     # environment. Empty: no local layout and no registry may be imported from.

@@ -23,6 +23,7 @@ from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from kiln.api.metrics import Metrics, PrometheusTelemetry
+from kiln.api.request_ids import RequestIds
 from kiln.api.routers import (
     api_keys,
     audit,
@@ -191,6 +192,8 @@ def create_app(
         limit=settings.max_request_bytes,
         limits_by_path={"/upload": settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
     )
+    # Added last, so outermost: every answer (the body limit's 413s too) carries the id.
+    app.add_middleware(RequestIds)
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
         app.include_router(module.router)
     app.include_router(snapshots.router)

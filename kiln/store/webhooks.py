@@ -10,7 +10,7 @@ import builtins
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.store.models import WebhookDelivery, WebhookEndpoint
@@ -117,3 +117,13 @@ class WebhookRepository:
             .values(**fields)
             .execution_options(synchronize_session=False)
         )
+
+    async def delete_finished_before_any_owner(self, cutoff: datetime) -> int:
+        """Deliveries that ended (succeeded or failed) and were made before ``cutoff``."""
+        result = await self.session.execute(
+            delete(WebhookDelivery).where(
+                WebhookDelivery.status.in_(("succeeded", "failed")), WebhookDelivery.created_at < cutoff
+            )
+        )
+        assert isinstance(result, CursorResult)
+        return int(result.rowcount)

@@ -19,6 +19,7 @@ from kiln.services.users import ADMIN_USERNAME
 from kiln.store.db import Database
 from kiln.store.events import EventFilter, EventRepository
 from kiln.store.models import Event, User, utc_now
+from kiln.store.webhooks import WebhookRepository
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,14 @@ class AuditService:
         return event
 
     async def prune(self) -> int:
-        """Remove events older than the retention; how many went."""
+        """Remove events, and webhook deliveries that ended, older than the retention;
+        how many rows went. (A pending delivery stays: it is still owed.)"""
+        cutoff = utc_now() - self._retention
         async with self._db.transaction() as session:
-            removed = await EventRepository(session).delete_older_than_any_owner(utc_now() - self._retention)
+            removed = await EventRepository(session).delete_older_than_any_owner(cutoff)
+            removed += await WebhookRepository(session).delete_finished_before_any_owner(cutoff)
         if removed:
-            log.info("removed %d events older than %s", removed, self._retention)
+            log.info("removed %d events and deliveries older than %s", removed, self._retention)
         return removed
 
     def start(self) -> None:
