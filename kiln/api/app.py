@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from kiln.api.call_log import ApiCalls
 from kiln.api.custom_domains import start_domains
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
@@ -51,6 +52,7 @@ from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
 from kiln.services.events.audit import AuditService
+from kiln.services.events.calls import CallLog
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.host_stats import HostStats
@@ -146,6 +148,8 @@ def create_app(
             telemetry = PrometheusTelemetry()
             vm_service.telemetry = telemetry
             webhook_service = start_webhooks(settings, db, telemetry.webhook_outcome)
+            calls = CallLog(db)
+            calls.start()
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -163,11 +167,13 @@ def create_app(
                 webhooks=webhook_service,
                 metrics=Metrics(telemetry, HostStats(db, vm_service.pool), settings.metrics_token),
                 usage=UsageService(db, settings.usage_dollars_per_vcpu_hour, settings.usage_dollars_per_gib_hour),
+                calls=calls,
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
             )
             try:
                 yield
             finally:
+                await calls.stop()
                 await webhook_service.worker.stop()
                 await audit_service.stop()
                 await domain_service.worker.stop()
@@ -192,6 +198,8 @@ def create_app(
         limit=settings.max_request_bytes,
         limits_by_path={"/upload": settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
     )
+    # Outside the body limit: a refused oversized call is recorded too.
+    app.add_middleware(ApiCalls)
     # Added last, so outermost: every answer (the body limit's 413s too) carries the id.
     app.add_middleware(RequestIds)
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):

@@ -13,11 +13,13 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from fastapi.security import OAuth2PasswordBearer
 
+from kiln.api.call_log import note_user
 from kiln.api.metrics import Metrics
 from kiln.services.auth import AuthService
 from kiln.services.domains.service import DomainService
 from kiln.services.errors import Unauthenticated
 from kiln.services.events.audit import AuditService
+from kiln.services.events.calls import CallLog
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.guest import GuestTarget, session_target, vm_target
@@ -60,6 +62,7 @@ class Services:
     webhooks: WebhookService
     metrics: Metrics
     usage: UsageService
+    calls: CallLog
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 
@@ -96,7 +99,9 @@ async def user_from_credentials(auth: AuthService, *candidates: str | None) -> U
     credential = next((candidate for candidate in candidates if candidate), None)
     if credential is None:
         raise Unauthenticated("not authenticated: send X-API-Key or Authorization: Bearer")
-    return await auth.authenticate(credential)
+    user = await auth.authenticate(credential)
+    note_user(user.id)  # for this request's api.call event
+    return user
 
 
 def get_session_service(request: Request) -> SessionService:

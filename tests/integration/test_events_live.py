@@ -102,7 +102,7 @@ def test_another_users_events_are_invisible(api: Api) -> None:
     assert bad.status_code == 401
 
     evie = sdk(api, key)
-    mine = every_event(evie, page_size=50)
+    mine = [event for event in every_event(evie, page_size=50) if event["event_group"] != "api"]
     assert [event["event_type"] for event in mine] == ["api_key.created", "api_key.created", "auth.login_failed"]
     assert {event["user_id"] for event in mine} == {mine[0]["user_id"]}
 

@@ -3,6 +3,8 @@ filters, refusals, tenancy (another user's events are a 404), bad input 422."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -94,7 +96,8 @@ async def test_refusals_and_failed_logins_are_events(
         bad = await client.post("/v1/auth/token", data={"username": "alice", "password": "wrong"})
         assert bad.status_code == 401
         denied = (await client.get("/v1/audit/events", params={"status": "denied"}, headers=auth)).json()["items"]
-        login, quota = denied
+        # (The calls themselves, api.call, are denied too; these are what they were refused for.)
+        login, quota = [event for event in denied if event["event_group"] != "api"]
         assert login["event_type"] == "auth.login_failed" and login["event_payload"] == {"username": "alice"}
         assert "wrong" not in str(login)
         assert quota["event_type"] == "quota.refused" and "KILN_QUOTA_VMS" in quota["error_message"]
@@ -169,3 +172,33 @@ async def test_events_and_ended_deliveries_older_than_the_retention_are_pruned(d
         webhooks = WebhookRepository(session)
         assert await webhooks.delivery_any_owner(done.id) is None
         assert await webhooks.delivery_any_owner(owed.id) is not None
+
+
+async def test_every_mutating_call_is_recorded_with_its_route_and_status(
+    run_app: AppRunner, admin_key: Callable[[], str]
+) -> None:
+    async with run_app() as client:
+        auth = key_headers(admin_key())
+        vm_id = (await client.post("/v1/vms", json={}, headers=auth)).json()["vm_id"]
+        assert (await client.delete(f"/v1/vms/{vm_id}?x=secret", headers=auth)).status_code == 200
+        assert (await client.post("/v1/vms", json={"vcpu_count": 99}, headers=auth)).status_code == 422
+        assert (await client.post("/v1/vms", json={})).status_code == 401
+        deadline = time.monotonic() + 30
+        while True:  # the call log writes once a second
+            calls = await all_events(client, auth, event_type="api.call")
+            if len(calls) >= 4 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        seen = [
+            (e["event_payload"]["method"], e["event_payload"]["route"], e["event_payload"]["status_code"], e["status"])
+            for e in calls
+        ]
+        assert seen == [
+            ("POST", "/v1/vms", 200, "success"),
+            ("DELETE", "/v1/vms/{vm_id}", 200, "success"),
+            ("POST", "/v1/vms", 422, "failure"),
+            ("POST", "/v1/vms", 401, "denied"),
+        ]
+        assert "secret" not in str(calls)
+        assert calls[0]["actor_type"] == "user" and calls[3]["actor_type"] == "anonymous"
+        assert calls[3]["user_id"] is None

@@ -25,6 +25,7 @@ CATALOG: Final[dict[str, tuple[str, ...]]] = {
     "share": ("share.opened", "share.updated", "share.revoked", "share.deleted"),
     "quota": ("quota.refused", "capacity.refused"),
     "auth": ("auth.login_failed", "api_key.created", "api_key.deleted"),
+    "api": ("api.call",),
     "webhook": ("webhook.test", "webhook.endpoint_created", "webhook.endpoint_deleted"),
 }
 

@@ -24,8 +24,10 @@ from kiln.services.events.catalog import GROUP_OF
 
 PATTERN = re.compile(r"^[a-z0-9_.*]+$")
 # Events of the webhook group are not fanned out by pattern: a test event goes
-# to its one endpoint, and endpoint changes must not feed themselves.
-UNROUTED_GROUPS = frozenset({"webhook"})
+# to its one endpoint, and endpoint changes must not feed themselves. Nor are
+# api.call records: one per request would flood a "*" endpoint (the changes a
+# call made have events of their own).
+UNROUTED_GROUPS = frozenset({"webhook", "api"})
 
 
 class UnsafeAddress(Exception):
