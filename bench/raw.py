@@ -21,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState
 from kiln.runtime.qemu.cmdline import build_argv, tcg_kernel_arguments
@@ -47,11 +48,12 @@ class RawQmp:
         self._read_message()  # the greeting
         self.execute("qmp_capabilities")
 
-    def execute(self, command: str, **arguments: object) -> object:
+    def execute(self, command: str, fds: tuple[int, ...] = (), /, **arguments: Any) -> object:
+        """Run ``command``; ``fds`` go beside it (SCM_RIGHTS), as ``getfd`` takes them."""
         request: dict = {"execute": command}
         if arguments:
             request["arguments"] = arguments
-        self._socket.sendall(json.dumps(request).encode() + b"\n")
+        socket.send_fds(self._socket, [json.dumps(request).encode() + b"\n"], list(fds))
         while True:
             message = self._read_message()
             if "return" in message:
@@ -232,7 +234,10 @@ def restore(
             capabilities=[{"capability": "x-ignore-shared", "state": saved.memory_file is not None}],
         )
         qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-        qmp.execute("migrate-incoming", uri=f"exec:cat {saved.directory / 'vmstate'}")
+        # Through an fd, as kiln does: QEMU's seccomp sandbox (spawn=deny) rules out exec:.
+        with (saved.directory / "vmstate").open("rb") as state:
+            qmp.execute("getfd", (state.fileno(),), fdname="incoming")
+        qmp.execute("migrate-incoming", uri="fd:incoming")
         while True:
             status = qmp.execute("query-status")["status"]  # type: ignore[index]
             if status == "running":

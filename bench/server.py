@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -21,10 +22,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from kiln.config import Settings
+from kiln.net.host import uninstall
+from kiln.net.instances import separate_instance_env
 from kiln.proxy.supervisor import EgressSupervisor
 from kiln.router.supervisor import RouterSupervisor
 from kiln.runtime.driver import BootImage
@@ -40,6 +44,30 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@functools.cache
+def network_env(root: Path) -> dict[str, str]:
+    """The ``KILN_NET_*`` names and ranges of the bench's servers (one at a time,
+    all alike: chosen once per run)."""
+    return separate_instance_env(str(root))
+
+
+def bench_settings(root: Path, **values: Any) -> Settings:
+    """``Settings`` of the bench's servers, their networking names included."""
+    # Strings as in the environment; pydantic parses them as it does there.
+    names: dict[str, Any] = {key.removeprefix("KILN_").lower(): value for key, value in network_env(root).items()}
+    return Settings(**names, **values)
+
+
+def remove_networking(settings: Settings) -> None:
+    """After the last server: its egress daemon (it outlives servers on purpose)
+    and Kiln's nftables table (left for the next server to keep VMs' rules)."""
+    async def work() -> None:
+        await EgressSupervisor(settings).stop()
+        await uninstall(settings)
+
+    asyncio.run(work())
 
 
 def link_cache(real_cache: Path, bench_cache: Path, image: BootImage) -> None:
@@ -76,10 +104,13 @@ def create_user_and_key(settings: Settings) -> tuple[int, str]:
 
 
 class KilnServer:
-    def __init__(self, root: Path, settings: Settings, *, pool_size: int, log_name: str) -> None:
+    def __init__(
+        self, root: Path, settings: Settings, *, pool_size: int, log_name: str, env: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.settings = settings
         self.pool_size = pool_size
+        self.extra_env = env or {}
         self.port = free_port()
         self.share_port = free_port()
         self.ssh_port = free_port()
@@ -112,6 +143,9 @@ class KilnServer:
             KILN_DEFAULT_MEMORY_MB=str(self.settings.default_memory_mb),
             KILN_DEFAULT_VCPU_COUNT=str(self.settings.default_vcpu_count),
         )
+        # Guest networking of its own (other people's servers run on this host too).
+        env.update(network_env(self.root))
+        env.update(self.extra_env)
         return env
 
     @property

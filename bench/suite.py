@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -40,8 +39,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import host, raw, shares, ssh
-from bench.server import KilnServer, create_user_and_key, link_cache
+from bench import egress, host, raw, shares, ssh, volumes
+from bench.server import KilnServer, bench_settings, create_user_and_key, link_cache, remove_networking
 from bench.stats import Figure, Figures
 from kiln.config import Settings
 from kiln.runtime.driver import BootImage, SavedState
@@ -185,6 +184,8 @@ def declare_figures() -> Figures:
                     "sequential; rate per batch of 10")
     shares.declare(figures)
     ssh.declare(figures)
+    egress.declare(figures)
+    volumes.declare(figures)
     return figures
 
 
@@ -241,6 +242,9 @@ class Bench:
             self.phase("concurrent", self.measure_concurrent_creates, "concurrent_creates_per_s",
                        "concurrent_create_ms", "concurrent_create_failures")
             self.phase("api_list", self.measure_listing, "api_list_rps")
+            self.phase("volumes", self.measure_volumes, "root_write_mb_s", "volume_write_mb_s", "root_read_mb_s",
+                       "volume_read_mb_s", "volume_checkpoint_1g_ms", "volume_checkpoint_1g_unmounted_ms",
+                       "volume_hot_attach_ms", "volume_detach_ms")
             self.phase("shares", self.measure_shares, "share_direct_rps", "share_rps", "share_direct_ms", "share_ms",
                        "share_ws_rtt_ms", "share_wake_first_byte_ms")
             self.phase("ssh", self.measure_ssh, "exec_true_ms", "ssh_true_ms", "upload_mb_s", "scp_upload_mb_s")
@@ -250,6 +254,7 @@ class Bench:
             self.stop_server()
             self.phase("raw_touched", self.measure_raw_touched_restore, "raw_restore_touched_ms")
             self.phase("pool", self.measure_pool, "create_pool_ms")
+            self.phase("egress", lambda: egress.measure(self), *egress.FIGURES)
         finally:
             self.cleanup()
         self.host["load_average_end"] = host.load_average()
@@ -309,11 +314,12 @@ class Bench:
         cache = self.root / "cache"
         link_cache(self.real_settings.cache_dir, cache, image)
         data_dir = self.root / "var"
-        self.settings = Settings(
+        self.settings = bench_settings(
+            self.root,
             data_dir=data_dir,
             cache_dir=cache,
             database_url=f"sqlite+aiosqlite:///{data_dir / 'kiln.db'}",
-            accel=self.accel,  # type: ignore[arg-type]
+            accel=self.accel,
             default_memory_mb=SHAPE_MEMORY_MB,
             default_vcpu_count=SHAPE_VCPUS,
         )
@@ -408,9 +414,9 @@ class Bench:
 
     # -- the kiln server ---------------------------------------------------------------
 
-    def start_server(self, *, pool_size: int, log_name: str) -> None:
+    def start_server(self, *, pool_size: int, log_name: str, env: dict[str, str] | None = None) -> None:
         assert self.settings is not None
-        self.server = KilnServer(self.root, self.settings, pool_size=pool_size, log_name=log_name)
+        self.server = KilnServer(self.root, self.settings, pool_size=pool_size, log_name=log_name, env=env)
         self.server.start()
         self.run_info.setdefault("servers", []).append(
             {"url": self.server.url, "pid": self.server.process.pid if self.server.process else None,
@@ -579,6 +585,15 @@ class Bench:
             )  # fmt: skip
             self.delete_vm(client, vm_id)
 
+    def measure_volumes(self) -> None:
+        quick = self.plan.mode == "quick"
+        with self.client() as client:
+            vm_id = volumes.measure(
+                self.figures, client, lambda: self.create_vm(client)[1],
+                samples=2 if quick else 5, dd_mib=64 if quick else 256, fill_mib=128 if quick else 512,
+            )  # fmt: skip
+            self.delete_vm(client, vm_id)
+
     def measure_touched_snapshot(self) -> None:
         assert self.settings is not None
         with self.client() as client:
@@ -726,11 +741,6 @@ class Bench:
     # -- the warm pool ---------------------------------------------------------------------
 
     def measure_pool(self) -> None:
-        reason = pool_missing_reason()
-        if reason is not None:
-            self.figures.missing("create_pool_ms", reason)
-            self.note(f"create_pool_ms: {reason}")
-            return
         assert self.settings is not None
         self.start_server(pool_size=self.plan.pool_size, log_name="server-pool.log")
         try:
@@ -792,6 +802,9 @@ class Bench:
             for pid in host.processes_under(self.root):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+            if self.settings is not None:
+                with contextlib.suppress(Exception):
+                    remove_networking(self.settings)
             time.sleep(0.2)
             shutil.rmtree(self.root, ignore_errors=True)
         finally:
@@ -808,13 +821,6 @@ def ms_since(started: float) -> float:
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise PhaseFailed(message)
-
-
-def pool_missing_reason() -> str | None:
-    """Why the warm pool cannot be measured, or None when kiln has one."""
-    if importlib.util.find_spec("kiln.runtime.pool") is None:
-        return "kiln has no warm pool yet (kiln/runtime/pool.py does not exist): KILN_POOL_SIZE has no effect"
-    return None
 
 
 async def insert_terminated_copies(settings: Settings, owner_id: int, wanted: int) -> int:
@@ -925,7 +931,7 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
 
 
 PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
-          "api_list", "density", "raw_touched", "pool", "shares", "ssh")
+          "api_list", "density", "raw_touched", "pool", "shares", "ssh", "egress", "volumes")
 
 
 def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:

@@ -74,6 +74,12 @@ def serve(
         load_or_create_secret(settings.data_dir / TOKEN_SECRET_FILE)
     except InvalidTokenSecret as error:
         fail(str(error))
+    from kiln.services.egress_policy import EgressPolicies, PackageManagersFileError
+
+    try:
+        EgressPolicies.load(settings.egress_package_managers_file)  # so is the package-manager group
+    except PackageManagersFileError as error:
+        fail(str(error))
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,

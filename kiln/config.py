@@ -16,7 +16,6 @@ def _host_memory_mb() -> int:
 
 
 class Settings(BaseSettings):
-    # CONTRACT.md also names KILN_EGRESS_CA_BUNDLE: it arrives with the feature that reads it.
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
 
     data_dir: Path = Path("./var")
@@ -111,6 +110,11 @@ class Settings(BaseSettings):
     uplink: str = ""
     # IP[:PORT] the guest DNS asks for allowed names; empty: the host's first resolver.
     dns_upstream: str = ""
+    # The registry domains an egress policy's allow_package_managers opens (over
+    # HTTP and HTTPS): a TOML file in the format of the one Kiln ships
+    # (kiln/services/package_managers.toml), which is used when this is unset.
+    # Read at server start.
+    egress_package_managers_file: Path | None = None
     # Every name Kiln makes on the host (namespaces <prefix>ns-<n>, veths
     # <prefix>v<n>) starts with this; at most 9 characters (IFNAMSIZ).
     net_prefix: str = "kiln"
@@ -137,6 +141,9 @@ class Settings(BaseSettings):
     # Firewall mark of the egress proxy's upstream connections (they may only
     # leave through the uplink).
     net_egress_mark: int = 0x4B494C4E
+    # The CA bundle the egress proxy verifies vault services' certificates
+    # against; None: the host's trust store.
+    egress_ca_bundle: Path | None = None
     # Never reachable from a VM unless one of its allowed CIDRs lies inside
     # them; DNS answers in them are dropped (no rebinding onto internal hosts).
     net_blocked_cidrs: list[str] = [

@@ -10,6 +10,7 @@ kills any VM process a test left behind, whatever happened to the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import os
@@ -29,9 +30,11 @@ import pytest
 from kiln.config import Settings
 from kiln.net import netns
 from kiln.net.host import uninstall
+from kiln.net.instances import separate_instance_env
 from kiln.net.links import host_links
 from kiln.proxy.supervisor import EgressSupervisor
 from kiln.router.supervisor import RouterSupervisor
+from kiln.runtime.cgroups import discover
 from kiln.runtime.qemu import QEMU_BINARY, QemuHypervisor
 from kiln.sshd.supervisor import SshGatewaySupervisor
 
@@ -100,35 +103,26 @@ def ssh_port(data_dir: Path) -> int:
 def network_env(data_dir: Path) -> dict[str, str]:
     """Host names and addresses of this server's guest networking, its own (from
     its data dir's name): servers running at once never share a namespace
-    prefix, an nftables table, outside addresses or the egress daemon's address.
-    Chosen once per data dir (the server, restarted or not, keeps its names)."""
+    prefix, an nftables table, outside addresses, the egress daemon's address or
+    its mark, the router's HTTPS port or a cgroup parent. Chosen once per data
+    dir (the server, restarted or not, keeps its names)."""
     tag = hashlib.sha256(str(data_dir).encode()).hexdigest()
-    number = int(tag[:8], 16)
-    # Other test sessions (other checkouts, the net tests' own world) may hold
-    # some of these ranges: take the first /24 after this server's own that
-    # nothing on the host routes to.
-    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=False).stdout
-    for step in range(250):
-        third = (number + step) % 250 + 1
-        if f"198.18.{third}." not in routes and f"198.19.{third}." not in routes:
-            break
     return {
-        "KILN_NET_PREFIX": f"ks{tag[:4]}",
-        "KILN_NET_NFT_TABLE": f"kiln_{tag[:8]}",
-        "KILN_NET_OUTSIDE_POOL": f"198.18.{third}.0/24",
-        "KILN_NET_HOST_ADDRESS": f"198.19.{third}.{(number >> 16) % 250 + 1}",
-        # Each Kiln's tables let only its own marked proxy connections out its
-        # uplink: another Kiln's with the same mark would have them refused.
-        "KILN_NET_EGRESS_MARK": str(0x4B490000 + (number & 0xFFFF)),
+        **separate_instance_env(str(data_dir)),
         # The router's HTTPS listener (custom domains): never another server's port.
         "KILN_SHARE_HTTPS_PORT": str(free_port()),
+        # Servers started from one test run share a cgroup: under one parent,
+        # each one's reconciler would remove the others' VM cgroups as strays.
+        "KILN_CGROUP_PARENT": f"kiln-{tag[:8]}",
     }
 
 
 def start_server(
-    data_dir: Path, port: int | None = None, env: dict[str, str] | None = None
+    data_dir: Path, port: int | None = None, env: dict[str, str] | None = None, listen: str = "127.0.0.1"
 ) -> LiveServer:
-    """``env``: extra environment for the server (e.g. admission limits, KILN_CACHE_DIR)."""
+    """``env``: extra environment for the server (e.g. admission limits, KILN_CACHE_DIR);
+    ``listen``: the address it listens on (0.0.0.0: every address of the host; the
+    test still talks to it over loopback)."""
     port = port or free_port()
     log_path = data_dir.with_name(data_dir.name + ".log")
     env = {**os.environ, **network_env(data_dir), **(env or {}), "KILN_DATA_DIR": str(data_dir)}
@@ -137,7 +131,7 @@ def start_server(
     env.pop("KILN_DATABASE_URL", None)  # the test's own SQLite file, never a shared database
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [str(KILN), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [str(KILN), "serve", "--host", listen, "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -186,7 +180,22 @@ async def destroy_leftovers(settings: Settings) -> list[str]:
     await RouterSupervisor(settings).stop()
     await SshGatewaySupervisor(settings).stop()
     await uninstall(settings)
+    remove_cgroups(settings)
     return left
+
+
+def remove_cgroups(settings: Settings) -> None:
+    """The server's VM cgroups and their parent (its own, see ``network_env``),
+    empty once its VMs are gone."""
+    for parent in discover(settings.cgroup_parent).parents.values():
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 async def leftover_links(settings: Settings) -> list[str]:

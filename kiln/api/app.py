@@ -11,6 +11,7 @@ running VMs alone, for the next start to adopt.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -29,6 +30,7 @@ from kiln.api.routers import (
     api_keys,
     audit,
     auth,
+    egress,
     execution,
     files,
     health,
@@ -40,7 +42,9 @@ from kiln.api.routers import (
     ssh_keys,
     usage,
     users,
+    vaults,
     vms,
+    volumes,
     webhooks,
 )
 from kiln.api.routers.domains import router as domains_router
@@ -51,6 +55,7 @@ from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
+from kiln.services.egress import EgressService
 from kiln.services.events.audit import AuditService
 from kiln.services.events.calls import CallLog
 from kiln.services.execution import ExecutionService
@@ -68,6 +73,8 @@ from kiln.store.db import Database
 log = logging.getLogger(__name__)
 
 ADMIN_KEY_FILE = "admin-api-key"
+# A volume's file upload takes as much as POST /upload.
+VOLUME_UPLOAD_PATH = re.compile(r"/v1/volumes/[^/]+/files/upload")
 TOKEN_SECRET_FILE = "token-secret"
 
 
@@ -169,6 +176,12 @@ def create_app(
                 usage=UsageService(db, settings.usage_dollars_per_vcpu_hour, settings.usage_dollars_per_gib_hour),
                 calls=calls,
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
+                egress=EgressService(vm_service),
+                volumes=vm_side.volumes,
+                volume_files=vm_side.volume_files,
+                mounts=vm_side.mounts,
+                vaults=vm_side.vaults,
+                vault_calls=vm_side.vault_calls,
             )
             try:
                 yield
@@ -193,16 +206,18 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_request_bytes,
-        limits_by_path={"/upload": settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+        limits_by_path={"/upload": upload_limit},
+        limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit)],
     )
     # Outside the body limit: a refused oversized call is recorded too.
     app.add_middleware(ApiCalls)
     # Added last, so outermost: every answer (the body limit's 413s too) carries the id.
     app.add_middleware(RequestIds)
-    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty):
+    for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty, volumes):
         app.include_router(module.router)
     app.include_router(snapshots.router)
     app.include_router(shares.router)
@@ -212,6 +227,8 @@ def create_app(
     app.include_router(webhooks.router)
     app.include_router(metrics.router)
     app.include_router(usage.router)
+    app.include_router(egress.router)
+    app.include_router(vaults.router)
     return app
 
 

@@ -17,6 +17,7 @@ from kiln.api.call_log import note_user
 from kiln.api.metrics import Metrics
 from kiln.services.auth import AuthService
 from kiln.services.domains.service import DomainService
+from kiln.services.egress import EgressService
 from kiln.services.errors import Unauthenticated
 from kiln.services.events.audit import AuditService
 from kiln.services.events.calls import CallLog
@@ -31,7 +32,12 @@ from kiln.services.snapshots.service import SnapshotService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.usage import UsageService
 from kiln.services.users import UserService
+from kiln.services.vault_calls import VaultCallLog
+from kiln.services.vaults import VaultService
 from kiln.services.vms import VmService
+from kiln.services.volumes.files import VolumeFileService
+from kiln.services.volumes.mounts import VolumeMounts
+from kiln.services.volumes.service import VolumeService
 from kiln.services.webhooks.service import WebhookService
 from kiln.store.models import User
 
@@ -63,6 +69,12 @@ class Services:
     metrics: Metrics
     usage: UsageService
     calls: CallLog
+    egress: EgressService
+    volumes: VolumeService
+    volume_files: VolumeFileService
+    mounts: VolumeMounts
+    vaults: VaultService
+    vault_calls: VaultCallLog
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
 
@@ -155,17 +167,47 @@ def ssh_endpoint(request: Request) -> tuple[str, int] | None:
     return host, port
 
 
+def get_egress_service(request: Request) -> EgressService:
+    return get_services(request).egress
+
+
+def get_volume_service(request: Request) -> VolumeService:
+    return get_services(request).volumes
+
+
+def get_volume_files(request: Request) -> VolumeFileService:
+    return get_services(request).volume_files
+
+
+def get_mounts(request: Request) -> VolumeMounts:
+    return get_services(request).mounts
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 Domains = Annotated[DomainService, Depends(get_domain_service)]
 SshKeys = Annotated[SshKeyService, Depends(get_ssh_key_service)]
 SshEndpoint = Annotated[tuple[str, int] | None, Depends(ssh_endpoint)]
 Shares = Annotated[ShareService, Depends(get_share_service)]
+def get_vault_service(request: Request) -> VaultService:
+    return get_services(request).vaults
+
+
+def get_vault_calls(request: Request) -> VaultCallLog:
+    return get_services(request).vault_calls
+
+
+Vaults = Annotated[VaultService, Depends(get_vault_service)]
+VaultCalls = Annotated[VaultCallLog, Depends(get_vault_calls)]
 Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]
 Files = Annotated[FileService, Depends(get_file_service)]
 Ptys = Annotated[PtyService, Depends(get_pty_service)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
+Egress = Annotated[EgressService, Depends(get_egress_service)]
+VolumeServiceDep = Annotated[VolumeService, Depends(get_volume_service)]
+VolumeFiles = Annotated[VolumeFileService, Depends(get_volume_files)]
+Mounts = Annotated[VolumeMounts, Depends(get_mounts)]
 
 Vms = Annotated[VmService, Depends(get_vm_service)]
 

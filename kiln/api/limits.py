@@ -3,7 +3,8 @@
 Bytes are counted as they arrive, so a chunked body (no Content-Length) is held
 to the limit as well as one that declares its length; a declared length over
 the limit is refused before any of the body is read. ``POST /upload`` has its
-own, larger limit (``KILN_MAX_UPLOAD_BYTES`` plus the multipart framing); every
+own, larger limit (``KILN_MAX_UPLOAD_BYTES`` plus the multipart framing), and so
+do the routes ``limits_by_pattern`` names (a volume's file upload); every
 other route has ``KILN_MAX_REQUEST_BYTES``.
 
 When the count passes the limit mid-body, reading raises ``BodyTooLarge``, an
@@ -15,7 +16,8 @@ not read by the app (uvicorn discards it), so nothing over the limit is held.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -41,18 +43,31 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 class BodySizeLimit:
-    """``limit`` bytes per request body; ``limits_by_path`` overrides it for exact paths."""
+    """``limit`` bytes per request body; ``limits_by_path`` overrides it for exact
+    paths, ``limits_by_pattern`` for paths a regular expression matches whole."""
 
-    def __init__(self, app: ASGIApp, limit: int, limits_by_path: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        limits_by_path: Mapping[str, int] | None = None,
+        limits_by_pattern: Sequence[tuple[re.Pattern[str], int]] = (),
+    ) -> None:
         self.app = app
         self.limit = limit
         self.limits_by_path = dict(limits_by_path or {})
+        self.limits_by_pattern = list(limits_by_pattern)
+
+    def limit_for(self, path: str) -> int:
+        if path in self.limits_by_path:
+            return self.limits_by_path[path]
+        return next((limit for pattern, limit in self.limits_by_pattern if pattern.fullmatch(path)), self.limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits_by_path.get(scope["path"], self.limit)
+        limit = self.limit_for(scope["path"])
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
             await _refuse(scope, receive, send, BodyTooLarge(limit))

@@ -168,7 +168,7 @@ class GuestDns:
             return dns.rcode.FORMERR
         question = query.question[0]
         name = normalise_name(question.name.to_text(omit_final_dot=True))
-        if question.rdclass != dns.rdataclass.IN or name is None or not vm.policy.allows_name(name):
+        if question.rdclass != dns.rdataclass.IN or name is None or not vm.allows_name(name):
             return dns.rcode.NXDOMAIN
         if question.rdtype != dns.rdatatype.A:
             return dns.rcode.NOERROR  # the name exists; this VM's network has only IPv4

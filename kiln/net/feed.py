@@ -23,6 +23,7 @@ from typing import Protocol
 
 from kiln.net.policy import rules_from_json, rules_to_json
 from kiln.node.participant import EgressRules
+from kiln.vault.binding import Injection
 
 POLICY_DIR = "policies"
 CONTROL_SOCKET = "egress.sock"
@@ -32,13 +33,15 @@ MAX_CONTROL_LINE = 64 * 1024
 
 @dataclass(frozen=True)
 class VmEgress:
-    """What the daemon needs of one VM: who it is on the wire, and its rules."""
+    """What the daemon needs of one VM: who it is on the wire, its rules, and
+    the credentials its vaults inject (values sealed: only the daemon opens them)."""
 
     vm_id: str
     lease: int
     outside_address: str
     rules: EgressRules
     generation: int = 0
+    injections: tuple[Injection, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -47,6 +50,7 @@ class VmEgress:
             "outside_address": self.outside_address,
             "rules": rules_to_json(self.rules),
             "generation": self.generation,
+            "injections": [injection.to_json() for injection in self.injections],
         }
 
     @classmethod
@@ -54,12 +58,16 @@ class VmEgress:
         rules = data.get("rules")
         if not isinstance(rules, dict):
             raise TypeError("policy file without rules")
+        injections = data.get("injections") or []  # absent in files of servers without vaults
+        if not isinstance(injections, list):
+            raise TypeError("injections must be a list")
         return cls(
             vm_id=str(data["vm_id"]),
             lease=int(data["lease"]),  # type: ignore[call-overload]
             outside_address=str(data["outside_address"]),
             rules=rules_from_json(rules),
             generation=int(data.get("generation", 0)),  # type: ignore[call-overload]
+            injections=tuple(Injection.from_json(item) for item in injections),
         )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from kiln.config import Settings
@@ -30,6 +31,8 @@ from kiln.net.policy import CompiledPolicy, compile_policy
 from kiln.net.ruleset import FAMILY, add_vm, remove_vm, update_vm
 from kiln.node.participant import EgressRules, HostResource, Launch, Ledger, VmContext
 from kiln.runtime.driver import Machine, Nic
+from kiln.vault.binding import Injection
+from kiln.vault.ca import GUEST_TRUST_NAME, read_certificate
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,14 @@ EGRESS_POLICY = "egress-policy"
 # Released in this order (the reverse of creation).
 RELEASE_ORDER = (EGRESS_POLICY, NFT_CHAIN, VETH, NETNS, LEASE)
 NET_CONFIG_TIMEOUT_SECONDS = 15.0
+TRUST_CA_TIMEOUT_SECONDS = 15.0
+
+# The credentials a VM's vaults inject (the service layer reads them from the store).
+InjectionSource = Callable[[str], Awaitable[tuple[Injection, ...]]]
+
+
+async def no_injections(vm_id: str) -> tuple[Injection, ...]:
+    return ()
 
 
 class NetError(RuntimeError):
@@ -53,19 +64,23 @@ class VmNetwork:
     lease: Lease
     policy: CompiledPolicy
     generation: int
+    injections: tuple[Injection, ...] = ()
 
 
 class NetParticipant:
     name = "network"
     kinds = frozenset({LEASE, NETNS, VETH, NFT_CHAIN, EGRESS_POLICY})
+    kept_while_suspended = False
 
     def __init__(
         self,
         settings: Settings,
         *,
         feed: PolicyFeed | None = None,
+        injections_of: InjectionSource = no_injections,
     ) -> None:
         self.settings = settings
+        self.injections_of = injections_of
         self.status, plan = host_setup.probe(settings)
         self._plan = plan
         self.feed: PolicyFeed = feed or PolicyDirectory(settings.net_state_dir)
@@ -133,28 +148,54 @@ class NetParticipant:
         log.info("VM %s: network %s (outside %s)", vm.vm_id, lease.netns, lease.outside_address)
 
     async def ready(self, vm: VmContext, machine: Machine, *, restored: bool) -> None:
-        if self.network_of(vm.vm_id) is None:
+        network = self.network_of(vm.vm_id)
+        if network is None:
             return
         # Restored guests too: a snapshot of an unwired VM has no address, and one
         # of a wired VM gets the same address again (the call is idempotent).
         # The guest's interface, route and resolver (after a restore too: the
         # guest wakes up with its source's configuration).
         await machine.agent.call("net_config", timeout=NET_CONFIG_TIMEOUT_SECONDS, **self.plan.guest_net_config())
+        if vm.owner_id is not None:  # a pool VM has no vaults until it is claimed
+            await self.refresh_injections(vm.vm_id, machine, trust=True)
 
     async def claimed(self, vm: VmContext, machine: Machine) -> None:
         if self.network_of(vm.vm_id) is None:
             return
-        # A pool VM was wired with nothing allowed; now it is the user's.
+        # A pool VM was wired with nothing allowed; now it is the user's, with its vaults.
         await self.apply_policy(vm.vm_id, vm.egress or EgressRules())
+        await self.refresh_injections(vm.vm_id, machine, trust=True)
+
+    async def trust_egress_ca(self, machine: Machine) -> None:
+        """Make every common client in the guest trust the egress CA (system
+        bundle and the variables Python, Node, curl and pip read; idempotent)."""
+        pem = await asyncio.to_thread(read_certificate, self.settings.net_state_dir)
+        await machine.agent.call("trust_ca", timeout=TRUST_CA_TIMEOUT_SECONDS, pem=pem, name=GUEST_TRUST_NAME)
 
     async def release(self, vm_id: str, resources: list[HostResource], ledger: Ledger) -> None:
         ours = sorted((r for r in resources if r.kind in self.kinds), key=lambda r: RELEASE_ORDER.index(r.kind))
+        async with self._lease_lock:
+            # Names come from leases and leases are reused: what a reconciler pass
+            # saw under the VM that held a lease before may be another VM's now.
+            # Those are left alone, and the leases released here stay reserved
+            # until they are free, so no prepare takes one half-way.
+            others = {n for n, holder in self._reserved.items() if holder != vm_id}
+            ours = [r for r in ours if r.kind == EGRESS_POLICY or self._lease_number(r) not in others]
+            mine = {n for r in ours if (n := self._lease_number(r)) is not None}
+            for n in mine:
+                self._reserved[n] = vm_id
         self._networks.pop(vm_id, None)
-        for resource in ours:
-            await self._remove(resource)
-            await ledger.forget(resource)
-            if resource.kind == LEASE and (lease := self._lease_of(resource)) is not None:
-                self._reserved.pop(lease.n, None)
+        try:
+            for resource in ours:
+                await self._remove(resource)
+                await ledger.forget(resource)
+        finally:
+            async with self._lease_lock:
+                for n in mine:
+                    if self._reserved.get(n) == vm_id and not any(
+                        self._lease_number(r) == n for r in await ledger.of_vm(vm_id) if r.kind in self.kinds
+                    ):
+                        self._reserved.pop(n, None)
         self._vm_locks.pop(vm_id, None)
 
     async def inventory(self) -> list[HostResource]:
@@ -187,6 +228,9 @@ class NetParticipant:
                     EGRESS_POLICY, str(directory.path_of(egress.vm_id)), egress.vm_id, detail={"n": egress.lease}
                 )
             )
+        # A lease has nothing on the host of its own: it is there while anything made for it is.
+        for n in sorted({int(item.detail["n"]) for item in found}):
+            found.append(resource(LEASE, f"{plan.prefix}/{n}", n))
         return found
 
     # ---- policies of running VMs
@@ -198,7 +242,11 @@ class NetParticipant:
             egress = self.feed.published().get(vm_id)
             if egress is not None:
                 network = VmNetwork(
-                    vm_id, self._plan.lease(egress.lease), self._compile(egress.rules), egress.generation
+                    vm_id,
+                    self._plan.lease(egress.lease),
+                    self._compile(egress.rules),
+                    egress.generation,
+                    egress.injections,
                 )
                 self._networks[vm_id] = network
         return network
@@ -223,17 +271,7 @@ class NetParticipant:
             if network is None:
                 raise NetError(f"VM {vm_id} has no network")
             policy = self._compile(rules)
-            try:
-                await asyncio.to_thread(nft.run, update_vm(network.lease, policy, self._rules))
-            except nft.NftError as error:
-                raise NetError(f"the new egress policy of VM {vm_id} was refused: {error}") from error
-            updated = replace(network, policy=policy, generation=network.generation + 1)
-            try:
-                await self.feed.publish(self._egress(updated))
-            except OSError as error:
-                await asyncio.to_thread(nft.run, update_vm(network.lease, network.policy, self._rules))
-                raise NetError(f"cannot store the new egress policy of VM {vm_id}: {error}") from error
-            self._networks[vm_id] = updated
+            await self._change(network, replace(network, policy=policy, generation=network.generation + 1))
             try:
                 await conntrack.close_forbidden(network.lease.outside_address, policy.allows_address)
             except (conntrack.ConntrackError, OSError) as error:
@@ -241,16 +279,48 @@ class NetParticipant:
                 log.warning("VM %s: cannot close flows the new policy forbids: %s", vm_id, error)
             return policy
 
+    async def refresh_injections(self, vm_id: str, machine: Machine | None, *, trust: bool = False) -> None:
+        """Make what the VM's vaults inject now (read from ``injections_of``)
+        what its requests get: after a rotation, a binding or unbinding, a
+        deleted service, the next request uses it. Read under the VM's lock, so
+        of two refreshes the later one never applies older data. The guest is
+        made to trust the egress CA before its first injection is published
+        (and with ``trust``, at every ready or claim: a restored guest has its
+        source's trust). NetError if the host refused it (the old one stays)."""
+        lock = self._vm_locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            network = self.network_of(vm_id)
+            if network is None:
+                raise NetError(f"VM {vm_id} has no network")
+            injections = await self.injections_of(vm_id)
+            if injections and machine is not None and (trust or not network.injections):
+                await self.trust_egress_ca(machine)
+            if injections != network.injections:
+                updated = replace(network, injections=injections, generation=network.generation + 1)
+                await self._change(network, updated)
+
+    async def _change(self, network: VmNetwork, updated: VmNetwork) -> None:
+        """One nft transaction, then the feed (undone in the kernel if the feed cannot be written)."""
+        vm_id = network.vm_id
+        try:
+            await asyncio.to_thread(nft.run, self._update(updated))
+        except nft.NftError as error:
+            raise NetError(f"the new egress policy of VM {vm_id} was refused: {error}") from error
+        try:
+            await self.feed.publish(self._egress(updated))
+        except OSError as error:
+            await asyncio.to_thread(nft.run, self._update(network))
+            raise NetError(f"cannot store the new egress policy of VM {vm_id}: {error}") from error
+        self._networks[vm_id] = updated
+
+    def _update(self, network: VmNetwork) -> list[dict]:
+        return update_vm(network.lease, network.policy, self._rules, intercepts=bool(network.injections))
+
     # ---- helpers
 
     @property
     def _rules(self) -> host_setup.HostRules:
         return host_rules(self.settings, self.plan)
-
-    def check_policy(self, rules: EgressRules) -> None:
-        """PolicyError if ``rules`` cannot be enforced (also on a host without networking)."""
-        never = never_reachable(self._plan) if self._plan is not None else []
-        compile_policy(rules, blocked=self.settings.net_blocked_cidrs, never=never)
 
     def _compile(self, rules: EgressRules) -> CompiledPolicy:
         return compile_policy(rules, blocked=self.settings.net_blocked_cidrs, never=never_reachable(self.plan))
@@ -262,6 +332,7 @@ class NetParticipant:
             outside_address=network.lease.outside_address,
             rules=network.policy.rules,
             generation=network.generation,
+            injections=network.injections,
         )
 
     def _resource(self, kind: str, vm: VmContext, lease: Lease) -> HostResource:
@@ -299,6 +370,10 @@ class NetParticipant:
         if resource.kind == EGRESS_POLICY:
             return resource.name.startswith(str(self.settings.net_state_dir))
         return resource.name.startswith(prefix)
+
+    def _lease_number(self, resource: HostResource) -> int | None:
+        lease = self._lease_of(resource)
+        return None if lease is None else lease.n
 
     def _lease_of(self, resource: HostResource) -> Lease | None:
         plan = self.plan

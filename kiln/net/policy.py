@@ -20,6 +20,8 @@ _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 MAX_NAME_LENGTH = 253
 MAX_CIDRS = 256
 MAX_DOMAINS = 256
+# What a policy's web domains are to its user.
+WEB_DOMAINS = "the package-manager group"
 
 
 class PolicyError(ValueError):
@@ -33,25 +35,25 @@ class CompiledPolicy:
     # a CIDR only covers as part of something larger (sorted, merged).
     cidr_set: tuple[IPv4Net, ...]
     domains: tuple[str, ...]  # normalised: lower case, no trailing dot
+    web_domains: tuple[str, ...] = ()  # the same; over HTTP and HTTPS both
 
     @property
     def proxies_http(self) -> bool:
-        return self.rules.allow_http and bool(self.domains)
+        return (self.rules.allow_http and bool(self.domains)) or bool(self.web_domains)
 
     @property
     def proxies_https(self) -> bool:
-        return self.rules.allow_https and bool(self.domains)
+        return (self.rules.allow_https and bool(self.domains)) or bool(self.web_domains)
 
     def allows_name(self, name: str) -> bool:
         """Whether the guest DNS answers ``name`` (for any scheme the policy admits)."""
-        return (self.proxies_http or self.proxies_https) and domain_allowed(name, self.domains)
+        return self.allows_scheme(name, "http") or self.allows_scheme(name, "https")
 
     def allows_scheme(self, name: str, scheme: str) -> bool:
-        if scheme == "http" and not self.proxies_http:
-            return False
-        if scheme == "https" and not self.proxies_https:
-            return False
-        return domain_allowed(name, self.domains)
+        if domain_allowed(name, self.web_domains):
+            return True
+        wanted = self.rules.allow_http if scheme == "http" else self.rules.allow_https if scheme == "https" else False
+        return wanted and domain_allowed(name, self.domains)
 
     def allows_address(self, address: str) -> bool:
         ip = ipaddress.IPv4Address(address)
@@ -83,11 +85,11 @@ def domain_allowed(name: str, domains: Iterable[str]) -> bool:
     return False
 
 
-def parse_domain(domain: str) -> str:
+def parse_domain(domain: str, where: str = "allowed_domains") -> str:
     wildcard = domain.strip().startswith("*.")
     canonical = normalise_name(domain.strip()[2:] if wildcard else domain)
     if canonical is None:
-        raise PolicyError(f"allowed_domains: {domain!r} is not a host name or a '*.domain' wildcard")
+        raise PolicyError(f"{where}: {domain!r} is not a host name or a '*.domain' wildcard")
     return f"*.{canonical}" if wildcard else canonical
 
 
@@ -136,12 +138,18 @@ def compile_policy(
         raise PolicyError(f"allowed_cidrs: at most {MAX_CIDRS} entries")
     if len(rules.allowed_domains) > MAX_DOMAINS:
         raise PolicyError(f"allowed_domains: at most {MAX_DOMAINS} entries")
+    if len(rules.web_domains) > MAX_DOMAINS:
+        raise PolicyError(f"{WEB_DOMAINS}: at most {MAX_DOMAINS} domains")
     cidrs = [parse_cidr(cidr) for cidr in rules.allowed_cidrs]
     domains = tuple(dict.fromkeys(parse_domain(domain) for domain in rules.allowed_domains))
+    web_domains = tuple(dict.fromkeys(parse_domain(domain, WEB_DOMAINS) for domain in rules.web_domains))
     blocked_nets = [IPv4Net(block) for block in blocked]
     never_nets = [IPv4Net(block) for block in never]
     return CompiledPolicy(
-        rules=rules, cidr_set=allowed_set(cidrs, blocked_nets, never_nets), domains=domains
+        rules=rules,
+        cidr_set=allowed_set(cidrs, blocked_nets, never_nets),
+        domains=domains,
+        web_domains=web_domains,
     )
 
 
@@ -160,17 +168,20 @@ def rules_to_json(rules: EgressRules) -> dict[str, object]:
         "allowed_domains": list(rules.allowed_domains),
         "allow_http": rules.allow_http,
         "allow_https": rules.allow_https,
+        "web_domains": list(rules.web_domains),
     }
 
 
 def rules_from_json(data: dict[str, object]) -> EgressRules:
     cidrs = data.get("allowed_cidrs", [])
     domains = data.get("allowed_domains", [])
-    if not isinstance(cidrs, list) or not isinstance(domains, list):
-        raise PolicyError("allowed_cidrs and allowed_domains must be lists")
+    web_domains = data.get("web_domains", [])  # absent in files of older servers
+    if not isinstance(cidrs, list) or not isinstance(domains, list) or not isinstance(web_domains, list):
+        raise PolicyError("allowed_cidrs, allowed_domains and web_domains must be lists")
     return EgressRules(
         allowed_cidrs=tuple(str(cidr) for cidr in cidrs),
         allowed_domains=tuple(str(domain) for domain in domains),
         allow_http=bool(data.get("allow_http", False)),
         allow_https=bool(data.get("allow_https", False)),
+        web_domains=tuple(str(domain) for domain in web_domains),
     )

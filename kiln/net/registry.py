@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kiln.net.addresses import AddressPlan, Lease
 from kiln.net.feed import PolicyDirectory, VmEgress
 from kiln.net.policy import CompiledPolicy, PolicyError, compile_policy
+from kiln.vault.binding import Injection, injection_for
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,15 @@ class KnownVm:
     lease: Lease
     policy: CompiledPolicy
     generation: int
+    # Its vaults' services: their hosts are answered and intercepted whatever the policy says.
+    injections: tuple[Injection, ...] = ()
+
+    def injection_for(self, name: str) -> Injection | None:
+        return injection_for(self.injections, name)
+
+    def allows_name(self, name: str) -> bool:
+        """Whether the guest DNS answers ``name``: the policy allows it, or a vault service covers it."""
+        return self.policy.allows_name(name) or self.injection_for(name) is not None
 
 
 class VmRegistry:
@@ -69,4 +79,4 @@ class VmRegistry:
                 "policy of VM %s names %s, not its lease's address: ignored", egress.vm_id, egress.outside_address
             )
             return None
-        return KnownVm(egress.vm_id, lease, policy, egress.generation)
+        return KnownVm(egress.vm_id, lease, policy, egress.generation, egress.injections)

@@ -222,7 +222,7 @@ def vm_names(lease: Lease) -> dict[str, str]:
     return {"cidrs": f"{p}_cidrs", "dns": f"{p}_dns", "out": f"{p}_out", "nat": f"{p}_nat"}
 
 
-def _vm_rules(table: str, lease: Lease, policy: CompiledPolicy, rules: HostRules) -> list[Json]:
+def _vm_rules(table: str, lease: Lease, policy: CompiledPolicy, rules: HostRules, intercepts: bool) -> list[Json]:
     names = vm_names(lease)
     host = str(rules.plan.host_address)
     commands: list[Json] = [{"flush": {"set": {"family": FAMILY, "table": table, "name": names["cidrs"]}}}]
@@ -240,21 +240,26 @@ def _vm_rules(table: str, lease: Lease, policy: CompiledPolicy, rules: HostRules
         _rule(table, names["out"], in_cidrs, ACCEPT),
         _rule(table, names["out"], _jump(REFUSE)),
         _flush_chain(table, names["nat"]),
-        _rule(table, names["nat"], in_cidrs, RETURN),
     ]
-    for port, wanted in ((80, policy.proxies_http), (443, policy.proxies_https)):
-        if wanted:
-            commands.append(
-                _rule(
-                    table, names["nat"], _match(_payload("tcp", "dport"), port), given_by_dns,
-                    _dnat(host, rules.proxy_port),
-                )
-            )  # fmt: skip
+    redirects = [
+        _rule(
+            table, names["nat"], _match(_payload("tcp", "dport"), port), given_by_dns,
+            _dnat(host, rules.proxy_port),
+        )
+        for port, wanted in ((80, policy.proxies_http), (443, policy.proxies_https))
+        if wanted or intercepts
+    ]  # fmt: skip
+    direct = _rule(table, names["nat"], in_cidrs, RETURN)
+    # A VM with vaults: web traffic to what its DNS gave out reaches the proxy
+    # even where a CIDR would let it go direct, so a service's credential is
+    # added whatever else the policy allows (the proxy splices the rest).
+    commands += [*redirects, direct] if intercepts else [direct, *redirects]
     return commands
 
 
-def add_vm(lease: Lease, policy: CompiledPolicy, rules: HostRules) -> list[Json]:
-    """Everything of one VM in the host table, as one transaction."""
+def add_vm(lease: Lease, policy: CompiledPolicy, rules: HostRules, intercepts: bool = False) -> list[Json]:
+    """Everything of one VM in the host table, as one transaction; ``intercepts``:
+    the VM has vault services (its web traffic to DNS-given addresses goes to the proxy)."""
     t = rules.table
     names = vm_names(lease)
     commands: list[Json] = [
@@ -263,7 +268,7 @@ def add_vm(lease: Lease, policy: CompiledPolicy, rules: HostRules) -> list[Json]
         {"add": _chain(t, names["out"])},
         {"add": _chain(t, names["nat"])},
     ]  # fmt: skip
-    commands += _vm_rules(t, lease, policy, rules)
+    commands += _vm_rules(t, lease, policy, rules, intercepts)
     commands += [
         {"add": {"element": {"family": FAMILY, "table": t, "name": VM_SOURCES,
                              "elem": [{"concat": [lease.host_veth, lease.outside_address]}]}}},
@@ -275,9 +280,9 @@ def add_vm(lease: Lease, policy: CompiledPolicy, rules: HostRules) -> list[Json]
     return commands
 
 
-def update_vm(lease: Lease, policy: CompiledPolicy, rules: HostRules) -> list[Json]:
+def update_vm(lease: Lease, policy: CompiledPolicy, rules: HostRules, intercepts: bool = False) -> list[Json]:
     """A running VM's new policy, as one transaction (its DNS set is the daemon's)."""
-    return _vm_rules(rules.table, lease, policy, rules)
+    return _vm_rules(rules.table, lease, policy, rules, intercepts)
 
 
 def remove_vm(table: str, lease: Lease, present: Sequence[Json]) -> list[Json]:

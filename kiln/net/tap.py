@@ -2,9 +2,13 @@
 
 A TAP belongs to the namespace of the process that opened ``/dev/net/tun``, so
 these run inside the VM's namespace (``kiln.net.netns.run_in``). The flags are
-what QEMU expects of a ``-netdev tap,fd=N``: ``IFF_TAP | IFF_NO_PI``, and
-``IFF_VNET_HDR`` so that QEMU (which probes the fd with TUNGETIFF) passes
-checksum and segmentation offloads between the guest and the host.
+what QEMU expects of a ``-netdev tap,fd=N``: ``IFF_TAP | IFF_NO_PI``, and no
+``IFF_VNET_HDR``: QEMU probes the fd for it, and with it the guest negotiates
+checksum and segmentation offloads that a VM's saved state then requires of
+its next NIC ("saved image requires vnet_hdr=on"), so a snapshot of a wired VM
+could not be restored unwired (on a host without networking, or by hand, as
+the bench's raw baselines do). Base snapshots are unwired; every NIC now
+offers the same features, wired or not.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ TUNSETOWNER = 0x400454CC
 TUNSETGROUP = 0x400454CE
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-QEMU_TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+QEMU_TAP_FLAGS = IFF_TAP | IFF_NO_PI
 IFREQ_SIZE = 40
 
 

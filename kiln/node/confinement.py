@@ -48,6 +48,7 @@ class ConfinementStatus:
 class ConfinementParticipant:
     name = "confinement"
     kinds = frozenset({CGROUP})
+    kept_while_suspended = False
 
     def __init__(self, settings: Settings, hypervisor: Hypervisor) -> None:
         self._settings = settings
@@ -79,6 +80,11 @@ class ConfinementParticipant:
         if reasons:
             log.warning("VM confinement is partial: %s", self.status.reason)
         return self.status
+
+    @property
+    def vm_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) QEMU runs as once started; None: Kiln's own user."""
+        return self._owner
 
     # ---- hooks
 

@@ -32,3 +32,15 @@ class PipelineLauncher:
 
     async def stop(self, vm_id: str, run_dir: Path) -> None:
         await self._node.stop(vm_id)
+
+
+class HelperLauncher(PipelineLauncher):
+    """How ``kiln.volumes.HelperVms`` starts its helper VMs on a server:
+    through the pipeline, as the node's own VMs (transient: live for the
+    reconciler while they run, removed by it if a dead server left one)."""
+
+    async def destroy(self, vm_id: str, run_dir: Path) -> None:
+        await self.stop(vm_id, run_dir)
+
+    def is_running(self, machine: Machine) -> bool:
+        return self._node.is_running(machine.vm_id)

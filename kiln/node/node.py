@@ -21,12 +21,16 @@ from kiln.node.network import Networking
 from kiln.node.participant import HostResource, Ledger, Participant, VmContext
 from kiln.node.pipeline import Pipeline, Reconciled
 from kiln.node.vm_process import PROCESS, RUN_DIR
+from kiln.node.volumes import NodeVolumes
 from kiln.runtime.driver import BootImage, Hypervisor, Machine, SavedState, SaveOutcome, SaveRecovery
 from kiln.runtime.errors import AgentError
 from kiln.runtime.snapshots import reset_identity
 
 log = logging.getLogger(__name__)
 
+
+# Why VMs get no network on a node built without networking (/healthz, VM records).
+NETWORKING_OFF = "guest networking is turned off (KILN_NETWORKING=off)"
 
 class Node:
     def __init__(
@@ -38,12 +42,16 @@ class Node:
         boot_timeout: float,
         networking: Networking | None = None,
         confinement: ConfinementParticipant | None = None,
+        machines: MachineRegistry | None = None,
+        volumes: NodeVolumes | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         # None: no guest networking on this node at all (tests, the CLI).
         self.networking = networking
         self.confinement = confinement
-        self.machines = MachineRegistry()
+        # None: no volumes on this node (the CLI).
+        self.volumes = volumes
+        self.machines = machines or MachineRegistry()
         self.pipeline = Pipeline(hypervisor, participants, ledger, boot_timeout)
         self.ledger = ledger
         # VMs the node runs for itself (pool, base-snapshot builds, imports):
@@ -60,10 +68,10 @@ class Node:
 
     def health(self) -> dict[str, object]:
         """What this host gives VMs, for ``GET /healthz``."""
-        networking: dict[str, object] = {"mode": "off", "reason": "KILN_NETWORKING=off"}
+        networking: dict[str, object] = {"mode": "off", "reason": NETWORKING_OFF}
         if self.networking is not None:
             status = self.networking.status
-            networking = {"mode": status.mode, "reason": status.reason}
+            networking = {"mode": status.mode, "reason": status.reason or None}
         return {
             "accelerator": self.accel,
             "confinement": self.confinement.status.as_dict() if self.confinement is not None else None,
@@ -138,17 +146,22 @@ class Node:
 
     # -- taking VMs down
 
-    async def stop(self, vm_id: str) -> None:
+    async def stop(self, vm_id: str, *, suspending: bool = False) -> None:
         """Take the VM down and remove everything recorded for it. Waits for a
-        save in progress. Idempotent."""
+        save in progress. Idempotent. ``suspending``: the VM was saved and will
+        be resumed; what its saved state needs stays (its volume attachments)."""
         async with self.machines.save_lock(vm_id):
-            await self.release(vm_id)
+            await self.release(vm_id, suspending=suspending)
 
-    async def release(self, vm_id: str) -> None:
+    async def release(self, vm_id: str, *, suspending: bool = False) -> None:
         """``stop`` for callers that already hold the VM's save lock."""
-        self.machines.pop(vm_id)
-        await self.pipeline.release(vm_id)
-        self._transient.pop(vm_id, None)
+        try:
+            # The machine stays known while participants release: volumes
+            # unmount through the guest before the process goes.
+            await self.pipeline.release(vm_id, suspending=suspending)
+        finally:
+            self.machines.pop(vm_id)
+            self._transient.pop(vm_id, None)
 
     # -- saving
 
@@ -207,11 +220,28 @@ class Node:
         machine = self.machines.get(vm_id)
         return machine is not None and self.hypervisor.is_running(machine)
 
-    async def reconcile(self, live_user_vms: Callable[[], Awaitable[set[str]]]) -> Reconciled:
-        """One reconciler pass; ``live_user_vms`` reads the store's live VMs
-        (called after the host and the ledger were read, see ``Pipeline``)."""
+    async def reconcile(
+        self,
+        live_user_vms: Callable[[], Awaitable[set[str]]],
+        suspended_user_vms: Callable[[], Awaitable[set[str]]] | None = None,
+    ) -> Reconciled:
+        """One reconciler pass; ``live_user_vms`` reads the store's live VMs,
+        ``suspended_user_vms`` its suspended ones (called after the host and
+        the ledger were read, see ``Pipeline``)."""
 
         async def live() -> set[str]:
             return await live_user_vms() | set(self._transient)
 
-        return await self.pipeline.reconcile(live)
+        found = await self.pipeline.reconcile(live, suspended_user_vms)
+        # A VM reported broken is looked at again under its save lock: a hot
+        # attach or detach (or a save) that ran while the pass read the host
+        # and the ledger changes both on purpose, and is over by then.
+        broken = {}
+        for vm_id in found.broken:
+            if vm_id in self._transient:
+                continue  # the node's own VMs (being built or idle): not the caller's to fail
+            async with self.machines.save_lock(vm_id):
+                reason = await self.pipeline.missing(vm_id)
+            if reason is not None:
+                broken[vm_id] = reason
+        return Reconciled(found.removed, broken)

@@ -61,9 +61,13 @@ class EgressRules:
     """The egress policy of a VM as the node enforces it (checked by the service layer)."""
 
     allowed_cidrs: tuple[str, ...] = ()
+    # Reachable over the schemes allowed below.
     allowed_domains: tuple[str, ...] = ()
     allow_http: bool = False
     allow_https: bool = False
+    # Reachable over HTTP and HTTPS whatever the two flags say (the package
+    # managers' registries: apt speaks HTTP, pip and npm HTTPS).
+    web_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,27 @@ class Mount:
     mount_path: str
     read_only: bool
     checkpoint_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SavedDrive:
+    """A volume drive a saved VM had (``Mount`` plus where it sat): a restore
+    of that save needs a drive at the same SCSI target, with the same id, whose
+    content is what the drive held at the save (the checkpoint
+    ``source_checkpoint_id`` of the volume). The restored VM swaps it for the
+    real mount once it is up."""
+
+    volume_id: str
+    mount_path: str
+    read_only: bool
+    checkpoint_id: str | None  # the mount's own checkpoint (None: the volume itself)
+    drive_id: str
+    scsi_id: int
+    source_checkpoint_id: str
+
+    @property
+    def mount(self) -> Mount:
+        return Mount(self.volume_id, self.mount_path, self.read_only, self.checkpoint_id)
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,12 @@ class VmContext:
     # None: the VM has no network at all (its card is unwired).
     egress: EgressRules | None = None
     mounts: tuple[Mount, ...] = ()
+    # The volume drives ``restore_from`` was saved with (a user's snapshot of
+    # a VM that had volumes mounted); empty for a resume, whose drives are its own.
+    saved_drives: tuple[SavedDrive, ...] = ()
+    # A suspended VM coming back: a failed start keeps what participants keep
+    # while a VM is suspended (``Participant.kept_while_suspended``).
+    resuming: bool = False
     hostname: str | None = None  # default: the vm_id
 
 
@@ -113,6 +144,11 @@ class Participant(Protocol):
 
     name: str
     kinds: frozenset[str]  # the HostResource kinds it owns
+    # True: its resources belong to the VM's saved state too (a suspended VM's
+    # volume attachments: its saved devices hold them). A suspend leaves them,
+    # the reconciler counts suspended VMs as their owners, and only the VM's
+    # end releases them.
+    kept_while_suspended: bool
 
     async def prepare(self, vm: VmContext, launch: Launch, ledger: Ledger) -> None:
         """Before the process starts: check, reserve and create host resources

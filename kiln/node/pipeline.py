@@ -13,9 +13,11 @@ resume):
 4. every participant's ``ready`` hook runs (addresses, mounts).
 
 A failure at any step releases everything recorded for the VM, so a failed
-start leaves nothing behind. Taking a VM down is ``release``: every
-participant, in reverse order, removes what the ledger says it made.
-``reconcile`` compares what the host has with the ledger.
+start leaves nothing behind (a failed resume keeps what the suspended VM's
+saved state needs). Taking a VM down is ``release``: every participant, in
+reverse order, removes what the ledger says it made; a suspend leaves the
+participants that are ``kept_while_suspended``. ``reconcile`` compares what
+the host has with the ledger.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Pipeline:
             for participant in self.participants:
                 await participant.ready(vm, machine, restored=restored)
         except BaseException:
-            await self.release(vm.vm_id)
+            await self.release(vm.vm_id, suspending=vm.resuming)
             raise
         return machine
 
@@ -84,10 +86,14 @@ class Pipeline:
         for participant in self.participants:
             await participant.claimed(vm, machine)
 
-    async def release(self, vm_id: str) -> None:
-        """Remove every host resource recorded for the VM (idempotent)."""
+    async def release(self, vm_id: str, *, suspending: bool = False) -> None:
+        """Remove every host resource recorded for the VM (idempotent).
+        ``suspending``: the VM is saved and will come back; participants
+        whose resources its saved state needs keep them."""
         resources = await self.ledger.of_vm(vm_id)
         for participant in reversed(self.participants):
+            if suspending and participant.kept_while_suspended:
+                continue
             mine = [resource for resource in resources if resource.kind in participant.kinds]
             try:
                 await participant.release(vm_id, mine, self.ledger)
@@ -95,9 +101,14 @@ class Pipeline:
                 # The next reconcile pass tries again; the others still release theirs.
                 log.warning("vm %s: %s could not release its resources: %s", vm_id, participant.name, error)
 
-    async def reconcile(self, live: Callable[[], Awaitable[Collection[str]]]) -> Reconciled:
+    async def reconcile(
+        self,
+        live: Callable[[], Awaitable[Collection[str]]],
+        suspended: Callable[[], Awaitable[Collection[str]]] | None = None,
+    ) -> Reconciled:
         """Remove whatever Kiln made that no live VM owns; report live VMs whose
-        recorded resources are gone from the host.
+        recorded resources are gone from the host. ``suspended`` VMs own the
+        resources of participants that keep theirs while a VM is suspended.
 
         Per participant, in this order: what the host has, then the ledger,
         then which VMs are live. A resource is recorded before it is made and a
@@ -113,6 +124,8 @@ class Pipeline:
                 continue
             rows = [row for row in await self.ledger.all() if row.kind in participant.kinds]
             alive = set(await live())
+            if participant.kept_while_suspended and suspended is not None:
+                alive |= set(await suspended())
             present = {(item.kind, item.name) for item in on_host}
             owned = {(row.kind, row.name) for row in rows if row.vm_id in alive}
             stray = [item for item in on_host if (item.kind, item.name) not in owned]
@@ -134,6 +147,21 @@ class Pipeline:
         for item in removed:
             log.info("reconcile: removed %s %s (vm %s: not live)", item.kind, item.name, item.vm_id or "?")
         return Reconciled(removed, broken)
+
+    async def missing(self, vm_id: str) -> str | None:
+        """What the VM lacks now of the resources recorded for it (None:
+        nothing): ``reconcile``'s finding, looked at again by a caller that
+        holds what stops the VM's resources from changing meanwhile."""
+        rows = await self.ledger.of_vm(vm_id)
+        for participant in self.participants:
+            mine = [row for row in rows if row.kind in participant.kinds]
+            if not mine:
+                continue
+            present = {(item.kind, item.name) for item in await participant.inventory()}
+            for row in mine:
+                if (row.kind, row.name) not in present:
+                    return f"its {row.kind} {row.name} is gone from the host"
+        return None
 
     @staticmethod
     def _spec(vm: VmContext, launch: Launch) -> MachineSpec:

@@ -19,6 +19,7 @@ PROCESS = "qemu"
 class VmProcess:
     name = "process"
     kinds = frozenset({RUN_DIR, PROCESS})
+    kept_while_suspended = False
 
     def __init__(self, hypervisor: Hypervisor, vms_dir: Path) -> None:
         self._hypervisor = hypervisor

@@ -19,13 +19,19 @@ import socket
 from pathlib import Path
 
 from kiln.config import Settings
+from kiln.crypto.master_key import derive_key, load_master_key
 from kiln.net.addresses import AddressPlan
 from kiln.net.answers import AnswerBook
 from kiln.net.dns import GuestDns, Upstream, upstream_resolver
 from kiln.net.feed import MAX_CONTROL_LINE, PolicyDirectory
 from kiln.net.host import never_reachable
 from kiln.net.registry import VmRegistry
+from kiln.proxy.intercept import Interceptor
 from kiln.proxy.transparent import TransparentProxy
+from kiln.proxy.upstream import upstream_context
+from kiln.vault.binding import VAULT_PURPOSE
+from kiln.vault.ca import EgressCa, ca_directory
+from kiln.vault.journal import CallJournal
 
 log = logging.getLogger("kiln.proxy")
 
@@ -63,8 +69,24 @@ class EgressDaemon:
             max_ttl=settings.net_dns_max_ttl,
             grace_seconds=settings.net_dns_grace_seconds,
         )
+        # Vaults: the daemon makes the egress CA (its key never leaves this
+        # process) and holds the master key that opens what it injects.
+        self.journal = CallJournal(settings.net_state_dir)
+        interceptor = Interceptor(
+            self.registry,
+            EgressCa.load_or_create(ca_directory(settings.net_state_dir)),
+            # Read, never made here: the server makes it before it starts the daemon.
+            derive_key(load_master_key(settings.data_dir, settings.master_key, create=False), VAULT_PURPOSE),
+            self.journal,
+            upstream_tls=upstream_context(settings.egress_ca_bundle),
+            mark=settings.net_egress_mark,
+        )
         self.proxy = TransparentProxy(
-            self.registry, self.book, host_address=str(plan.host_address), mark=settings.net_egress_mark
+            self.registry,
+            self.book,
+            host_address=str(plan.host_address),
+            mark=settings.net_egress_mark,
+            interceptor=interceptor,
         )
         self._reload_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -74,7 +96,7 @@ class EgressDaemon:
         async with self._reload_lock:
             changed, gone = self.registry.reload()
             for vm in changed:
-                await self.book.keep_only(vm.vm_id, vm.lease, vm.policy.allows_name)
+                await self.book.keep_only(vm.vm_id, vm.lease, vm.allows_name)
                 self.proxy.recheck(vm.vm_id)
             for vm_id in gone:
                 self.book.forget(vm_id)
@@ -88,6 +110,9 @@ class EgressDaemon:
             if op == "reload":
                 await self.reload()
                 answer: dict[str, object] = {"ok": True}
+            elif op == "rotate_calls":
+                self.journal.rotate()  # the API takes the vault calls recorded so far
+                answer = {"ok": True}
             elif op == "ping":
                 answer = {"ok": True, "pid": os.getpid(), "vms": self.registry.count}
             else:
@@ -149,6 +174,8 @@ class EgressDaemon:
 
 
 def main(config: Path) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.model_validate_json(config.read_text())
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     asyncio.run(EgressDaemon(settings).run())

@@ -3,9 +3,10 @@
 ``DaemonSupervisor`` runs ``python -m <module> --config FILE`` in its own
 session, so like the VMs a daemon outlives a restart (or a ``kill -9``) of the
 server, which then adopts it: ``start`` keeps a daemon that answers ``ping`` on
-its control socket and replaces one that does not. Its pid, log and settings
-(0600) are files in its state dir. ``EgressSupervisor`` is the egress daemon's
-(``net/egress.*``); the share router has its own (``kiln.router.supervisor``).
+its control socket and was started with the same settings, and replaces any
+other. Its pid, log and settings (0600) are files in its state dir.
+``EgressSupervisor`` is the egress daemon's (``net/egress.*``); the share
+router has its own (``kiln.router.supervisor``).
 """
 
 from __future__ import annotations
@@ -81,15 +82,22 @@ class DaemonSupervisor:
         return pid if _is_daemon(pid, self.module) else None
 
     async def start(self) -> int:
-        """Make sure the daemon runs (adopting a live one); returns its pid."""
+        """Make sure the daemon runs (adopting a live one started with these
+        settings, replacing one started with others); returns its pid."""
         self.prepare()
+        config = self.settings.model_dump_json()
         running = await self.ping()
-        if running is not None and running.get("pid") == self.pid() and self.adoptable(running):
+        if (
+            running is not None
+            and running.get("pid") == self.pid()
+            and self._config() == config
+            and self.adoptable(running)
+        ):
             return int(running["pid"])
         await self.stop()
         fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as file:
-            file.write(self.settings.model_dump_json())
+            file.write(config)
         with self.log_file.open("ab") as log:
             # Popen returns at once (fork+exec); the daemon's start is awaited below.
             self._process = subprocess.Popen(  # noqa: ASYNC220
@@ -116,9 +124,13 @@ class DaemonSupervisor:
         return True
 
     async def stop(self) -> None:
-        """Stop the daemon (this one's child or an earlier server's); idempotent."""
-        pid = self._process.pid if self._process is not None else self.pid()
-        if pid is not None:
+        """Stop the daemon: this one's child, and the one the pid file names (an
+        earlier server's, or another supervisor's since); idempotent."""
+        targets = [self._process.pid] if self._process is not None and self._process.poll() is None else []
+        recorded = self.pid()  # only a live daemon of this module: a pid file never names a recycled pid here
+        if recorded is not None and recorded not in targets:
+            targets.append(recorded)
+        for pid in targets:
             for sig, wait in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
@@ -129,6 +141,14 @@ class DaemonSupervisor:
                     break
         self._process = None
         self.pid_file.unlink(missing_ok=True)
+
+    def _config(self) -> str | None:
+        """The settings the running daemon was started with (a new KILN_DNS_UPSTREAM,
+        say, needs a new daemon)."""
+        try:
+            return self.config_file.read_text()
+        except OSError:
+            return None
 
     def _log_tail(self) -> str:
         try:

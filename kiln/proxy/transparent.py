@@ -11,6 +11,11 @@ this listener (Kiln's table, ``vm<n>_nat``). For each connection:
    leave through the uplink, gets the bytes read so far; then both ways are
    spliced until either side ends.
 
+A name the VM's vaults cover (and the guest DNS gave it at that address) is
+not spliced but intercepted (``kiln.proxy.intercept``), whatever the policy.
+For such VMs the kernel also sends web traffic to CIDR-allowed addresses here
+(``kiln.net.ruleset``): it is spliced whatever the name.
+
 A refusal is a TCP reset (SO_LINGER 0), never a clean close that looks like
 an answer. Connections are kept per VM, so a policy change closes those it
 no longer admits.
@@ -19,7 +24,6 @@ no longer admits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import struct
@@ -28,14 +32,16 @@ from dataclasses import dataclass, field
 from kiln.net.answers import AnswerBook
 from kiln.net.registry import KnownVm, VmRegistry
 from kiln.proxy.http_host import NotHttp, request_host
+from kiln.proxy.intercept import Interceptor
 from kiln.proxy.sni import NeedMore, NotClientHello, parse_client_hello
+from kiln.proxy.streams import reset
+from kiln.proxy.upstream import open_marked
 
 log = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 SCHEMES = {80: "http", 443: "https"}
 HEAD_TIMEOUT_SECONDS = 10.0
-CONNECT_TIMEOUT_SECONDS = 10.0
 READ_BYTES = 64 * 1024
 MAX_HEAD_BYTES = 96 * 1024
 
@@ -49,15 +55,6 @@ def original_destination(sock: socket.socket) -> tuple[str, int] | None:
     return socket.inet_ntoa(packed), port
 
 
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Abort with a TCP reset."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
 @dataclass(eq=False)
 class Spliced:
     vm_id: str
@@ -65,6 +62,7 @@ class Spliced:
     scheme: str
     address: str
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    intercepted: bool = False  # by a vault service (kept while one covers the name)
 
     def close(self) -> None:
         for writer in self.writers:
@@ -72,11 +70,20 @@ class Spliced:
 
 
 class TransparentProxy:
-    def __init__(self, registry: VmRegistry, book: AnswerBook, *, host_address: str, mark: int) -> None:
+    def __init__(
+        self,
+        registry: VmRegistry,
+        book: AnswerBook,
+        *,
+        host_address: str,
+        mark: int,
+        interceptor: Interceptor | None = None,
+    ) -> None:
         self.registry = registry
         self.book = book
         self.host_address = host_address
         self.mark = mark
+        self.interceptor = interceptor
         self.live: dict[str, set[Spliced]] = {}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -104,6 +111,9 @@ class TransparentProxy:
             log.info("VM %s -> %s:%d refused: %s", vm.vm_id, address, port, why or type(why).__name__)
             reset(writer)
             return
+        if self.intercepts(vm, name, address):
+            await self._intercept(vm, name, scheme, (address, port), head, reader, writer)
+            return
         if not self.admits(vm, name, scheme, address):
             log.info("VM %s -> %s (%s) %s refused by its policy", vm.vm_id, name, address, scheme)
             reset(writer)
@@ -124,17 +134,49 @@ class TransparentProxy:
                 side.close()
 
     def admits(self, vm: KnownVm, name: str, scheme: str, address: str) -> bool:
+        if vm.policy.allows_address(address):
+            return True  # an allowed CIDR admits anything (here only for VMs with vaults)
         return vm.policy.allows_scheme(name, scheme) and self.book.given(vm.vm_id, name, address)
 
+    def intercepts(self, vm: KnownVm, name: str, address: str) -> bool:
+        return (
+            self.interceptor is not None
+            and vm.injection_for(name) is not None
+            and self.book.given(vm.vm_id, name, address)
+        )
+
     def recheck(self, vm_id: str) -> int:
-        """Close the VM's connections its current policy (or its absence) no longer admits."""
+        """Close the VM's connections its current policy and vaults (or their absence) no longer admit."""
         vm = self.registry.by_id(vm_id)
         closed = 0
         for connection in list(self.live.get(vm_id, ())):
-            if vm is None or not self.admits(vm, connection.name, connection.scheme, connection.address):
+            if connection.intercepted:
+                kept = vm is not None and vm.injection_for(connection.name) is not None
+            else:
+                kept = vm is not None and self.admits(vm, connection.name, connection.scheme, connection.address)
+            if not kept:
                 connection.close()
                 closed += 1
         return closed
+
+    async def _intercept(
+        self,
+        vm: KnownVm,
+        name: str,
+        scheme: str,
+        destination: tuple[str, int],
+        head: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        assert self.interceptor is not None
+        connection = Spliced(vm.vm_id, name, scheme, destination[0], [writer], intercepted=True)
+        self.live.setdefault(vm.vm_id, set()).add(connection)
+        try:
+            await self.interceptor.serve(vm, name, scheme, destination, head, reader, writer)
+        finally:
+            self.live.get(vm.vm_id, set()).discard(connection)
+            writer.close()
 
     async def _read_name(self, reader: asyncio.StreamReader, scheme: str) -> tuple[bytes, str]:
         data = b""
@@ -156,17 +198,10 @@ class TransparentProxy:
             return data, hello.server_name
 
     async def _connect(self, address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(sock, (address, port)), CONNECT_TIMEOUT_SECONDS
-            )
-            return await asyncio.open_connection(sock=sock, limit=READ_BYTES)
+            return await open_marked(address, port, self.mark)
         except (OSError, TimeoutError) as error:
             log.info("upstream %s:%d: %s", address, port, error)
-            sock.close()
             return None
 
     @staticmethod

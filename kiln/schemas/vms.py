@@ -9,11 +9,14 @@ these schemas stay the seed's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
+
+from kiln.schemas.volumes import MountRow, mount_summary
 
 # A free-form JSON object. pydantic would document ``dict[str, Any]`` with
 # ``additionalProperties: true``; the seed documents it as a bare object.
@@ -108,7 +111,6 @@ class VmRow(Protocol):
     expires_at: datetime
     share: dict[str, Any] | None
     custom_domain: dict[str, Any] | None
-    volumes: list[dict[str, Any]]
     vault_ids: list[str]
     env_status: str
     env_error: str | None
@@ -119,6 +121,10 @@ class VmRow(Protocol):
     auto_resume: bool
     snapshot_id: str | None
     terminate_snapshot_id: str | None
+    network_error: str | None
+
+    @property
+    def mounts(self) -> Sequence[MountRow]: ...
 
 
 class VMRecord(BaseModel):
@@ -149,6 +155,9 @@ class VMRecord(BaseModel):
     # Where the SSH gateway takes `ssh <vm_id>@<ssh_host> -p <ssh_port>` (null: no gateway).
     ssh_host: str | None = None
     ssh_port: int | None = None
+    # Set when its egress_policy allows something but the host gives it no
+    # network at all (it then reaches nothing outside itself): why.
+    network_error: str | None = None
 
     @classmethod
     def from_row(cls, vm: VmRow, ssh: tuple[str, int] | None = None) -> VMRecord:
@@ -166,7 +175,7 @@ class VMRecord(BaseModel):
             expires_at=vm.expires_at,
             share=vm.share,
             custom_domain=vm.custom_domain,
-            volumes=vm.volumes,
+            volumes=[mount_summary(mount) for mount in vm.mounts],
             vault_ids=vm.vault_ids,
             env_status=vm.env_status,
             env_error=vm.env_error,
@@ -177,6 +186,7 @@ class VMRecord(BaseModel):
             auto_resume=vm.auto_resume,
             snapshot_id=vm.snapshot_id,
             terminate_snapshot_id=vm.terminate_snapshot_id,
+            network_error=vm.network_error,
         )
 
 

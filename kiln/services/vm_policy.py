@@ -4,15 +4,14 @@
 service uses, or raise ``InvalidRequest`` listing every problem at once (the API
 answers 422 with one ``detail`` entry per problem).
 
-Fields of features Kiln has not built yet are refused in ``refuse_unbuilt``,
-and only there: a client must never believe a share, a volume or a vault is in
-place when it is not. Each later feature deletes its line from that function.
+Every field of the founding spec's ``POST /v1/vms`` has its feature now (the
+last, ``vault_ids``, with the vaults), so nothing here refuses a field as
+unbuilt.
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -20,24 +19,18 @@ from datetime import timedelta
 from typing import Any
 
 from kiln.config import Settings
-from kiln.node.participant import EgressRules
 from kiln.schemas.vms import CustomDomainRequest, ShareRequest, VMCreateRequest, VMUpdateRequest
 from kiln.services.domains.policy import check_domain
+from kiln.services.egress_policy import canonical, check_policy
 from kiln.services.errors import FieldProblem, InvalidRequest
+from kiln.services.volumes.rules import mount_problems
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_ENV_ENTRIES = 256
 MAX_METADATA_BYTES = 64 * 1024
 MAX_SNAPSHOT_NAME_LENGTH = 255
-# Guest paths a volume must never cover: the guest's own kernel interfaces.
-RESERVED_MOUNT_ROOTS = ("/proc", "/sys", "/dev")
-MOUNT_MODES = ("rw", "ro")
 DEFAULT_IMAGE_VARIANT = "default"
-
-PACKAGE_MANAGER_FLAGS = ("allow_package_managers", "allow_public_repos")
-EGRESS_FLAGS = (*PACKAGE_MANAGER_FLAGS, "allow_http", "allow_https")
-EGRESS_LISTS = ("allowed_domains", "allowed_cidrs")
 
 
 @dataclass(frozen=True)
@@ -98,7 +91,7 @@ def check_create(
     env = request.env or {}
     _check_env(check, env)
     if request.egress_policy is not None:
-        _check_egress_policy(check, request.egress_policy)
+        problems.extend(check_policy(request.egress_policy, ("egress_policy",)))
     check.snapshot_name(("snapshot_name",), request.snapshot_name)
     _check_volumes(check, [volume.model_dump() for volume in request.volumes or []])
     if request.custom_domain is not None:
@@ -108,7 +101,6 @@ def check_create(
         problems.extend(
             check_domain(settings, domain.domain, domain.dns_provider, domain.dns_credentials, ("custom_domain",))[1]
         )
-    problems.extend(refuse_unbuilt(request))
 
     if problems:
         raise InvalidRequest(problems)
@@ -120,7 +112,8 @@ def check_create(
         image_variant=image_variant,
         metadata=metadata,
         env=env,
-        egress_policy=request.egress_policy,
+        # As the VM keeps it: every key, one name per key (none given: deny all).
+        egress_policy=None if request.egress_policy is None else canonical(request.egress_policy),
         snapshot_name=request.snapshot_name,
         snapshot_on_terminate=bool(request.snapshot_on_terminate),
         share=request.share,
@@ -146,33 +139,9 @@ def check_update(request: VMUpdateRequest, settings: Settings) -> dict[str, Any]
     if "metadata" in changes:
         check.metadata(("metadata",), changes["metadata"])
     check.snapshot_name(("snapshot_name",), changes.get("snapshot_name"))
-    problems.extend(refuse_unbuilt(request))
     if problems:
         raise InvalidRequest(problems)
     return changes
-
-
-def refuse_unbuilt(request: VMCreateRequest | VMUpdateRequest) -> list[FieldProblem]:
-    """Problems for request fields whose feature does not exist yet.
-
-    THE one place that knows which features are missing: a feature's issue
-    removes its line here when it makes the field work.
-    """
-    given = request.model_dump(exclude_none=True)
-    problems: list[FieldProblem] = []
-
-    def refuse(name: str, what: str) -> None:
-        problems.append(FieldProblem((name,), f"{what} is not supported yet"))
-
-    if given.get("volumes"):
-        refuse("volumes", "mounting volumes")
-    if given.get("vault_ids"):
-        refuse("vault_ids", "vault credential injection")
-    policy = given.get("egress_policy") or {}
-    for flag in PACKAGE_MANAGER_FLAGS:
-        if policy.get(flag):
-            refuse("egress_policy", f"{flag} (the package-manager domain group)")
-    return problems
 
 
 class _Checker:
@@ -215,46 +184,10 @@ def _check_env(check: _Checker, env: dict[str, str]) -> None:
             check.fail(("env", name), "value must not contain NUL characters")
 
 
-def _check_egress_policy(check: _Checker, policy: dict[str, Any]) -> None:
-    for key, value in policy.items():
-        if key in EGRESS_FLAGS:
-            if not isinstance(value, bool):
-                check.fail(("egress_policy", key), "must be a boolean")
-        elif key in EGRESS_LISTS:
-            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                check.fail(("egress_policy", key), "must be a list of strings")
-        else:
-            check.fail(("egress_policy", key), "unknown egress policy key")
-
-
-def egress_rules(policy: dict[str, Any] | None) -> EgressRules:
-    """The rules a (checked) ``egress_policy`` asks for; none given: nothing is
-    reachable (deny by default)."""
-    policy = policy or {}
-    return EgressRules(
-        allowed_cidrs=tuple(policy.get("allowed_cidrs") or ()),
-        allowed_domains=tuple(policy.get("allowed_domains") or ()),
-        allow_http=bool(policy.get("allow_http")),
-        allow_https=bool(policy.get("allow_https")),
-    )
-
-
 def _check_volumes(check: _Checker, volumes: list[dict[str, Any]]) -> None:
     seen: set[str] = set()
     for index, volume in enumerate(volumes):
-        path = volume["mount_path"]
-        loc = ("volumes", index, "mount_path")
-        # normpath keeps a leading "//" (POSIX allows it a meaning); the guest does not.
-        normalized = "/" + posixpath.normpath(path).lstrip("/")
-        if not path.startswith("/") or "\0" in path:
-            check.fail(loc, "must be an absolute path")
-        elif normalized == "/" or any(
-            normalized == root or normalized.startswith(root + "/")
-            for root in RESERVED_MOUNT_ROOTS
-        ):
-            check.fail(loc, f"must not be / or under {', '.join(RESERVED_MOUNT_ROOTS)}")
-        elif normalized in seen:
-            check.fail(loc, f"{normalized} is mounted twice")
-        seen.add(normalized)
-        if volume["mode"] not in MOUNT_MODES:
-            check.fail(("volumes", index, "mode"), "must be 'rw' or 'ro'")
+        check.problems.extend(mount_problems(("volumes", index), volume["mount_path"], volume["mode"]))
+        if volume["mount_path"] in seen:
+            check.fail(("volumes", index, "mount_path"), f"{volume['mount_path']} is mounted twice")
+        seen.add(volume["mount_path"])

@@ -53,7 +53,7 @@ async def _settle(vms: VmService, vm: Vm) -> None:
         await vms.fail(vm.id, "the server restarted while the VM was being created")
         return
     if vm.status == S.RESUMING:
-        await node.stop(vm.id)
+        await node.stop(vm.id, suspending=True)
         await vms.set_status(vm.id, S.RESUMING, S.SUSPENDED, failure_reason="the server restarted during the resume")
         log.info("vm %s: the resume a restart cut short was undone; it is suspended", vm.id)
         return
@@ -72,7 +72,7 @@ async def _settle(vms: VmService, vm: Vm) -> None:
             log.info("vm %s: the suspend a restart cut short was undone; it runs", vm.id)
         elif outcome == SaveOutcome.COMPLETED or (outcome is None and await vms.snapshots.is_suspend_state_of(vm)):
             # Finished (and maybe recorded) just before the stop.
-            await node.stop(vm.id)
+            await node.stop(vm.id, suspending=True)
             await vms.set_status(vm.id, S.SUSPENDING, S.SUSPENDED)
             log.info("vm %s: the suspend a restart cut short was finished", vm.id)
         else:

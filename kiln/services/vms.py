@@ -19,7 +19,7 @@ import secrets
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,9 +28,9 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.config import Settings
-from kiln.node.network import EgressRefused
+from kiln.node.network import EgressRefused, check_rules
 from kiln.node.node import Node
-from kiln.node.participant import VmContext
+from kiln.node.participant import SavedDrive, VmContext
 from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Machine, SavedState
 from kiln.runtime.errors import AgentError
@@ -38,6 +38,7 @@ from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.activity import Activity
 from kiln.services.admission import Admission
 from kiln.services.disk_budget import DiskBudget
+from kiln.services.egress_policy import EgressPolicies, network_error
 from kiln.services.errors import (
     CapacityExhausted,
     Conflict,
@@ -62,7 +63,9 @@ from kiln.services.states import (
 )
 from kiln.services.telemetry import NoTelemetry, Telemetry
 from kiln.services.usage import ledger_transition
-from kiln.services.vm_policy import CreatePlan, check_create, check_update, egress_rules
+from kiln.services.vault_bindings import VaultBindings
+from kiln.services.vm_policy import CreatePlan, check_create, check_update
+from kiln.services.volumes.mounts import MountPlan, VolumeMounts, vm_mounts
 from kiln.store.db import Database
 from kiln.store.models import Vm
 from kiln.store.repositories import HostResourceRepository, SessionRepository, VmRepository
@@ -126,9 +129,15 @@ class VmService:
         planner: RestorePlanner,
         admission: Admission,
         disk: DiskBudget,
+        vault_bindings: VaultBindings,
         pool: WarmPool | None = None,
+        mounts: VolumeMounts | None = None,
+        *,
+        egress: EgressPolicies,
     ) -> None:
         self._settings = settings
+        # Stored egress policies into the node's rules (with the package-manager group).
+        self.egress = egress
         self.db = db
         self.node = node
         self._images = images
@@ -137,6 +146,8 @@ class VmService:
         self.admission = admission
         self.disk = disk
         self.pool = pool
+        self.mounts = mounts
+        self.vault_bindings = vault_bindings
         self._boot_tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
         # Serialises teardown (terminate / fail) per VM; entries vanish when unused.
@@ -190,8 +201,15 @@ class VmService:
         started = time.monotonic()
         plan = check_create(request, self._settings, self._images.variants())
         self._check_egress(plan.egress_policy)
+        vault_ids = await self.vault_bindings.checked_ids(owner_id, request.vault_ids)
         # snapshot_id: the snapshot's shape and image (404 / 422 when it cannot be).
         plan, source = await self.planner.plan_source(owner_id, request, plan)
+        mounts = MountPlan()
+        if self.mounts is not None:
+            # 404 / 409 / 422 before anything starts; a snapshot's volumes come back with it.
+            mounts = await self.mounts.plan(
+                owner_id, request.volumes, source.id if source else None, source.mounts if source else ()
+            )
         image = self._images.get(plan.image_variant)
         if image is None:
             raise ImageNotBuilt(
@@ -215,9 +233,11 @@ class VmService:
             vm = await self._admit(
                 owner_id,
                 plan,
+                vault_ids,
                 vm_id=claimed.vm_id if claimed else None,
                 snapshot_id=restore.snapshot_id if restore else None,
                 disk_snapshot_id=restore.disk_snapshot_id if restore else None,
+                mounts=mounts,
             )
         except BaseException:
             if claimed is not None:
@@ -225,7 +245,8 @@ class VmService:
                 if self.pool is not None:
                     self.pool.refill()
             raise
-        self._start_boot(self.context(vm, image, restore.saved if restore else None), plan.env, claimed=claimed)
+        context = self.context(vm, image, restore.saved if restore else None, saved_drives=mounts.saved_drives)
+        self._start_boot(context, plan.env, claimed=claimed)
         if not wait:
             return vm
         path = "pool" if claimed is not None else "restore" if restore is not None else "cold"
@@ -244,6 +265,12 @@ class VmService:
             raise InvalidRequest.single(
                 ("snapshot_id",), "a clone starts from the VM itself; leave snapshot_id out"
             )
+        if request.egress_policy is None:
+            # A clone reaches what its source reaches unless the request says otherwise.
+            source = await self.get(owner_id, vm_id)
+            request = request.model_copy(update={"egress_policy": source.egress_policy})
+        if self.mounts is not None:
+            await self.mounts.check_clone(owner_id, vm_id)
         snapshot = await self.snapshots.snapshot_vm(owner_id, vm_id, request.snapshot_name, wait=True)
         if snapshot.status != SnapshotStatus.READY:
             raise Conflict(f"vm {vm_id} could not be snapshotted: {snapshot.failure_reason}")
@@ -268,6 +295,8 @@ class VmService:
 
     async def update(self, owner_id: int, vm_id: str, request: VMUpdateRequest) -> Vm:
         changes = check_update(request, self._settings)
+        if "vault_ids" in changes:
+            changes["vault_ids"] = await self.vault_bindings.checked_ids(owner_id, changes["vault_ids"])
         async with self.db.transaction() as session:
             vm = await VmRepository(session).get(owner_id, vm_id)
             if vm is None:
@@ -285,6 +314,8 @@ class VmService:
             if "vault_ids" in changes:
                 vm.vault_ids = changes["vault_ids"]
             await record(session, vm_event(vm, "vm.updated", payload={"fields": sorted(changes)}, **by_user(owner_id)))
+        if "vault_ids" in changes and vm.status in (S.CREATING, S.RUNNING):
+            await self.vault_bindings.apply(vm)  # the next request already has (or lacks) them
         return vm
 
     async def terminate(self, owner_id: int, vm_id: str) -> Vm:
@@ -339,7 +370,7 @@ class VmService:
                 raise Conflict(f"vm {vm_id} could not be suspended: {describe(error)}") from error
             await self.fail(vm_id, f"suspending failed: {describe(error)}")
             return await self.reload(vm_id)
-        await self.node.stop(vm_id)
+        await self.node.stop(vm_id, suspending=True)
         await self.set_status(vm_id, S.SUSPENDING, S.SUSPENDED, failure_reason=None)
         return await self.reload(vm_id)
 
@@ -354,6 +385,13 @@ class VmService:
             await asyncio.to_thread(self.disk.check_create, disk_bytes(image))
             if not await self.set_status(vm_id, S.SUSPENDED, S.RESUMING):
                 raise Conflict(f"vm {vm_id} changed state meanwhile; try again")
+            # Read again: a policy stored while it was suspended is the one it resumes with.
+            vm = await self.reload(vm_id)
+            if (error := network_error(vm.egress_policy, self.node)) != vm.network_error:
+                async with self.db.transaction() as session:
+                    await VmRepository(session).compare_and_set_status(
+                        vm_id, S.RESUMING, S.RESUMING, network_error=error
+                    )
             assert vm.disk_snapshot_id is not None, "a suspended VM has its saved state"
             saved = await self.snapshots.saved_state_of(vm.disk_snapshot_id)
             self._start_boot(self.context(vm, image, saved), {}, current=S.RESUMING)
@@ -372,8 +410,15 @@ class VmService:
     def run_dir(self, vm_id: str) -> Path:
         return self._settings.vms_dir / vm_id
 
-    def context(self, vm: Vm, image: BootImage, restore_from: SavedState | None) -> VmContext:
-        """What the pipeline needs to bring ``vm`` up from ``image`` or ``restore_from``.
+    def context(
+        self,
+        vm: Vm,
+        image: BootImage,
+        restore_from: SavedState | None,
+        saved_drives: tuple[SavedDrive, ...] = (),
+    ) -> VmContext:
+        """What the pipeline needs to bring ``vm`` up from ``image`` or ``restore_from``
+        (``saved_drives``: the volume drives that snapshot was saved with).
         Where the host wires networks every VM gets one, filtered by its policy
         (none given: nothing is reachable); elsewhere it gets none at all."""
         return VmContext(
@@ -384,11 +429,21 @@ class VmService:
             image=image,
             run_dir=self.run_dir(vm.id),
             restore_from=restore_from,
-            egress=egress_rules(vm.egress_policy) if self.node.wires_networks else None,
+            egress=self.egress.rules(vm.egress_policy) if self.node.wires_networks else None,
+            mounts=vm_mounts(vm),
+            saved_drives=saved_drives,
+            resuming=vm.status == S.SUSPENDED,
         )
 
     def booting(self, vm_id: str) -> bool:
         return vm_id in self._boot_tasks
+
+    async def wait_booted(self, vm_id: str) -> Vm:
+        """The VM's record once a boot in progress (create, resume) has ended, whatever its outcome."""
+        task = self._boot_tasks.get(vm_id)
+        if task is not None:
+            await asyncio.gather(asyncio.shield(task), return_exceptions=True)
+        return await self.reload(vm_id)
 
     async def set_status(self, vm_id: str, current: str, target: VmStatus, **fields: Any) -> bool:
         """Persist one transition; False if the VM is no longer in ``current``."""
@@ -421,10 +476,12 @@ class VmService:
             if not await self.set_status(vm_id, vm.status, S.FAILED, failure_reason=reason):
                 return
             await self.node.stop(vm_id)
+            await self._mounts_gone(vm_id)
 
     async def finish_terminate(self, vm_id: str, snapshot_id: str | None = None) -> Vm:
         """Tear down a VM already ``terminating`` and record it ``terminated``."""
         await self.node.stop(vm_id)
+        await self._mounts_gone(vm_id)
         await self.set_status(
             vm_id, S.TERMINATING, S.TERMINATED, terminated_at=_now(), terminate_snapshot_id=snapshot_id
         )
@@ -466,14 +523,20 @@ class VmService:
         """One reconciler pass: remove what no live VM owns; fail running VMs
         that lost a resource they had."""
 
-        async def live_vms() -> set[str]:
+        async def vms_in(statuses: Collection[str]) -> set[str]:
             async with self.db.transaction() as session:
-                return {vm.id for vm in await VmRepository(session).list_any_owner(RESOURCE_HOLDING_STATUSES)}
+                return {vm.id for vm in await VmRepository(session).list_any_owner(statuses)}
 
-        result = await self.node.reconcile(live_vms)
+        async def live_vms() -> set[str]:
+            return await vms_in(RESOURCE_HOLDING_STATUSES)
+
+        async def suspended_vms() -> set[str]:
+            return await vms_in({S.SUSPENDED})
+
+        result = await self.node.reconcile(live_vms, suspended_vms)
         for vm_id, reason in result.broken.items():
-            if vm_id in self._boot_tasks or self.node.machines.saving(vm_id):
-                continue  # being made or saved: its resources come and go on purpose
+            if vm_id in self._boot_tasks or vm_id in self.node.transient or self.node.machines.saving(vm_id):
+                continue  # being made or saved, or the node's own: its resources come and go on purpose
             vm = await self.reload(vm_id)
             if vm.status == S.RUNNING:
                 log.warning("vm %s: %s", vm_id, reason)
@@ -483,10 +546,10 @@ class VmService:
 
     def _check_egress(self, policy: dict[str, Any] | None) -> None:
         """422 on ``egress_policy`` for a policy that cannot be enforced (a bad name or CIDR)."""
-        if policy is None or self.node.networking is None:
+        if policy is None:
             return
         try:
-            self.node.networking.check(egress_rules(policy))
+            check_rules(self.egress.rules(policy))
         except EgressRefused as error:
             raise InvalidRequest.single(("egress_policy",), str(error)) from error
 
@@ -494,13 +557,15 @@ class VmService:
         self,
         owner_id: int,
         plan: CreatePlan,
+        vault_ids: Sequence[str],
         *,
         vm_id: str | None = None,
         snapshot_id: str | None = None,
         disk_snapshot_id: str | None = None,
+        mounts: MountPlan | None = None,
     ) -> Vm:
         """Check the host's limits and the user's quota and insert the VM
-        (status creating), atomically."""
+        (status creating) with its mounts, atomically."""
         async with self.admission.lock, self.db.transaction() as session:
             await self.admission.check(session, owner_id, plan.memory_mb, plan.vcpu_count)
             session_id = plan.session_id or str(uuid.uuid4())
@@ -521,8 +586,8 @@ class VmService:
                     labels=plan.metadata,
                     env_status="pending" if plan.env else "none",
                     egress_policy=plan.egress_policy,
-                    volumes=[],
-                    vault_ids=[],
+                    network_error=network_error(plan.egress_policy, self.node),
+                    vault_ids=list(vault_ids),
                     snapshot_on_terminate=plan.snapshot_on_terminate,
                     snapshot_name=plan.snapshot_name,
                     snapshot_id=snapshot_id,
@@ -540,6 +605,9 @@ class VmService:
             if vm_id is not None:
                 # A claimed pool VM: its host resources are this user's now.
                 await HostResourceRepository(session).set_owner_any_owner(vm_id, owner_id)
+            if mounts is not None and self.mounts is not None:
+                await self.mounts.record(session, owner_id, vm.id, mounts)
+            await session.refresh(vm, ["mounts"])
             return vm
 
     def _start_boot(
@@ -577,14 +645,15 @@ class VmService:
             env_fields = {"env_status": env_status, "env_error": env_error} if current == S.CREATING else {}
             # False when a DELETE or the reaper moved the VM on meanwhile; they tear it down.
             self.activity.touch(vm_id)
-            await self.set_status(vm_id, current, S.RUNNING, **env_fields)
+            if await self.set_status(vm_id, current, S.RUNNING, **env_fields) and self.mounts is not None:
+                await self.mounts.vm_running(vm_id)
         except asyncio.CancelledError:
             raise  # whoever cancelled the boot (terminate, stop) cleans up
         except Exception as error:
             log.warning("vm %s failed to start: %s", vm_id, describe(error))
             if current == S.RESUMING:
                 # The saved state is untouched: the VM stays suspended, and may be resumed again.
-                await self.node.stop(vm_id)
+                await self.node.stop(vm_id, suspending=True)
                 reason = f"resuming failed: {describe(error)}"
                 await self.set_status(vm_id, S.RESUMING, S.SUSPENDED, failure_reason=reason)
             else:
@@ -646,6 +715,10 @@ class VmService:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    async def _mounts_gone(self, vm_id: str) -> None:
+        if self.mounts is not None:
+            await self.mounts.vm_ended(vm_id)
 
     def _teardown_lock(self, vm_id: str) -> asyncio.Lock:
         lock = self._teardown_locks.get(vm_id)

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from kiln.config import Settings
+from kiln.crypto.master_key import derive_key, load_master_key
 from kiln.node.host import build_node
-from kiln.node.launcher import PipelineLauncher
+from kiln.node.launcher import HelperLauncher, PipelineLauncher
 from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Hypervisor, SavedState
 from kiln.runtime.snapshots import BaseSnapshots, Shape
@@ -15,14 +17,27 @@ from kiln.services import vm_recovery
 from kiln.services.admission import Admission
 from kiln.services.background import BackgroundTasks
 from kiln.services.disk_budget import DiskBudget
+from kiln.services.egress_policy import EgressPolicies
 from kiln.services.host_resources import StoreLedger
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
+from kiln.services.vault_bindings import VaultBindings, injections_of_vm
+from kiln.services.vault_calls import VaultCallLog
+from kiln.services.vaults import VaultService
 from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT
 from kiln.services.vms import ImageSource, VmService, new_vm_id
+from kiln.services.volumes.files import VolumeFileService
+from kiln.services.volumes.mounts import VolumeMounts
+from kiln.services.volumes.service import VolumeService
 from kiln.store.db import Database
 from kiln.store.repositories import ResourceUsage
+from kiln.vault.binding import VAULT_PURPOSE
+from kiln.volumes import HelperBase, HelperVms, VolumeError
+
+# Helper VMs (file access to unmounted volumes) are small: they only mount a
+# volume and move bytes.
+HELPER_SHAPE = Shape(memory_mb=256, vcpu_count=1)
 
 
 @dataclass(frozen=True)
@@ -30,17 +45,25 @@ class VmServices:
     vms: VmService
     importer: ImageImporter
     background: BackgroundTasks
+    volumes: VolumeService
+    volume_files: VolumeFileService
+    mounts: VolumeMounts
+    vaults: VaultService
+    vault_calls: VaultCallLog
 
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
         vms = self.vms
         await vms.node.start_host()
+        await self.volumes.start()
         await vm_recovery.recover(vms, vms.db)
+        await self.mounts.settle()
         await vms.snapshots.fail_unfinished()
         await vms.snapshots.housekeeping.start()
         await vms.planner.base.remove_unfinished_builds()
         await self.importer.remove_unfinished()
         vms.start_loops()
+        self.vault_calls.start()
         if vms.pool is not None:
             await vms.pool.start()
 
@@ -50,14 +73,17 @@ class VmServices:
         if vms.pool is not None:
             await vms.pool.stop()
         await vms.snapshots.housekeeping.stop()
+        await self.vault_calls.stop()
         await vms.stop()
         await self.background.stop()
+        if vms.node.volumes is not None:
+            await vms.node.volumes.close()
 
 
 def build_vm_services(
     settings: Settings, db: Database, hypervisor: Hypervisor, images: ImageSource
 ) -> VmServices:
-    node = build_node(settings, hypervisor, StoreLedger(db))
+    node = build_node(settings, hypervisor, StoreLedger(db), injections_of=partial(injections_of_vm, db))
     background = BackgroundTasks()
     base = BaseSnapshots(settings, hypervisor, PipelineLauncher(node))
     planner = RestorePlanner(db, node, base, background, settings.max_base_shapes)
@@ -75,8 +101,29 @@ def build_vm_services(
             return image, saved
 
         pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id)
-    # The node's own VMs (idle pool VMs among them) count against the host.
+    if node.volumes is not None:
+
+        async def helper_base() -> HelperBase:
+            image = images.get(DEFAULT_IMAGE_VARIANT)
+            if image is None:
+                raise VolumeError(f"file access to unmounted volumes needs the {DEFAULT_IMAGE_VARIANT} image built")
+            _, saved = await planner.ensure_base_snapshot(image, HELPER_SHAPE)
+            return HelperBase(image, saved)
+
+        node.volumes.use_helpers(HelperVms(settings, HelperLauncher(node), helper_base))
+    # The node's own VMs (idle pool VMs and volume helpers among them) count against the host.
     admission = Admission(settings, lambda: ResourceUsage(*node.transient_usage()))
-    vms = VmService(settings, db, node, images, snapshots, planner, admission, disk, pool)
+    # The package-manager group is read now: a broken file stops the start.
+    egress = EgressPolicies.load(settings.egress_package_managers_file)
+    mounts = VolumeMounts(db, node, background)
+    bindings = VaultBindings(db, node)
+    vms = VmService(
+        settings, db, node, images, snapshots, planner, admission, disk, bindings, pool, mounts, egress=egress
+    )
     importer = ImageImporter(settings, db, node, images if isinstance(images, ImageFiles) else None, background)
-    return VmServices(vms, importer, background)
+    volumes = VolumeService(settings, db, node)
+    files = VolumeFileService(db, node, settings.max_upload_bytes, settings.max_download_bytes)
+    # The master key first made here, before the egress daemon (which opens what it seals) starts.
+    vault_key = derive_key(load_master_key(settings.data_dir, settings.master_key), VAULT_PURPOSE)
+    vaults = VaultService(db, vault_key, bindings)
+    return VmServices(vms, importer, background, volumes, files, mounts, vaults, VaultCallLog(db, node))

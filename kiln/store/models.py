@@ -23,7 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utc_now() -> datetime:
@@ -116,9 +116,11 @@ class Vm(Base):
     env_status: Mapped[str] = mapped_column(String(16), default="none")
     env_error: Mapped[str | None] = mapped_column(Text)
     egress_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Egress (migration 0005): set when the policy allows something but the host
+    # gives the VM no network at all (it then reaches nothing); says why.
+    network_error: Mapped[str | None] = mapped_column(Text)
     share: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     custom_domain: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    volumes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     vault_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     snapshot_on_terminate: Mapped[bool] = mapped_column(Boolean, default=False)
     snapshot_name: Mapped[str | None] = mapped_column(String(255))
@@ -135,6 +137,10 @@ class Vm(Base):
     disk_snapshot_id: Mapped[str | None] = mapped_column(String(64), index=True)
     # The snapshot taken when the VM was terminated (snapshot_on_terminate).
     terminate_snapshot_id: Mapped[str | None] = mapped_column(String(64))
+    # Its volume mounts (migration 0009), read with the VM: its record shows them.
+    mounts: Mapped[list[VolumeMount]] = relationship(
+        lazy="selectin", order_by="VolumeMount.id", viewonly=True
+    )
 
 
 class ExecutionTask(Base):
@@ -187,6 +193,61 @@ class Snapshot(Base):
     # The snapshot whose disk this one's disk is written on top of.
     parent_id: Mapped[str | None] = mapped_column(String(64), index=True)
     directory: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    # The volume drives the saved VM had (migration 0009): each drive's mount
+    # and where it sat, and the checkpoint of its volume that holds what it
+    # held at the save (``kiln.node.participant.SavedDrive``); a restore
+    # mounts those volumes again.
+    mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+
+class Volume(Base):
+    """A persistent volume: an ext4 filesystem of at most ``quota_bytes``
+    (``kiln.volumes`` keeps its files under the data dir, by this id)."""
+
+    __tablename__ = "volumes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    quota_bytes: Mapped[int] = mapped_column(BigInteger)
+    # As last counted (the guest's statfs, or the image's superblock).
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now, onupdate=utc_now)
+
+
+class VolumeCheckpoint(Base):
+    """A user's checkpoint of a volume (its content at one moment, copy-on-write)."""
+
+    __tablename__ = "volume_checkpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    # What its own layer takes on the host when it was made (the changes since the one before).
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class VolumeMount(Base):
+    """A volume mounted in a VM (at create, or hot), for as long as the VM
+    lives or until it is unmounted. ``status``: attaching, mounted, detaching,
+    or failed (a background attach that did not work; ``failure_reason``)."""
+
+    __tablename__ = "volume_mounts"
+    __table_args__ = (UniqueConstraint("vm_id", "mount_path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id", ondelete="CASCADE"), index=True)
+    mount_path: Mapped[str] = mapped_column(String(1024))
+    mode: Mapped[str] = mapped_column(String(2))  # rw or ro
+    checkpoint_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
 
 
@@ -378,3 +439,73 @@ class UsageInterval(Base):
     memory_mb: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+# ---- vaults (migration 0010_vaults)
+
+
+class Vault(Base):
+    """A named set of credentials and the services they are injected into."""
+
+    __tablename__ = "vaults"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now, onupdate=utc_now)
+
+
+class VaultCredential(Base):
+    """A secret of a vault, sealed under the master key's vault purpose key (``kiln.crypto``);
+    its plaintext is never stored and never returned."""
+
+    __tablename__ = "vault_credentials"
+    __table_args__ = (UniqueConstraint("vault_id", "name", name="uq_vault_credentials_name"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    vault_id: Mapped[str] = mapped_column(ForeignKey("vaults.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    credential_type: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(Text)
+    sealed_value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    rotated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class VaultServiceBinding(Base):
+    """A host a vault's credential goes to (the API's "service"), and how (``auth_config``)."""
+
+    __tablename__ = "vault_services"
+    __table_args__ = (UniqueConstraint("vault_id", "host", name="uq_vault_services_host"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    vault_id: Mapped[str] = mapped_column(ForeignKey("vaults.id", ondelete="CASCADE"), index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    auth_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    template_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class VaultCall(Base):
+    """A request the egress proxy injected one of the vault's credentials into
+    (``request-logs``; from the proxy's journal, ``kiln.vault.journal``)."""
+
+    __tablename__ = "vault_calls"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    vault_id: Mapped[str] = mapped_column(ForeignKey("vaults.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(64))
+    service_id: Mapped[str] = mapped_column(String(64))
+    credential_id: Mapped[str] = mapped_column(String(64))
+    credential_name: Mapped[str] = mapped_column(String(128))
+    host: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)

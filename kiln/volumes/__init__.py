@@ -14,6 +14,7 @@ from kiln.volumes.errors import (
     VolumeExists,
     VolumeFileConflict,
     VolumeFileNotFound,
+    VolumeFileTooLarge,
     VolumeNotFound,
     VolumeTooSmall,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "VolumeExists",
     "VolumeFileConflict",
     "VolumeFileNotFound",
+    "VolumeFileTooLarge",
     "VolumeInfo",
     "VolumeNotFound",
     "VolumeParticipant",

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from kiln.node.participant import Mount
+from kiln.node.participant import Mount, SavedDrive
 from kiln.runtime.driver import ScsiDrive
 from kiln.runtime.errors import RuntimeFailure
 from kiln.volumes import chain, hotplug, procfs
@@ -41,7 +41,7 @@ from kiln.volumes.errors import (
 )
 from kiln.volumes.guest import Agent, GuestVolumes
 from kiln.volumes.hotplug import Qmp
-from kiln.volumes.layout import VolumeMeta, VolumePaths, check_id, top_path, write_meta
+from kiln.volumes.layout import FileOwner, VolumeMeta, VolumePaths, check_id, top_path, write_meta
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,19 @@ async def plan(
     vm_id: str,
     mount: Mount,
     taken_scsi_ids: set[int],
+    owner: FileOwner = None,
 ) -> Attachment:
     """The attachment record of ``mount`` on ``vm_id``, written (state planned);
-    the same record again if it exists already."""
+    the same record again if it exists already. ``owner``: whose a throwaway
+    top is (the user a confined QEMU runs as)."""
     check_id(vm_id, "vm id")
     mount_path = check_mount_path(mount.mount_path)
     drive_id = drive_id_for(mount.volume_id, mount_path, mount.checkpoint_id)
     existing = store.of_volume(mount.volume_id)
     for other in existing:
         if other.vm_id == vm_id and other.drive_id == drive_id:
+            if other.placeholder:
+                raise VolumeBusy(f"{mount_path} on {vm_id} still has the drive it was saved with")
             if other.read_only != mount.read_only:
                 raise VolumeBusy(
                     f"{mount_path} on {vm_id} is attached {'ro' if other.read_only else 'rw'} already"
@@ -116,7 +120,7 @@ async def plan(
         if mount.read_only:
             image = paths.layer(layer.layer_id)
         else:
-            image = await chain.make_scratch(paths, layer.layer_id, vm_id, drive_id)
+            image = await chain.make_scratch(paths, layer.layer_id, vm_id, drive_id, owner)
             scratch = True
     attachment = Attachment(
         vm_id=vm_id,
@@ -128,6 +132,48 @@ async def plan(
         scsi_id=scsi_id,
         image=str(image),
         scratch=scratch,
+    )
+    store.save(attachment)
+    return attachment
+
+
+async def plan_saved(
+    store: AttachmentStore,
+    paths: VolumePaths,
+    meta: VolumeMeta,
+    vm_id: str,
+    drive: SavedDrive,
+    owner: FileOwner = None,
+) -> Attachment:
+    """The placeholder record of a drive ``vm_id``'s saved state has (state
+    mounted: the saved guest has it mounted): the drive's content at the save,
+    read-only as it was, or under a throwaway top for a writable drive."""
+    check_id(vm_id, "vm id")
+    for other in store.of_vm(vm_id):
+        if other.drive_id == drive.drive_id:
+            return other
+    layer = meta.checkpoint_layer(check_id(drive.source_checkpoint_id, "checkpoint id"))
+    if layer is None:
+        raise CheckpointNotFound(
+            f"volume {drive.volume_id} no longer has what {drive.mount_path} held when the VM "
+            f"was saved (checkpoint {drive.source_checkpoint_id})"
+        )
+    if drive.read_only:
+        image = paths.layer(layer.layer_id)
+    else:
+        image = await chain.make_scratch(paths, layer.layer_id, vm_id, drive.drive_id, owner)
+    attachment = Attachment(
+        vm_id=vm_id,
+        drive_id=drive.drive_id,
+        volume_id=drive.volume_id,
+        mount_path=drive.mount_path,
+        read_only=drive.read_only,
+        checkpoint_id=drive.source_checkpoint_id,
+        scsi_id=drive.scsi_id,
+        image=str(image),
+        scratch=not drive.read_only,
+        state=MOUNTED,
+        placeholder=True,
     )
     store.save(attachment)
     return attachment

@@ -86,6 +86,11 @@ class Attachment:
     scratch: bool = False
     state: str = PLANNED
     created_at: float = field(default_factory=time.time)
+    # A stand-in for a drive a restored VM's saved state had: the drive's
+    # content at the save (a checkpoint's layer, a throwaway top on it for a
+    # writable drive), at the saved SCSI target, under the saved drive id.
+    # Never kept: once the VM is up it gives way to the real mount.
+    placeholder: bool = False
 
     @property
     def live_view(self) -> bool:

@@ -29,9 +29,11 @@ from kiln.volumes import procfs, tools
 from kiln.volumes.errors import VolumeError
 from kiln.volumes.layout import (
     READ_ONLY_MODE,
+    FileOwner,
     Layer,
     VolumeMeta,
     VolumePaths,
+    give_to_vms,
     layer_backing_name,
     new_layer_id,
     scratch_backing_name,
@@ -50,6 +52,7 @@ async def checkpoint(
     meta: VolumeMeta,
     checkpoint_id: str,
     switch: SwitchTop | None = None,
+    owner: FileOwner = None,
 ) -> Layer:
     """Freeze the volume's current content as ``checkpoint_id``.
 
@@ -73,6 +76,7 @@ async def checkpoint(
         await tools.create_qcow2(
             new_file, meta.size_bytes, layer_backing_name(meta.top)
         )
+        give_to_vms(new_file, owner)
         if switch is not None:
             await switch(new_file)
     except BaseException:
@@ -201,7 +205,7 @@ async def recover_checkpoint(
 
 
 async def make_scratch(
-    paths: VolumePaths, layer_id: str, vm_id: str, drive_id: str
+    paths: VolumePaths, layer_id: str, vm_id: str, drive_id: str, owner: FileOwner = None
 ) -> Path:
     """A throwaway top on a checkpoint's layer, for a rw mount of that checkpoint."""
     layer = paths.layer(layer_id)
@@ -210,4 +214,5 @@ async def make_scratch(
     paths.scratch_dir.mkdir(mode=0o700, exist_ok=True)
     scratch.unlink(missing_ok=True)
     await tools.create_qcow2(scratch, size, scratch_backing_name(layer_id))
+    give_to_vms(scratch, owner)
     return scratch

@@ -48,6 +48,10 @@ class VolumeFileConflict(VolumeError):
     """The file exists and overwrite was not asked, or it is a directory (409)."""
 
 
+class VolumeFileTooLarge(VolumeError):
+    """A file over the download limit (413)."""
+
+
 class VolumeDamaged(VolumeError):
     """The filesystem check found damage it could not repair (500-class: an
     operator looks at ``volumes/<id>/``; the volume is not mounted meanwhile)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from kiln.volumes.errors import (
     VolumeError,
     VolumeFileConflict,
     VolumeFileNotFound,
+    VolumeFileTooLarge,
 )
 from kiln.volumes.guest import Agent, GuestVolumes
 
@@ -62,6 +64,14 @@ class FileEntry:
     is_dir: bool
     kind: str  # "file", "dir", "symlink" or "other"
     modified_at: float
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    path: str  # as asked, relative to the volume's root
+    guest_path: str  # where the walk found it in the guest
+    size: int
+    max_bytes: int
 
 
 def entry_from(value: dict) -> FileEntry:
@@ -122,29 +132,34 @@ class VolumeFiles:
     async def delete(self, path: str, recursive: bool = False) -> None:
         await self._tool("file_delete", path=path, recursive=recursive)
 
-    async def download(
-        self, path: str, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES
-    ) -> bytes:
+    async def open_read(self, path: str, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> OpenedFile:
+        """A regular file of the volume, checked (no symlink on the way, at
+        most ``max_bytes``) and ready for ``chunks``."""
         opened = await self._tool("file_open_read", path=path)
-        if int(opened["size"]) > max_bytes:
-            raise VolumeFileConflict(
-                f"{path} is {opened['size']} bytes; downloads stop at {max_bytes}"
-            )
-        data = bytearray()
+        size = int(opened["size"])
+        if size > max_bytes:
+            raise VolumeFileTooLarge(f"{path} is {size} bytes; downloads stop at {max_bytes}")
+        return OpenedFile(path, str(opened["guest_path"]), size, max_bytes)
+
+    async def chunks(self, opened: OpenedFile) -> AsyncIterator[bytes]:
+        """The file's bytes, ``CHUNK_BYTES`` at a time (one chunk held at a time)."""
+        offset = 0
         while True:
             chunk = await self._agent_call(
-                "read_file",
-                path=opened["guest_path"],
-                offset=len(data),
-                length=CHUNK_BYTES,
+                "read_file", path=opened.guest_path, offset=offset, length=CHUNK_BYTES
             )
-            data += base64.b64decode(chunk["data"])
-            if chunk["eof"] or not chunk["data"]:
-                return bytes(data)
-            if len(data) > max_bytes:
-                raise VolumeFileConflict(
-                    f"{path} grew past {max_bytes} bytes while it was read"
-                )
+            data = base64.b64decode(chunk["data"])
+            offset += len(data)
+            if offset > opened.max_bytes:
+                raise VolumeFileTooLarge(f"{opened.path} grew past {opened.max_bytes} bytes while it was read")
+            if data:
+                yield data
+            if chunk["eof"] or not data:
+                return
+
+    async def download(self, path: str, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> bytes:
+        opened = await self.open_read(path, max_bytes)
+        return b"".join([chunk async for chunk in self.chunks(opened)])
 
     async def upload(
         self, path: str, source: ByteSource, overwrite: bool = False

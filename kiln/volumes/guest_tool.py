@@ -213,7 +213,9 @@ def op_mount(args: dict) -> dict:
     serial = args["serial"]
     path = args["mount_path"]
     read_only = bool(args.get("read_only", False))
-    name = wait_for_disk(serial, float(args.get("wait", 10)))
+    wait = float(args.get("wait", 10))
+    deadline = time.monotonic() + wait
+    name = wait_for_disk(serial, wait)
     dev = device_number(name)
     current = mounted_at(path)
     if current is not None:
@@ -222,8 +224,19 @@ def op_mount(args: dict) -> dict:
         raise Refused("EBUSY", f"something else is mounted at {path}")
     make_mount_point(path)
     flags = MS_NODEV | MS_NOSUID | (MS_RDONLY if read_only else 0)
-    # noload: a read-only mount must not replay a journal (it could not write it back).
-    sys_mount(f"/dev/{name}", path, "ext4", flags, "noload" if read_only else "")
+    while True:
+        try:
+            # noload: a read-only mount must not replay a journal (it could not write it back).
+            sys_mount(f"/dev/{name}", path, "ext4", flags, "noload" if read_only else "")
+            break
+        except Refused as refusal:
+            # A disk just hot-added is listed (serial read) a moment before it
+            # can be opened (seen under load: ENXIO), and one with the same
+            # serial just deleted may still be listed: look for it again.
+            if refusal.code not in ("ENXIO", "ENODEV") or time.monotonic() >= deadline:
+                raise
+            time.sleep(POLL_SECONDS)
+            name = wait_for_disk(serial, max(deadline - time.monotonic(), 0))
     return {"device": f"/dev/{name}", "mount_path": path, "already": False}
 
 

@@ -12,8 +12,10 @@ boundary every user's code already lives behind; a helper holds no volume
 between sessions and nothing of one user's volume reaches the next (each
 session mounts, unmounts and detaches its own).
 
-Helper VMs are named ``volh-<hex>``; their run dirs are the leftovers
-``inventory`` reports if this process dies while one runs.
+Helper VMs are named ``volh-<hex>``. On a server they start through the
+node's pipeline (``kiln.node.launcher.HelperLauncher``): they are the node's
+own VMs (no owner, no network), recorded and reconciled like every VM, so a
+helper a dead server left is removed at the next start.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ BaseProvider = Callable[[], Awaitable[HelperBase]]
 
 
 class HelperHypervisor(Protocol):
-    """What helpers need of ``kiln.runtime.driver.Hypervisor`` (``QemuHypervisor``
-    is one; its methods take its own machine type, hence the ``Any``)."""
+    """What helpers need to start and stop VMs: ``kiln.node.launcher.HelperLauncher``
+    on a server; a bare ``QemuHypervisor`` in tests (its methods take its own
+    machine type, hence the ``Any``)."""
 
     async def start(self, spec: MachineSpec) -> Machine: ...
 
@@ -168,16 +171,6 @@ class HelperVms:
         if idle is not None:
             idle.expiry.cancel()
             await self.destroy(idle.machine.vm_id)
-
-    def leftovers(self) -> list[tuple[str, Path]]:
-        """Run dirs of helper VMs that no session of this process has."""
-        if not self._settings.vms_dir.is_dir():
-            return []
-        return [
-            (path.name, path)
-            for path in self._settings.vms_dir.glob(f"{HELPER_PREFIX}*")
-            if path.name not in self.active
-        ]
 
     async def destroy(self, vm_id: str) -> None:
         try:

@@ -201,6 +201,14 @@ async def snapshot_drive(qmp: Qmp, drive_id: str, overlay: Path) -> str:
     return node
 
 
+async def pause(qmp: Qmp) -> None:
+    await execute(qmp, "stop")
+
+
+async def resume(qmp: Qmp) -> None:
+    await execute(qmp, "cont")
+
+
 async def resize_drive(qmp: Qmp, drive_id: str, size_bytes: int) -> None:
     state = (await drives(qmp)).get(drive_id)
     if state is None:

@@ -31,6 +31,13 @@ from typing import Any
 from kiln.volumes.errors import InvalidVolumeRequest, VolumeError, VolumeNotFound
 
 VOLUME_FORMAT = 1
+# A confined QEMU runs as the VMs' user (``kiln.runtime.jail``) and opens a
+# volume's files by name: it may traverse these directories, never list them;
+# the files it writes are that user's (frozen layers are 0444 anyway).
+TRAVERSE_MODE = 0o711
+WRITABLE_MODE = 0o600
+# (uid, gid) of the VMs' user; None: QEMU runs as Kiln's own user.
+FileOwner = tuple[int, int] | None
 # Volume, checkpoint and VM ids become file names here: keep them plain.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
 READ_ONLY_MODE = 0o444
@@ -187,6 +194,23 @@ def write_file_atomically(path: Path, text: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def open_to_vms(paths: VolumePaths, meta: VolumeMeta, owner: FileOwner) -> None:
+    """What a confined QEMU needs of the volume: its directories traversable,
+    its writable top its user's. Idempotent (run under the lock before every
+    operation, so a top a recovery finished is given too)."""
+    for directory in (paths.root, paths.layers, paths.scratch_dir):
+        if directory.is_dir():
+            directory.chmod(TRAVERSE_MODE)
+    give_to_vms(paths.layer(meta.top), owner)
+
+
+def give_to_vms(path: Path, owner: FileOwner) -> None:
+    """A file a VM's QEMU writes (a top, a throwaway top): its user's, 0600."""
+    if owner is not None:
+        os.chown(path, *owner)
+    path.chmod(WRITABLE_MODE)
 
 
 def allocated_bytes(path: Path) -> int:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.config import Settings
-from kiln.node.participant import Mount
+from kiln.node.participant import Mount, SavedDrive
 from kiln.runtime.driver import ScsiDrive
+from kiln.runtime.errors import RuntimeFailure
 from kiln.volumes import attach, chain, hotplug, images, procfs
 from kiln.volumes.attach import GuestFactory, VmHandle, as_handle
 from kiln.volumes.attachments import (
@@ -42,10 +43,12 @@ from kiln.volumes.files import ByteSource, BytesSource, FileEntry, VolumeFiles
 from kiln.volumes.guest import guest_volumes
 from kiln.volumes.helper import HelperVms
 from kiln.volumes.layout import (
+    FileOwner,
     VolumeMeta,
     VolumePaths,
     allocated_bytes,
     check_id,
+    open_to_vms,
     read_meta,
     top_path,
     volume_paths,
@@ -61,7 +64,7 @@ log = logging.getLogger(__name__)
 HELPER_MOUNT_PATH = "/mnt/volume"
 
 # vm_id -> the running VM, if this host runs it (the node layer's registry).
-MachineLookup = Callable[[str], VmHandle | None]
+MachineLookup = Callable[[str], object | None]
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,17 @@ class Volumes:
         machines: MachineLookup | None = None,
         helpers: HelperVms | None = None,
         guest: GuestFactory = guest_volumes,
+        vm_owner: Callable[[], FileOwner] = lambda: None,
     ) -> None:
         self.settings = settings
         self.root = settings.volumes_dir
         self.store = AttachmentStore(self.root)
         self._machines = machines or (lambda vm_id: None)
-        self._helpers = helpers
+        # Set once the node can start helper VMs (``kiln.node.volumes``).
+        self.helpers = helpers
         self._guest = guest
+        # The user a confined QEMU runs as (known once the node started).
+        self._vm_owner = vm_owner
         self._locks = VolumeLocks()
 
     # ---- locking and where things run
@@ -129,6 +136,7 @@ class Volumes:
             meta = read_meta(paths)
             remove_stale_views(paths)
             await chain.recover(paths, meta)
+            open_to_vms(paths, meta, self._vm_owner())
             yield paths, meta
 
     def _running(self, attachment: Attachment) -> VmHandle | None:
@@ -165,6 +173,7 @@ class Volumes:
         # mkdir decides between two creates of one id; until volume.json is
         # written, the volume does not exist for anyone (VolumeNotFound).
         meta = await images.create(paths, size, self.tools_user)
+        open_to_vms(paths, meta, self._vm_owner())
         return self._info(paths, meta)
 
     async def get(self, volume_id: str) -> VolumeInfo:
@@ -315,7 +324,7 @@ class Volumes:
                     raise VolumeBusy(
                         f"volume {volume_id} is open in a VM this host cannot reach"
                     )
-                layer = await chain.checkpoint(paths, meta, checkpoint_id)
+                layer = await chain.checkpoint(paths, meta, checkpoint_id, owner=self._vm_owner())
             else:
                 layer = await self._checkpoint_online(
                     paths, meta, checkpoint_id, writer, vm
@@ -346,9 +355,108 @@ class Volumes:
             async def switch(top: Path) -> None:
                 await hotplug.snapshot_drive(vm.qmp, writer.drive_id, top)
 
-            return await chain.checkpoint(paths, meta, checkpoint_id, switch)
+            return await chain.checkpoint(paths, meta, checkpoint_id, switch, self._vm_owner())
         finally:
             await guest.thaw(writer.mount_path)
+
+    def check_capturable(self, vm_id: str) -> None:
+        """VolumeBusy if a save of ``vm_id`` could not keep its drives' content
+        (``capture``): a writable checkpoint mount writes a throwaway layer
+        that only lives as long as the mount."""
+        for attachment in self.store.of_vm(vm_id):
+            if attachment.scratch and not attachment.placeholder:
+                raise VolumeBusy(
+                    f"{attachment.mount_path} in {vm_id} is checkpoint {attachment.checkpoint_id} "
+                    "mounted rw, whose writes are thrown away at unmount: a snapshot cannot keep "
+                    "them; unmount it (or mount the checkpoint ro) first"
+                )
+
+    async def pause_and_capture(
+        self, machine: object, checkpoint_id: str, *, flush: bool = False
+    ) -> list[SavedDrive]:
+        """For a save of the VM that is about to follow: pause the guest (when
+        it has volume drives) and keep what each drive holds at this point: a
+        checkpoint ``checkpoint_id`` of every volume it mounts (the drive of a
+        rw mount moves onto a new top, as for any checkpoint), the mount's own
+        checkpoint for a checkpoint mounted ro. No freeze is needed: the
+        memory saved next is the guest at this very point, as a resume sees
+        it. The guest stays paused for the save (which continues it); on a
+        failure here it continues at once. ``flush`` (the VM stops after the
+        save): every rw mount's dirty data reaches the volume first (a freeze
+        and thaw), since the volume lives on without the guest's page cache.
+        Returns the drives as a restore needs them (none: the VM was not paused)."""
+        vm = as_handle(machine)
+        attachments = [
+            a for a in self.store.of_vm(vm.vm_id)
+            if a.state in (ATTACHED, MOUNTED) and not a.placeholder
+        ]  # fmt: skip
+        if not attachments:
+            return []
+        self.check_capturable(vm.vm_id)
+        async with contextlib.AsyncExitStack() as stack:
+            # Every lock before the pause (in id order: the only place that
+            # holds several), so that nothing waits for a paused guest here.
+            held = {
+                volume_id: await stack.enter_async_context(self._locked(volume_id))
+                for volume_id in sorted({a.volume_id for a in attachments})
+            }
+            if flush:
+                guest = self._guest(vm.agent)
+                for attachment in attachments:
+                    if attachment.writes_volume:
+                        await guest.freeze(attachment.mount_path)
+                        await guest.thaw(attachment.mount_path)
+            await hotplug.pause(vm.qmp)
+            try:
+                drives = [
+                    await self._capture_one(vm, *held[a.volume_id], a, checkpoint_id)
+                    for a in attachments
+                ]
+            except BaseException:
+                with contextlib.suppress(RuntimeFailure):
+                    await hotplug.resume(vm.qmp)
+                raise
+        return drives
+
+    async def _capture_one(
+        self, vm: VmHandle, paths: VolumePaths, meta: VolumeMeta, attachment: Attachment, checkpoint_id: str
+    ) -> SavedDrive:
+        source = attachment.checkpoint_id
+        if attachment.live_view:
+            await self._capture_live(vm, paths, meta, attachment, checkpoint_id)
+            source = checkpoint_id
+        assert source is not None
+        return SavedDrive(
+            volume_id=attachment.volume_id,
+            mount_path=attachment.mount_path,
+            read_only=attachment.read_only,
+            checkpoint_id=attachment.checkpoint_id,
+            drive_id=attachment.drive_id,
+            scsi_id=attachment.scsi_id,
+            source_checkpoint_id=source,
+        )
+
+    async def _capture_live(
+        self, vm: VmHandle, paths: VolumePaths, meta: VolumeMeta, attachment: Attachment, checkpoint_id: str
+    ) -> None:
+        if meta.checkpoint_layer(checkpoint_id) is not None:
+            return  # the same volume at another path of this VM
+        if len(meta.layers) >= self.settings.volume_max_layers:
+            raise VolumeBusy(
+                f"volume {meta.volume_id} has {len(meta.layers)} layers, the most it may have; "
+                "delete checkpoints or snapshots of VMs that mounted it"
+            )
+        if attachment.read_only:
+            # No writer while it is mounted ro: the reader keeps reading the
+            # file that becomes the checkpoint's layer (same content).
+            await chain.checkpoint(paths, meta, checkpoint_id, owner=self._vm_owner())
+            return
+
+        async def switch(top: Path) -> None:
+            await hotplug.snapshot_drive(vm.qmp, attachment.drive_id, top)
+
+        await chain.checkpoint(paths, meta, checkpoint_id, switch, self._vm_owner())
+        self.store.save(dataclasses.replace(attachment, image=str(top_path(paths, meta))))
 
     async def delete_checkpoint(self, volume_id: str, checkpoint_id: str) -> None:
         """Forget a checkpoint (refused while it is mounted somewhere); its
@@ -409,7 +517,15 @@ class Volumes:
                 meta.volume_id,
             )
             await images.check(paths, meta, self.tools_user)
-        return await attach.plan(self.store, paths, meta, vm_id, mount, taken)
+        return await attach.plan(self.store, paths, meta, vm_id, mount, taken, self._vm_owner())
+
+    async def plan_saved(self, vm_id: str, drive: SavedDrive) -> Attachment:
+        """Record the placeholder of a drive ``vm_id``'s saved state has (a
+        restore of a snapshot taken with volumes mounted): it goes on the
+        command line at its saved target, and ``mount_all`` swaps it for the
+        real mount once the guest is up."""
+        async with self._locked(drive.volume_id) as (paths, meta):
+            return await attach.plan_saved(self.store, paths, meta, vm_id, drive, self._vm_owner())
 
     def drives_at_start(self, vm_id: str, *, restoring: bool) -> list[ScsiDrive]:
         return attach.drives_at_start(self.store.of_vm(vm_id), restoring=restoring)
@@ -439,9 +555,13 @@ class Volumes:
         self, machine: object, keep: tuple[Mount, ...]
     ) -> list[Attachment]:
         """Bring the VM's drives in line with ``keep`` (its mounts): each one
-        plugged and mounted (idempotent: a restored guest has its saved mounts
+        plugged and mounted (idempotent: a resumed guest has its mounts
         already; a mount without a record yet is planned now), every other
-        record of the VM taken away."""
+        record of the VM taken away, placeholders first (a restored snapshot's
+        drives, replaced by the real mounts at the same paths)."""
+        vm_id = str(getattr(machine, "vm_id", ""))
+        if not keep and not self.store.of_vm(vm_id):
+            return []  # nothing to do, whatever the VM's driver can plug
         vm = as_handle(machine)
         wanted = {
             drive_id_for(m.volume_id, m.mount_path, m.checkpoint_id): m for m in keep
@@ -449,7 +569,7 @@ class Volumes:
         mounted = []
         for attachment in self.store.of_vm(vm.vm_id):
             async with self._locked(attachment.volume_id) as (paths, meta):
-                if attachment.drive_id in wanted:
+                if attachment.drive_id in wanted and not attachment.placeholder:
                     del wanted[attachment.drive_id]
                     mounted.append(await self._plug(vm, attachment))
                 else:
@@ -507,12 +627,15 @@ class Volumes:
                     force=force,
                 )
 
-    async def release(self, vm_id: str) -> list[Attachment]:
-        """The VM is gone, or going: forget its attachments and throwaway tops.
-        If it still runs, its guest unmounts first; if it died with a volume
-        mounted rw, that volume is checked before its next mount."""
+    async def release(self, vm_id: str, drive_ids: set[str] | None = None) -> list[Attachment]:
+        """The VM is gone, or going: forget its attachments (those of
+        ``drive_ids``; None: all) and throwaway tops. If it still runs, its
+        guest unmounts first; if it died with a volume mounted rw, that volume
+        is checked before its next mount."""
         released = []
         for attachment in self.store.of_vm(vm_id):
+            if drive_ids is not None and attachment.drive_id not in drive_ids:
+                continue
             try:
                 async with self._locked(attachment.volume_id) as (paths, meta):
                     await self._release_one(paths, meta, attachment)
@@ -575,11 +698,11 @@ class Volumes:
     async def _helper_mount(
         self, paths: VolumePaths, meta: VolumeMeta, *, read_only: bool
     ) -> AsyncIterator[tuple[VmHandle, Attachment]]:
-        if self._helpers is None:
+        if self.helpers is None:
             raise VolumeError(
                 "host-side access to an unmounted volume needs helper VMs, and none are set up"
             )
-        async with self._helpers.session() as session:
+        async with self.helpers.session() as session:
             vm = as_handle(session.machine)
             mount = Mount(meta.volume_id, HELPER_MOUNT_PATH, read_only=read_only)
             attachment = await self._plan(paths, meta, vm.vm_id, mount, set())
@@ -587,20 +710,32 @@ class Volumes:
             try:
                 yield vm, attachment
             finally:
-                await attach.unmount_and_unplug(
-                    self.store,
-                    self._guest(vm.agent),
-                    vm,
-                    paths,
-                    meta,
-                    attachment,
-                    force=True,
-                )
-                # Left as it was found: it may serve the next volume.
-                session.reusable = not any(
-                    drive.startswith(DRIVE_PREFIX)
-                    for drive in await hotplug.drives(vm.qmp)
-                )
+                unplugged = False
+                try:
+                    await attach.unmount_and_unplug(
+                        self.store,
+                        self._guest(vm.agent),
+                        vm,
+                        paths,
+                        meta,
+                        attachment,
+                        force=True,
+                    )
+                    unplugged = True
+                    # Left as it was found: it may serve the next volume.
+                    session.reusable = not any(
+                        drive.startswith(DRIVE_PREFIX)
+                        for drive in await hotplug.drives(vm.qmp)
+                    )
+                finally:
+                    if not unplugged:
+                        # The helper goes (its release must not wait for this
+                        # volume's lock, held here); the volume is checked
+                        # before its next mount if the helper wrote it.
+                        if attachment.writes_volume:
+                            meta.needs_check = True
+                            write_meta(paths, meta)
+                        attach.forget(self.store, attachment)
 
     async def upload(
         self,
@@ -638,8 +773,8 @@ class Volumes:
 
     async def close(self) -> None:
         """At shutdown: stop the helper VM that waits for work."""
-        if self._helpers is not None:
-            await self._helpers.close()
+        if self.helpers is not None:
+            await self.helpers.close()
 
     async def recover(self) -> None:
         """At start: finish or undo what a dead process left half done in each

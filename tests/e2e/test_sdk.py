@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import requests
 import websockets
 from instavm import InstaVM
 from instavm.exceptions import ExecutionError, InstaVMError
@@ -229,6 +230,50 @@ def test_a_recursive_upload_unpacks_a_tar_archive(client: InstaVM, tmp_path: Pat
     assert result["success"] is True and result["path"] == "/app/tree"
     listing = client.execute("cd /app/tree && cat top.txt sub/dir/deep.txt", language="bash")
     assert listing["stdout"] == "top\ndeep\n"
+
+
+# -- volumes ----------------------------------------------------------------------------
+
+
+def test_volumes_through_the_sdk(client: InstaVM, tmp_path: Path) -> None:
+    """Every call of ``VolumesManager`` and the VM mount calls, unmodified."""
+    volume = client.volumes.create(name="sdk-data", quota_bytes=64 * 2**20)
+    volume_id = volume["id"]
+    try:
+        assert (volume["name"], volume["quota_bytes"], volume["status"]) == ("sdk-data", 64 * 2**20, "ready")
+        assert volume_id in [v["id"] for v in client.volumes.list()]
+        assert client.volumes.update(volume_id, name="sdk-renamed")["name"] == "sdk-renamed"
+        data = os.urandom(300_000)
+        source = tmp_path / "in.bin"
+        source.write_bytes(data)
+        # Unmounted: a helper VM does the file work.
+        assert client.volumes.upload_file(volume_id, str(source), "dir/in.bin")["size"] == len(data)
+        assert [f["path"] for f in client.volumes.list_files(volume_id, prefix="dir/")] == ["dir/in.bin"]
+        target = tmp_path / "out.bin"
+        downloaded = client.volumes.download_file(volume_id, "dir/in.bin", local_path=str(target))
+        assert downloaded["saved_bytes"] == len(data) and target.read_bytes() == data
+        checkpoint = client.volumes.create_checkpoint(volume_id, name="first")
+        assert [c["id"] for c in client.volumes.list_checkpoints(volume_id)] == [checkpoint["id"]]
+
+        vm_id = client.get_session_status()["vm_id"]
+        mounted = client.vms.mount_volume(vm_id, volume_id, "/data")
+        assert (mounted["mount_path"], mounted["mode"], mounted["status"]) == ("/data", "rw", "mounted")
+        assert [m["volume_id"] for m in client.vms.list_volumes(vm_id)] == [volume_id]
+        guest = client.execute("sha256sum /data/dir/in.bin; echo more > /data/more", language="bash")
+        assert guest["stdout"].split()[0] == hashlib.sha256(data).hexdigest()
+        assert client.volumes.get(volume_id, refresh_usage=True)["used_bytes"] >= len(data)
+        with pytest.raises(requests.HTTPError) as busy:
+            client.volumes.delete(volume_id)
+        assert busy.value.response.status_code == 409
+        # Mounted: the files API goes through the VM itself.
+        assert client.volumes.download_file(volume_id, "more")["size"] == len("more\n")
+        assert client.vms.unmount_volume(vm_id, volume_id, "/data") == {"success": True}
+        assert client.vms.list_volumes(vm_id) == []
+        assert client.volumes.delete_file(volume_id, "more") == {"success": True}
+        assert client.volumes.delete_checkpoint(volume_id, checkpoint["id"]) == {"success": True}
+    finally:
+        assert client.volumes.delete(volume_id) == {"success": True}
+    assert volume_id not in [v["id"] for v in client.volumes.list()]
 
 
 # -- terminals and streams ---------------------------------------------------------------

@@ -23,7 +23,15 @@ from pathlib import Path
 import pytest
 
 # The guest networking fixtures (net_fixtures.py), for every test here.
-from net_fixtures import egress_daemon, egress_settings, net_settings, net_vm, network, world  # noqa: F401
+from net_fixtures import (  # noqa: F401
+    egress_daemon,
+    egress_settings,
+    net_settings,
+    net_vm,
+    network,
+    quiet_world,
+    world,
+)
 
 from kiln.config import Settings
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState

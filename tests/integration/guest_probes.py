@@ -176,12 +176,16 @@ print(json.dumps(results))
 '''
 
 
-async def probe(vm: NetVm, *probes: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``probes`` (name, arguments) in the guest; their results in order."""
-    script = PROBE_SCRIPT.replace(
+def probe_script(*probes: tuple[str, dict[str, Any]]) -> str:
+    """A python program that runs ``probes`` (name, arguments) and prints their results as JSON."""
+    return PROBE_SCRIPT.replace(
         "json.loads(sys.stdin.readline())", repr(json.dumps(list(probes))).join(("json.loads(", ")"))
     )
-    ran = await vm.python(script, timeout=120)
+
+
+async def probe(vm: NetVm, *probes: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``probes`` (name, arguments) in the guest; their results in order."""
+    ran = await vm.python(probe_script(*probes), timeout=120)
     assert ran.exit_code == 0, ran
     results: list[dict[str, Any]] = json.loads(ran.stdout)
     return results

@@ -156,11 +156,11 @@ def build_images(settings: Settings) -> None:
 
 
 @contextmanager
-def live_server(prefix: str, env: dict[str, str] | None = None) -> Iterator[Api]:
+def live_server(prefix: str, env: dict[str, str] | None = None, listen: str = "127.0.0.1") -> Iterator[Api]:
     """A server over a fresh data dir; at the end every VM is deleted through the
     API, the server stopped, and no QEMU process of the data dir may remain."""
     data_dir = short_data_dir(prefix)
-    server = start_server(data_dir, env=env)
+    server = start_server(data_dir, env=env, listen=listen)
     api = Api(server)
     try:
         yield api  # a test may swap api.server for a restarted one

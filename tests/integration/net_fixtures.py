@@ -122,7 +122,8 @@ def net_settings(request: pytest.FixtureRequest, vm_settings: Settings) -> Setti
             "net_outside_pool": f"198.18.{random.randint(1, 254)}.0/24",
             "net_host_address": f"198.19.{random.randint(1, 250)}.{random.randint(1, 254)}",
             "net_dns_max_ttl": 60,
-            "net_egress_mark": 0x4B480000 + random.randint(1, 0xFFFF),
+            # Its own mark: other Kiln tables on the host refuse marked packets not leaving by their uplink.
+            "net_egress_mark": 0x4B490000 | int(tag, 16),
             # The world lives in TEST-NET-3: here it stands for the public internet.
             "net_blocked_cidrs": [c for c in vm_settings.net_blocked_cidrs if c != "203.0.113.0/24"],
         }
@@ -229,3 +230,11 @@ async def net_vm(
         table = nft_lib.list_ruleset_of("inet", egress_settings.net_nft_table)
         leftovers = [o["chain"]["name"] for o in table if "chain" in o and o["chain"]["name"].startswith("vm")]
         assert leftovers == [], leftovers
+
+
+@pytest.fixture
+def quiet_world(world: OutsideWorld) -> OutsideWorld:
+    """The world with nothing seen yet: a test that asserts nothing arrived sees
+    only its own traffic, not the earlier tests' of the session."""
+    world.seen.clear()
+    return world

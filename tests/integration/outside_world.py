@@ -5,7 +5,7 @@ Reusable: ``OutsideWorld.create(prefix)`` in a fixture, ``await world.close()``
 at its end (also after a failure). Nothing of it is on the real network:
 
     host namespace                       world namespace <prefix>w
-    <prefix>up  <gateway>/28  =========  eth0  dns, allowed, denied, raw, other /28
+    <prefix>up  <gateway>/28  =========  eth0  dns, allowed, denied, raw, echo, untrusted /28
       (the uplink the tests set:                private/32 (an RFC 1918 host)
        KILN_UPLINK=<prefix>up)
       route private/32 via dns
@@ -14,6 +14,12 @@ The /28 is chosen inside TEST-NET-3 (203.0.113.0/24) among those no route on
 the host uses yet, so test sessions running at once get different worlds;
 tests drop TEST-NET-3 from ``net_blocked_cidrs`` so that the world counts as
 the public internet. The private host lives in 172.31.0.0/16 (blocked).
+
+``echo`` (``echo.test`` and names below it) answers every HTTP(S) request with
+what it received as JSON (the way a debugging endpoint echoes a credential),
+recording it in ``seen.requests``; its certificate is signed by the world's
+own CA (``ca_pem``). ``untrusted.test`` serves HTTPS with a certificate no CA
+of the world signed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import random
 import shutil
@@ -30,6 +37,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from kiln.config import Settings
 from kiln.net import netns
 
 WORLD_RANGE = ipaddress.IPv4Network("203.0.113.0/24")
@@ -69,22 +78,48 @@ def free_world_subnet() -> ipaddress.IPv4Network:
     return random.choice(candidates)
 
 
+@dataclass(frozen=True)
+class EchoedRequest:
+    server: str
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+
+    def header(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+
 @dataclass
 class Seen:
     """What a world server received, for tests that assert nothing arrived."""
 
     connections: list[tuple[str, str]] = field(default_factory=list)  # (server, peer address)
+    # When each connection was accepted (time.monotonic()), in the same order.
+    accepted_at: list[float] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)  # Host headers / SNI the servers saw
     datagrams: list[tuple[str, bytes]] = field(default_factory=list)
+    requests: list[EchoedRequest] = field(default_factory=list)  # what the echo servers received
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_connection(self, server: str, peer: str) -> None:
         with self.lock:
             self.connections.append((server, peer))
+            self.accepted_at.append(time.monotonic())
+
+    def clear(self) -> None:
+        """Forget what came before (the world serves a whole test session)."""
+        with self.lock:
+            for record in (self.connections, self.accepted_at, self.hosts, self.datagrams, self.requests):
+                record.clear()
 
     def to(self, server: str) -> list[str]:
         with self.lock:
             return [peer for name, peer in self.connections if name == server]
+
+    def times_to(self, server: str) -> list[float]:
+        """When the connections to ``server`` were accepted (time.monotonic())."""
+        with self.lock:
+            return [at for (name, _), at in zip(self.connections, self.accepted_at, strict=True) if name == server]
 
 
 @dataclass
@@ -96,6 +131,7 @@ class OutsideWorld:
     private: str
     certificate_pem: bytes
     seen: Seen = field(default_factory=Seen)
+    ca_pem: bytes = b""  # the world's own CA: it signed the echo servers' certificate
     _dnsmasq: subprocess.Popen | None = None
     _sockets: list[socket.socket] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -127,6 +163,14 @@ class OutsideWorld:
         return self.address(5)
 
     @property
+    def echo(self) -> str:
+        return self.address(6)
+
+    @property
+    def untrusted(self) -> str:
+        return self.address(7)
+
+    @property
     def names(self) -> dict[str, str]:
         return {
             "allowed.test": self.allowed,
@@ -134,7 +178,27 @@ class OutsideWorld:
             "denied.test": self.denied,
             "raw.test": self.raw,
             "internal.test": self.private,
+            "echo.test": self.echo,
+            "api.echo.test": self.echo,
+            "other.echo.test": self.echo,
+            "untrusted.test": self.untrusted,
         }
+
+    def server_env(self) -> dict[str, str]:
+        """What a ``kiln serve`` needs to use this world as its internet: the uplink,
+        the DNS server, and TEST-NET-3 (where the world lives) counted as public."""
+        blocked = [cidr for cidr in Settings().net_blocked_cidrs if cidr != str(WORLD_RANGE)]
+        return {
+            "KILN_UPLINK": self.uplink,
+            "KILN_DNS_UPSTREAM": self.dns,
+            "KILN_NET_BLOCKED_CIDRS": json.dumps(blocked),
+        }
+
+    @property
+    def ca_bundle(self) -> Path:
+        """A file holding the world's CA (for KILN_EGRESS_CA_BUNDLE)."""
+        assert self._workdir is not None
+        return self._workdir / "world-ca.pem"
 
     # -- life
 
@@ -165,7 +229,7 @@ class OutsideWorld:
                 f"link set {self.uplink} up",
             ],
         )
-        inside = [f"address add {self.address(i)}/{self.subnet.prefixlen} dev eth0" for i in range(2, 7)]
+        inside = [f"address add {self.address(i)}/{self.subnet.prefixlen} dev eth0" for i in range(2, 8)]
         inside += [
             f"address add {self.private}/32 dev eth0",
             "link set eth0 up",
@@ -198,12 +262,19 @@ class OutsideWorld:
         (self._workdir / "key.pem").write_bytes(key)
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(self._workdir / "cert.pem", self._workdir / "key.pem")
+        echo_names = [name for name, address in self.names.items() if address == self.echo]
+        self.ca_pem, echo_tls = self._tls_signed_by_a_ca(echo_names)
+        self.ca_bundle.write_bytes(self.ca_pem)
+        untrusted_tls = self._tls_self_signed(["untrusted.test"])
         listeners: list[tuple[str, str, int, Callable[[socket.socket, str], None]]] = []
         for label, address in (("allowed", self.allowed), ("denied", self.denied)):
             listeners.append((f"{label}-http", address, 80, self._http(f"{label}-http")))
             listeners.append((f"{label}-https", address, 443, self._https(f"{label}-https", tls)))
             listeners.append((f"{label}-dot", address, DOT_PORT, self._echo(f"{label}-dot")))
         listeners.append(("raw", self.raw, RAW_PORT, self._echo("raw")))
+        listeners.append(("echo-http", self.echo, 80, self._echo_http("echo-http", None)))
+        listeners.append(("echo-https", self.echo, 443, self._echo_http("echo-https", echo_tls)))
+        listeners.append(("untrusted-https", self.untrusted, 443, self._echo_http("untrusted-https", untrusted_tls)))
         listeners.append(("private-http", self.private, 80, self._http("private-http")))
         listeners.append(("private-raw", self.private, RAW_PORT, self._echo("private-raw")))
 
@@ -300,6 +371,33 @@ class OutsideWorld:
 
         return serve
 
+    def _tls_signed_by_a_ca(self, names: list[str]) -> tuple[bytes, ssl.SSLContext]:
+        assert self._workdir is not None
+        ca_pem, key, pem = ca_signed(names)
+        (self._workdir / "echo.pem").write_bytes(pem + key)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self._workdir / "echo.pem")
+        return ca_pem, context
+
+    def _tls_self_signed(self, names: list[str]) -> ssl.SSLContext:
+        assert self._workdir is not None
+        key, pem = self_signed(names)
+        (self._workdir / "untrusted.pem").write_bytes(pem + key)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self._workdir / "untrusted.pem")
+        return context
+
+    def _echo_http(self, name: str, tls: ssl.SSLContext | None) -> Callable[[socket.socket, str], None]:
+        def serve(connection: socket.socket, peer: str) -> None:
+            self.seen.add_connection(name, peer)
+            if tls is None:
+                echo_requests(connection, name, self.seen)
+                return
+            with tls.wrap_socket(connection, server_side=True) as wrapped:
+                echo_requests(wrapped, name, self.seen)
+
+        return serve
+
     def _echo(self, name: str) -> Callable[[socket.socket, str], None]:
         def serve(connection: socket.socket, peer: str) -> None:
             self.seen.add_connection(name, peer)
@@ -342,6 +440,74 @@ def respond_http(connection: socket.socket, name: str, seen: Seen, head: bytes =
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
+
+
+def echo_requests(connection: socket.socket, name: str, seen: Seen) -> None:
+    """Answer each request (keep-alive) with a JSON echo of its line, headers and body."""
+    data = b""
+    while True:
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, data = data.split(b"\r\n\r\n", 1)
+        line, *fields = head.decode("latin-1").split("\r\n")
+        method, path, _ = line.split(" ", 2)
+        headers = [(key.strip(), value.strip()) for key, value in (f.split(":", 1) for f in fields)]
+        length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+        while len(data) < length:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        body, data = data[:length], data[length:]
+        request = EchoedRequest(name, method, path, headers)
+        with seen.lock:
+            seen.requests.append(request)
+        answer = json.dumps(
+            {"server": name, "method": method, "path": path, "headers": headers, "body": body.decode("latin-1")}
+        ).encode()
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(answer)}\r\n\r\n".encode()
+            + answer
+        )
+
+
+def ca_signed(names: list[str]) -> tuple[bytes, bytes, bytes]:
+    """A CA and a server certificate for ``names`` it signed: (CA PEM, key, PEM)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Kiln test world CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    return ca.public_bytes(pem), key.private_bytes(pem, pkcs8, serialization.NoEncryption()), leaf.public_bytes(pem)
 
 
 def self_signed(names: list[str]) -> tuple[bytes, bytes]:

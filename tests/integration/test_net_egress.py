@@ -15,7 +15,8 @@ from outside_world import DOT_PORT, RAW_PORT, UDP_PORT, OutsideWorld
 from kiln.config import Settings
 from kiln.node.participant import EgressRules
 
-pytestmark = pytest.mark.vm
+# Each test asserts about the traffic it caused alone.
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("quiet_world")]
 
 CURL = "curl -sS -k --max-time 15 "
 # curl's exit codes: 6 name not resolved, 7 refused (a reset to its SYN), 35 TLS

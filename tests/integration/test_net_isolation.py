@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from guest_probes import probe, statuses
+from guest_shell import shell
 from net_fixtures import NetVmFactory
 from outside_world import OutsideWorld
 
@@ -159,5 +160,37 @@ async def test_a_restored_snapshot_of_a_wired_vm_gets_the_new_vms_policy(
         assert results[1]["detail"] == [world.allowed], results
     finally:
         # save() leaves its files read-only; let pytest remove them
+        for path in tmp_path.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+async def test_a_snapshot_of_a_wired_vm_restores_without_a_network(
+    net_vm: NetVmFactory, hypervisor, boot_image, egress_settings: Settings, world: OutsideWorld, tmp_path
+) -> None:
+    """Every NIC offers the same features, wired or not (no vnet header on the
+    TAP), so a wired VM's saved state also restores where the host gives no
+    network (and the bench's raw baselines can restore it by hand)."""
+    import uuid
+
+    from kiln.runtime.driver import MachineSpec
+
+    source = await net_vm(EgressRules(allowed_cidrs=(f"{world.raw}/32",)))
+    saved = await hypervisor.save(source.machine, tmp_path / "saved")
+    vm_id = f"u{uuid.uuid4().hex[:10]}"
+    run_dir = egress_settings.vms_dir / vm_id
+    try:
+        machine = await hypervisor.start(
+            MachineSpec(
+                vm_id=vm_id, vcpu_count=saved.vcpu_count, memory_mb=saved.memory_mb, image=boot_image,
+                run_dir=run_dir, restore_from=saved,
+            )
+        )  # fmt: skip
+        await machine.wait_ready(egress_settings.boot_timeout_seconds)
+        seen = len(world.seen.to("raw"))
+        connect = f"import socket; socket.create_connection(('{world.raw}', 7000), 5)"
+        outcome = await shell(machine, f'python3 -c "{connect}" 2>/dev/null && echo reached || echo not-reached')
+        assert outcome.strip() == "not-reached" and len(world.seen.to("raw")) == seen
+    finally:
+        await hypervisor.destroy(vm_id, run_dir)
         for path in tmp_path.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)

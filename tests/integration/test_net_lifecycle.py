@@ -20,6 +20,7 @@ from kiln.net.feed import PolicyDirectory
 from kiln.net.participant import NetParticipant
 from kiln.node.ledger import MemoryLedger
 from kiln.node.participant import EgressRules, HostResource, Launch, VmContext
+from kiln.node.pipeline import Pipeline
 from kiln.proxy.supervisor import EgressSupervisor
 
 pytestmark = pytest.mark.vm
@@ -104,6 +105,52 @@ async def test_inventory_finds_what_a_crashed_run_left(
     assert not [r for r in await restarted.inventory() if r.vm_id in ("crashed1", "after1")]
 
 
+async def test_a_reconcile_pass_keeps_what_live_vms_own(network: NetParticipant, egress_settings: Settings) -> None:
+    ledger, launch = MemoryLedger(), Launch()
+    await network.prepare(context(egress_settings, "live1"), launch, ledger)
+    for fd in launch.owned_fds:
+        os.close(fd)
+    n = next(r.detail["n"] for r in ledger.rows.values())
+    pipeline = Pipeline(None, [network], ledger, 1.0)  # type: ignore[arg-type]
+
+    async def live() -> set[str]:
+        return {"live1"}
+
+    # Every recorded resource is found on the host, the lease included (it has nothing of its own).
+    result = await pipeline.reconcile(live)
+    assert (result.removed, result.broken) == ([], {})
+    assert await on_host(egress_settings, n) == {"netns": True, "veth": True, "nft-chain": True}
+    await network.release("live1", await ledger.of_vm("live1"), ledger)
+
+
+async def test_a_reconciler_that_saw_a_lease_before_it_was_reused_leaves_the_new_vm_alone(
+    network: NetParticipant, egress_settings: Settings
+) -> None:
+    ledger = MemoryLedger()
+    for vm_id in ("before1", "after2"):
+        launch = Launch()
+        if vm_id == "after2":
+            # A pass listed the host while "before1" had the lease; it went, and
+            # "after2" took the same lease (the same names) before the pass went on.
+            seen = [r for r in await network.inventory() if r.vm_id == "before1"]
+            await network.release("before1", await ledger.of_vm("before1"), ledger)
+        await network.prepare(context(egress_settings, vm_id), launch, ledger)
+        for fd in launch.owned_fds:
+            os.close(fd)
+    leases = {r.vm_id: r.detail["n"] for r in ledger.rows.values()}
+    assert set(leases) == {"after2"}
+    n = leases["after2"]
+    assert {r.detail["n"] for r in seen} == {n}, "the lease was not reused: nothing to test"
+    rows = dict(ledger.rows)
+
+    await network.release("before1", [r for r in seen if r.kind != "egress-policy"], ledger)  # what the pass does
+
+    assert await on_host(egress_settings, n) == {"netns": True, "veth": True, "nft-chain": True}
+    assert ledger.rows == rows
+    await network.release("after2", await ledger.of_vm("after2"), ledger)
+    assert await on_host(egress_settings, n) == {"netns": False, "veth": False, "nft-chain": False}
+
+
 async def test_a_failed_prepare_leaves_only_recorded_resources(
     network: NetParticipant, egress_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,6 +186,12 @@ async def test_the_daemon_is_adopted_replaced_and_rereads_policies(
     assert pid is not None
     # A new server (a new supervisor) adopts the running daemon.
     assert await EgressSupervisor(egress_settings).start() == pid
+    # One with other settings (another DNS upstream) gets a daemon of its own settings.
+    other = egress_settings.model_copy(update={"dns_upstream": f"{world.dns}:53"})
+    other_pid = await EgressSupervisor(other).start()
+    assert other_pid != pid and not (await egress_daemon.ping() or {}).get("pid") == pid
+    pid = await egress_daemon.start()  # and back, for the tests after this one
+    assert pid != other_pid
     # A daemon killed with -9 is replaced, and the new one knows the VM from its policy file.
     os.kill(pid, signal.SIGKILL)
     new_pid = await egress_daemon.start()

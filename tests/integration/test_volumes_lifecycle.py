@@ -16,7 +16,8 @@ import pytest
 from integration.volumes_fixtures import MiB, VolumeKit, kit_fixture, ok, run  # noqa: F401
 
 from kiln.config import Settings
-from kiln.node.participant import HostResource, Launch, Mount, VmContext
+from kiln.node.ledger import MemoryLedger
+from kiln.node.participant import Launch, Mount, VmContext
 from kiln.runtime.driver import BootImage, MachineSpec, SavedState
 from kiln.runtime.qemu import QemuHypervisor
 from kiln.runtime.qemu.process import process_is_alive
@@ -31,25 +32,6 @@ from kiln.volumes.hotplug import drives
 pytestmark = pytest.mark.vm
 
 
-class MemoryLedger:
-    """The ``Ledger`` protocol kept in a dict (the store's rows, in the server)."""
-
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], HostResource] = {}
-
-    async def record(self, resource: HostResource) -> None:
-        self.rows[(resource.kind, resource.name)] = resource
-
-    async def forget(self, resource: HostResource) -> None:
-        self.rows.pop((resource.kind, resource.name), None)
-
-    async def of_vm(self, vm_id: str) -> list[HostResource]:
-        return [row for row in self.rows.values() if row.vm_id == vm_id]
-
-    async def all(self) -> list[HostResource]:
-        return list(self.rows.values())
-
-
 async def test_a_volume_through_create_suspend_resume_and_delete(
     kit: VolumeKit,
     hypervisor: QemuHypervisor,
@@ -57,8 +39,8 @@ async def test_a_volume_through_create_suspend_resume_and_delete(
     boot_image: BootImage,
     base_snapshot: SavedState,
 ) -> None:
-    participant = VolumeParticipant(kit.volumes, kit.helpers)
     ledger = MemoryLedger()
+    participant = VolumeParticipant(kit.volumes, ledger)
     volume_id = await kit.new_volume()
     vm_id = f"p{uuid.uuid4().hex[:10]}"
     run_dir = vm_settings.vms_dir / vm_id
@@ -137,8 +119,8 @@ async def test_a_volume_through_create_suspend_resume_and_delete(
 async def test_a_cold_boot_starts_with_its_drives_on_the_command_line(
     kit: VolumeKit, hypervisor: QemuHypervisor, vm_settings: Settings, boot_image: BootImage
 ) -> None:
-    participant = VolumeParticipant(kit.volumes, kit.helpers)
     ledger = MemoryLedger()
+    participant = VolumeParticipant(kit.volumes, ledger)
     data, reference = await kit.new_volume(), await kit.new_volume()
     await kit.volumes.upload(reference, "ref.txt", b"reference\n")
     await kit.volumes.create_checkpoint(reference, "cp")

@@ -16,7 +16,7 @@ RECORD_FIELDS = {
     "vm_id", "session_id", "status", "vcpu_count", "memory_mb", "image_variant", "metadata",
     "created_at", "expires_at", "share", "custom_domain", "volumes", "vault_ids", "env_status",
     "env_error", "snapshot_on_terminate", "snapshot_name", "failure_reason", "auto_suspend",
-    "auto_resume", "snapshot_id", "terminate_snapshot_id", "ssh_host", "ssh_port",
+    "auto_resume", "snapshot_id", "terminate_snapshot_id", "ssh_host", "ssh_port", "network_error",
 }  # fmt: skip
 
 
@@ -75,7 +75,7 @@ async def test_no_wait(
         ({"memory_mb": "lots"}, ["body", "memory_mb"]),
         ({"env": {"BAD NAME": "x"}}, ["body", "env", "BAD NAME"]),
         ({"share": {"port": 70000}}, ["body", "share", "port"]),
-        ({"vault_ids": ["v1"]}, ["body", "vault_ids"]),
+        ({"vault_ids": ["v1"]}, ["body", "vault_ids", 0]),  # no such vault
         ({"volumes": [{"volume_id": "v", "mount_path": "/proc/x"}]}, ["body", "volumes", 0, "mount_path"]),
         ({"image_variant": "unknown"}, ["body", "image_variant"]),
     ],

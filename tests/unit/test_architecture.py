@@ -29,6 +29,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "crypto": {"api", "services", "store", "node", "runtime", "net", "volumes", "schemas", "router", "guest"},
     "schemas": {"api", "services", "node", "runtime"},
     "guest": {"api", "services", "store", "node", "runtime", "schemas", "config", "net", "volumes"},
+    # Vaults' mechanisms (crypto, hosts, auth shapes, the CA): a leaf the services and the proxy use.
+    "vault": {"api", "services", "store", "node", "runtime", "schemas", "net", "volumes", "guest", "proxy"},
 }
 
 

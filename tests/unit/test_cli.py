@@ -119,3 +119,16 @@ def test_users_passwd_from_stdin_or_a_prompt() -> None:
     assert empty.exit_code == 1 and "no password" in empty.output
     unknown = runner.invoke(app, ["users", "passwd", "nobody", "--password-stdin"], input="pw\n")
     assert unknown.exit_code == 1 and "not found" in unknown.output
+
+
+def test_serve_refuses_a_broken_package_manager_file_before_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
+    broken = tmp_path / "pm.toml"
+    broken.write_text("[pip\n")
+    monkeypatch.setenv("KILN_EGRESS_PACKAGE_MANAGERS_FILE", str(broken))
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["serve", "--port", "1"])
+    assert result.exit_code == 1
+    printed = "".join(result.output.split())  # the console may wrap long lines
+    assert "isnotTOML" in printed and str(broken) in printed

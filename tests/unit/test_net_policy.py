@@ -9,7 +9,7 @@ import pytest
 from kiln.config import Settings
 from kiln.net.addresses import AddressPlan, NetConfigError
 from kiln.net.host import never_reachable
-from kiln.net.policy import PolicyError, compile_policy, domain_allowed
+from kiln.net.policy import PolicyError, compile_policy, domain_allowed, rules_from_json, rules_to_json
 from kiln.node.participant import EgressRules
 
 SETTINGS = Settings()
@@ -86,6 +86,36 @@ def test_schemes() -> None:
     assert not policy.allows_scheme("a.example.com", "http")
     # Domains without any scheme are useless: the DNS does not answer them.
     assert not compiled(allowed_domains=("a.example.com",)).allows_name("a.example.com")
+
+
+def test_web_domains_take_both_schemes_whatever_the_flags_say() -> None:
+    policy = compiled(
+        allowed_domains=("a.example.com",), allow_https=True, web_domains=("pypi.org", "*.debian.org")
+    )
+    assert policy.proxies_http and policy.proxies_https
+    for scheme in ("http", "https"):
+        assert policy.allows_scheme("pypi.org", scheme)
+        assert policy.allows_scheme("deb.debian.org", scheme)
+    # The flags still hold for the policy's own domains.
+    assert policy.allows_scheme("a.example.com", "https")
+    assert not policy.allows_scheme("a.example.com", "http")
+    assert not policy.allows_name("example.org")
+    alone = compiled(web_domains=("pypi.org",))
+    assert alone.allows_name("pypi.org") and alone.proxies_http and alone.proxies_https
+    assert not alone.allows_name("files.pythonhosted.org")
+    with pytest.raises(PolicyError):
+        compiled(web_domains=("not a name",))
+
+
+def test_rules_survive_their_json_form() -> None:
+    rules = EgressRules(
+        allowed_cidrs=("1.2.3.0/24",), allowed_domains=("a.test",), allow_http=True, web_domains=("pypi.org",)
+    )
+    assert rules_from_json(rules_to_json(rules)) == rules
+    # Files written before web_domains existed still read.
+    assert rules_from_json({"allowed_cidrs": [], "allowed_domains": ["a.test"], "allow_https": True}) == EgressRules(
+        allowed_domains=("a.test",), allow_https=True
+    )
 
 
 def test_address_plan() -> None:

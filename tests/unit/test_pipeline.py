@@ -3,6 +3,7 @@ releases on a failed start, and the reconciler's three cases."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ class Things:
 
     name = "things"
     kinds = frozenset({"thing"})
+    kept_while_suspended = False
 
     def __init__(self) -> None:
         self.on_host: set[str] = set()
@@ -87,3 +89,53 @@ async def test_the_reconciler_removes_strays_forgets_the_dead_and_reports_the_br
     assert set(result.broken) == {"vm-broken"}
     removed = {(item.kind, item.name) for item in result.removed}
     assert removed == {("thing", "thing-vm-nobody"), ("thing", "thing-vm-dead")}
+
+
+class SavedThings(Things):
+    """A participant whose resources a suspended VM's saved state needs (as volumes')."""
+
+    name = "saved-things"
+    kinds = frozenset({"saved-thing"})
+    kept_while_suspended = True
+
+    async def prepare(self, vm: VmContext, launch: Launch, ledger: Ledger) -> None:
+        resource = HostResource("saved-thing", f"saved-{vm.vm_id}", vm.vm_id)
+        await ledger.record(resource)
+        self.on_host.add(resource.name)
+
+    async def inventory(self) -> list[HostResource]:
+        return [HostResource("saved-thing", name, name.removeprefix("saved-")) for name in self.on_host]
+
+
+async def test_a_suspend_keeps_what_the_saved_state_needs_and_the_reconciler_leaves_it(
+    tmp_path: Path, parts  # type: ignore[no-untyped-def]
+) -> None:
+    things, ledger, hypervisor = parts
+    saved = SavedThings()
+    pipeline = Pipeline(hypervisor, [things, saved], ledger, boot_timeout=5)
+    await pipeline.bring_up(context(tmp_path, "vm-s"))
+    await pipeline.release("vm-s", suspending=True)
+    assert things.on_host == set() and saved.on_host == {"saved-vm-s"}
+
+    async def nobody_live() -> set[str]:
+        return set()
+
+    async def suspended() -> set[str]:
+        return {"vm-s"}
+
+    result = await pipeline.reconcile(nobody_live, suspended)
+    assert saved.on_host == {"saved-vm-s"} and result.removed == [] and result.broken == {}
+    # Once the VM is gone for good (not suspended any more), they are strays.
+    await pipeline.reconcile(nobody_live, nobody_live)
+    assert saved.on_host == set() and ledger.rows == {}
+
+
+async def test_a_failed_resume_keeps_them_too(tmp_path: Path, parts) -> None:  # type: ignore[no-untyped-def]
+    things, ledger, hypervisor = parts
+    saved = SavedThings()
+    pipeline = Pipeline(hypervisor, [things, saved], ledger, boot_timeout=5)
+    hypervisor.start_error = BootError("no")
+    resuming = dataclasses.replace(context(tmp_path, "vm-r"), resuming=True)
+    with pytest.raises(BootError):
+        await pipeline.bring_up(resuming)
+    assert things.on_host == set() and saved.on_host == {"saved-vm-r"}

@@ -37,7 +37,7 @@ async def add_vm(db: Database, owner_id: int, vm_id: str, status: str = "running
             Vm(
                 id=vm_id, owner_id=owner_id, session_id=f"s-{vm_id}", status=status,
                 vcpu_count=2, memory_mb=256, image_variant="default", labels={"n": vm_id},
-                env_status="none", volumes=[], vault_ids=[], snapshot_on_terminate=False,
+                env_status="none", vault_ids=[], snapshot_on_terminate=False,
                 auto_suspend=False, auto_resume=False, expires_at=now + timedelta(minutes=5),
             )
         )  # fmt: skip

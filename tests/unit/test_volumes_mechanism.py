@@ -445,13 +445,15 @@ class FakeLedger:
         self.log = log
         self.rows: list[HostResource] = []
 
-    async def record(self, resource: HostResource) -> None:
-        self.log.append(f"record {resource.kind}")
-        self.rows.append(resource)
+    async def record(self, *resources: HostResource) -> None:
+        for resource in resources:
+            self.log.append(f"record {resource.kind}")
+            self.rows.append(resource)
 
-    async def forget(self, resource: HostResource) -> None:
-        self.log.append(f"forget {resource.kind}")
-        self.rows.remove(resource)
+    async def forget(self, *resources: HostResource) -> None:
+        for resource in resources:
+            self.log.append(f"forget {resource.kind}")
+            self.rows.remove(resource)
 
     async def of_vm(self, vm_id: str) -> list[HostResource]:
         return [r for r in self.rows if r.vm_id == vm_id]
@@ -477,8 +479,8 @@ class FakeVolumes:
         self.log.append(f"drives restoring={restoring}")
         return []
 
-    async def release(self, vm_id: str) -> list:
-        self.log.append("release")
+    async def release(self, vm_id: str, drive_ids: set[str] | None = None) -> list:
+        self.log.append(f"release {len(drive_ids or ())} drives")
         return []
 
 
@@ -487,7 +489,7 @@ async def test_the_participant_records_before_it_makes_and_forgets_after(
 ) -> None:
     log: list[str] = []
     ledger = FakeLedger(log)
-    participant = VolumeParticipant(FakeVolumes(tmp_path, log))  # type: ignore[arg-type]
+    participant = VolumeParticipant(FakeVolumes(tmp_path, log), ledger)  # type: ignore[arg-type]
     image = BootImage("default", tmp_path / "k", tmp_path / "i", tmp_path / "r", "")
     vm = VmContext(
         vm_id="vm-1", owner_id=3, vcpu_count=1, memory_mb=256, image=image, run_dir=tmp_path / "vm",
@@ -503,4 +505,5 @@ async def test_the_participant_records_before_it_makes_and_forgets_after(
     assert all(r.owner_id == 3 and r.vm_id == "vm-1" for r in ledger.rows)
     log.clear()
     await participant.release("vm-1", list(ledger.rows), ledger)
-    assert log[0] == "release" and ledger.rows == []
+    # Only the drives named go (the reconciler hands over what it found stray).
+    assert log[0] == "release 2 drives" and ledger.rows == []

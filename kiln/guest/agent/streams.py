@@ -62,15 +62,18 @@ class Stream:
         self.write_lock = threading.Lock()  # one stream_write at a time, in order
 
     def send(self, emit: Emit, kind: str, data: bytes) -> None:
-        """Emit ``data`` as events, waiting for credit before each chunk; dropped once closed."""
-        for start in range(0, len(data), protocol.CHUNK_BYTES):
-            chunk = data[start : start + protocol.CHUNK_BYTES]
+        """Emit ``data`` as events, each no larger than a chunk nor than the credit
+        left (never more than ``window`` unacknowledged); dropped once closed."""
+        start = 0
+        while start < len(data):
             with self.changed:
                 self.changed.wait_for(lambda: self.closed or self.unacked < self.window)
                 if self.closed:
                     return
-                self.unacked += len(chunk)
-            emit({"kind": kind, "data": b64(chunk)})
+                size = min(protocol.CHUNK_BYTES, self.window - self.unacked, len(data) - start)
+                self.unacked += size
+            emit({"kind": kind, "data": b64(data[start : start + size])})
+            start += size
 
     def ack(self, count: int) -> None:
         with self.changed:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 from kiln.config import Settings
 from kiln.node.node import Node
@@ -44,6 +45,7 @@ from kiln.services.snapshots.rows import (
     reload,
 )
 from kiln.services.states import LISTED_TYPES, SnapshotStatus, SnapshotType, VmStatus
+from kiln.services.volumes import captures
 from kiln.store.db import Database
 from kiln.store.models import Snapshot, Vm
 from kiln.store.repositories import SnapshotRepository, VmRepository
@@ -74,6 +76,7 @@ class SnapshotService:
             raise NotFound(f"vm {vm_id} not found")
         if vm.status != S.RUNNING:
             raise Conflict(f"vm {vm_id} is {vm.status}; only a running VM can be snapshotted")
+        captures.check_capturable(self._node, vm_id)
         snapshot = await self._add(vm, SnapshotType.USER, name)
         task = self._background.run(self._save(vm.id, snapshot.id, keep_running=True), f"snapshot {snapshot.id}")
         if wait:
@@ -122,6 +125,7 @@ class SnapshotService:
             await repository.delete(snapshot)
             await record_event(session, snapshot_event(snapshot, "snapshot.deleted", **by_user(owner_id)))
         await asyncio.to_thread(remove_saved, Path(snapshot.directory))
+        await captures.forget(self._node, snapshot.id, snapshot.mounts)
 
     # -- for the VM service ----------------------------------------------------------
 
@@ -235,6 +239,7 @@ class SnapshotService:
         # The snapshot the VM's disk stood on when the save froze it: the new
         # snapshot's parent (another save of the VM may have finished since _add).
         disk_parent: str | None = None
+        mounts: list[dict[str, Any]] = []
         try:
             async with self._node.machines.save_lock(vm_id):
                 async with self._db.transaction() as session:
@@ -243,8 +248,18 @@ class SnapshotService:
                     status = vm.status if vm is not None else "gone"
                     raise Conflict(f"vm {vm_id} is {status}; there is no running VM to save")
                 disk_parent = vm.disk_snapshot_id
+                if snapshot.type != SnapshotType.SUSPEND:
+                    # A suspended VM comes back with its own drives; any other
+                    # restore needs what they hold now (see captures).
+                    async def keep(drives: list[dict[str, Any]]) -> None:
+                        await record(self._db, snapshot_id, None, mounts=drives)
+
+                    mounts = await captures.pause_and_capture(
+                        self._node, vm_id, snapshot_id, stopping=not keep_running, keep=keep
+                    )
                 saved = await self._node.save(vm_id, Path(snapshot.directory), keep_running=keep_running)
         except Exception as error:
+            await captures.forget(self._node, snapshot_id, mounts)
             disk_in_use = isinstance(error, SaveError) and error.disk_in_use
             log.warning("snapshot %s of vm %s failed: %s", snapshot_id, vm_id, error)
             await record(

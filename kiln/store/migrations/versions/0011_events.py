@@ -1,7 +1,7 @@
 """Events: the audit log and the outbox webhooks are fed from.
 
-Revision ID: 0008_events
-Revises: 0007_ssh_keys
+Revision ID: 0011_events
+Revises: 0010_vaults
 Create Date: 2026-12-01
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008_events"
-down_revision: str | None = "0007_ssh_keys"
+revision: str = "0011_events"
+down_revision: str | None = "0010_vaults"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,7 +1,7 @@
 """Webhooks: endpoints (sealed secrets) and deliveries (the outbox's rows).
 
-Revision ID: 0009_webhooks
-Revises: 0008_events
+Revision ID: 0012_webhooks
+Revises: 0011_events
 Create Date: 2026-12-01
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009_webhooks"
-down_revision: str | None = "0008_events"
+revision: str = "0012_webhooks"
+down_revision: str | None = "0011_events"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,7 +1,7 @@
 """The usage ledger: the stretches of time each VM ran, with its shape.
 
-Revision ID: 0010_usage
-Revises: 0009_webhooks
+Revision ID: 0013_usage
+Revises: 0012_webhooks
 Create Date: 2026-12-01
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010_usage"
-down_revision: str | None = "0009_webhooks"
+revision: str = "0013_usage"
+down_revision: str | None = "0012_webhooks"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
