@@ -67,7 +67,7 @@ def serve(
     from kiln.services.auth import InvalidTokenSecret, load_or_create_secret
 
     settings = get_settings()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     try:
         # Checked here too (the app's start-up does it again) so that an unusable
         # secret ends the command with its message, not uvicorn's traceback.
@@ -300,6 +300,27 @@ def list_images() -> None:
             row["path"],
         )
     Console().print(snapshots)
+
+
+@images_app.command("prune")
+def prune_images(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; remove nothing.")] = False,
+    data_dir: Annotated[
+        list[Path] | None,
+        typer.Option(help="Another data dir sharing this cache, whose VMs and snapshots must keep theirs."),
+    ] = None,
+) -> None:
+    """Remove image builds and base snapshots nothing needs (the current build of each variant stays)."""
+    from kiln.runtime.prune import plan_prune, remove
+
+    settings = get_settings()
+    plan = plan_prune(settings, [settings.data_dir, *(data_dir or [])])
+    for path, why in sorted(plan.keep.items()):
+        err.print(f"keep   {path.name}: {why}")
+    for path in plan.remove:
+        err.print(f"{'would remove' if dry_run else 'remove'} {path.name}")
+    freed = plan.bytes_freed() if dry_run else remove(plan)
+    print(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.0f} MiB ({len(plan.remove)} directories)")
 
 
 # -- vm: a client of a running server ----------------------------------------------------

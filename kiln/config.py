@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -71,6 +71,8 @@ class Settings(BaseSettings):
 
     # Logging of `kiln serve` (secrets are redacted at every level: kiln.api.logs).
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # text: a line per record; json: one JSON object per line, with the request id.
+    log_format: Literal["text", "json"] = "text"
 
     # OCI imports (POST /v1/snapshots with oci_image). Comma-separated in the
     # environment. Empty: no local layout and no registry may be imported from.
@@ -204,6 +206,22 @@ class Settings(BaseSettings):
     ssh_gateway: bool = True  # false: no gateway process (tests of the API alone)
     ssh_host: str = ""
     ssh_port: int = 2222
+    # The event stream (audit log, webhooks): events older than this are removed (hourly).
+    events_retention_days: int = Field(default=30, ge=1)
+    # Webhooks (kiln/services/webhooks): endpoints on loopback, private or link-local
+    # addresses are refused unless this is set (tests set it for their receiver).
+    webhook_allow_private: bool = False
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    # The wait before retry n is base * 2^(n-1) seconds, at most the max.
+    webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(default=600.0, gt=0)
+    quota_webhook_endpoints: int = Field(default=20, ge=0)
+    # GET /metrics takes `Authorization: Bearer <this>` (a scraper's credential) or
+    # the admin's key; empty: the admin's key only.
+    metrics_token: str = ""
+    # Prices of the usage breakdown (GET /v1/users/me/usage-breakdown); 0: no cost shown.
+    usage_dollars_per_vcpu_hour: float = Field(default=0.0, ge=0)
+    usage_dollars_per_gib_hour: float = Field(default=0.0, ge=0)
 
     @property
     def share_listen_host(self) -> str:

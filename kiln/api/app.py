@@ -19,43 +19,55 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from kiln.api.call_log import ApiCalls
 from kiln.api.custom_domains import start_domains
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
+from kiln.api.metrics import Metrics, PrometheusTelemetry
+from kiln.api.request_ids import RequestIds
 from kiln.api.routers import (
     api_keys,
+    audit,
     auth,
     egress,
     execution,
     files,
     health,
+    metrics,
     pty,
     sessions,
     shares,
     snapshots,
     ssh_keys,
     stage_env,
+    usage,
     users,
     vaults,
     vms,
     volumes,
+    webhooks,
 )
 from kiln.api.routers.domains import router as domains_router
 from kiln.api.sharing import start_sharing
 from kiln.api.ssh import start_ssh_gateway
 from kiln.api.unavailable import install_refusals
+from kiln.api.webhooks import start_webhooks
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
 from kiln.services.egress import EgressService
+from kiln.services.events.audit import AuditService
+from kiln.services.events.calls import CallLog
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
+from kiln.services.host_stats import HostStats
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.staged_env import StagedEnv
+from kiln.services.usage import UsageService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource
 from kiln.services.wiring import build_vm_services
@@ -142,6 +154,13 @@ def create_app(
             sharing = await start_sharing(settings, db, vm_service)
             domain_service = await start_domains(settings, db, vm_service)
             ssh = await start_ssh_gateway(settings, vm_service)
+            audit_service = AuditService(db, settings.events_retention_days)
+            audit_service.start()
+            telemetry = PrometheusTelemetry()
+            vm_service.telemetry = telemetry
+            webhook_service = start_webhooks(settings, db, telemetry.webhook_outcome)
+            calls = CallLog(db)
+            calls.start()
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -155,6 +174,11 @@ def create_app(
                 shares=sharing.shares,
                 domains=domain_service,
                 ssh_keys=SshKeyService(db),
+                audit=audit_service,
+                webhooks=webhook_service,
+                metrics=Metrics(telemetry, HostStats(db, vm_service.pool), settings.metrics_token),
+                usage=UsageService(db, settings.usage_dollars_per_vcpu_hour, settings.usage_dollars_per_gib_hour),
+                calls=calls,
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
                 egress=EgressService(vm_service),
                 volumes=vm_side.volumes,
@@ -167,6 +191,9 @@ def create_app(
             try:
                 yield
             finally:
+                await calls.stop()
+                await webhook_service.worker.stop()
+                await audit_service.stop()
                 await domain_service.worker.stop()
                 await ssh.stop()
                 await sharing.stop()
@@ -191,12 +218,20 @@ def create_app(
         limits_by_path={"/upload": upload_limit},
         limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit)],
     )
+    # Outside the body limit: a refused oversized call is recorded too.
+    app.add_middleware(ApiCalls)
+    # Added last, so outermost: every answer (the body limit's 413s too) carries the id.
+    app.add_middleware(RequestIds)
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty, volumes):
         app.include_router(module.router)
     app.include_router(snapshots.router)
     app.include_router(shares.router)
     app.include_router(domains_router)
     app.include_router(ssh_keys.router)
+    app.include_router(audit.router)
+    app.include_router(webhooks.router)
+    app.include_router(metrics.router)
+    app.include_router(usage.router)
     app.include_router(egress.router)
     app.include_router(vaults.router)
     app.include_router(stage_env.router)

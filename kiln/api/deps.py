@@ -13,10 +13,14 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from fastapi.security import OAuth2PasswordBearer
 
+from kiln.api.call_log import note_user
+from kiln.api.metrics import Metrics
 from kiln.services.auth import AuthService
 from kiln.services.domains.service import DomainService
 from kiln.services.egress import EgressService
 from kiln.services.errors import Unauthenticated
+from kiln.services.events.audit import AuditService
+from kiln.services.events.calls import CallLog
 from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.guest import GuestTarget, session_target, vm_target
@@ -27,6 +31,7 @@ from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.staged_env import StagedEnv
+from kiln.services.usage import UsageService
 from kiln.services.users import UserService
 from kiln.services.vault_calls import VaultCallLog
 from kiln.services.vaults import VaultService
@@ -34,6 +39,7 @@ from kiln.services.vms import VmService
 from kiln.services.volumes.files import VolumeFileService
 from kiln.services.volumes.mounts import VolumeMounts
 from kiln.services.volumes.service import VolumeService
+from kiln.services.webhooks.service import WebhookService
 from kiln.store.models import User
 
 TOKEN_URL = "/v1/auth/token"
@@ -59,6 +65,11 @@ class Services:
     shares: ShareService
     domains: DomainService
     ssh_keys: SshKeyService
+    audit: AuditService
+    webhooks: WebhookService
+    metrics: Metrics
+    usage: UsageService
+    calls: CallLog
     egress: EgressService
     volumes: VolumeService
     volume_files: VolumeFileService
@@ -104,7 +115,9 @@ async def user_from_credentials(auth: AuthService, *candidates: str | None) -> U
     credential = next((candidate for candidate in candidates if candidate), None)
     if credential is None:
         raise Unauthenticated("not authenticated: send X-API-Key or Authorization: Bearer")
-    return await auth.authenticate(credential)
+    user = await auth.authenticate(credential)
+    note_user(user.id)  # for this request's api.call event
+    return user
 
 
 def get_session_service(request: Request) -> SessionService:
@@ -206,6 +219,13 @@ VolumeFiles = Annotated[VolumeFileService, Depends(get_volume_files)]
 Mounts = Annotated[VolumeMounts, Depends(get_mounts)]
 
 Vms = Annotated[VmService, Depends(get_vm_service)]
+
+
+def get_usage_service(request: Request) -> UsageService:
+    return get_services(request).usage
+
+
+Ledger = Annotated[UsageService, Depends(get_usage_service)]
 Users = Annotated[UserService, Depends(get_user_service)]
 Auth = Annotated[AuthService, Depends(get_auth_service)]
 

@@ -15,8 +15,12 @@ Kiln itself never logs a credential; this is the net under third-party code
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from datetime import UTC, datetime
+
+from kiln.api.request_ids import current_request_id
 
 REDACTED = "<redacted>"
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -39,6 +43,8 @@ REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     # API keys wherever they are (also mistyped or unknown ones).
     (re.compile(r"kiln_[A-Za-z0-9_\-]{8,}"), "kiln_" + REDACTED),
+    # Webhook signing secrets (kiln.services.webhooks.signing).
+    (re.compile(r"whsec_[A-Za-z0-9_\-]{8,}"), "whsec_" + REDACTED),
     # JWTs: three base64url parts, the first a JSON object ("eyJ" is '{"').
     (re.compile(r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*"), REDACTED),
 )
@@ -57,10 +63,28 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-def configure(level: str) -> None:
-    """Route every logger to one redacting stderr handler at ``level``."""
+class JsonFormatter(logging.Formatter):
+    """``KILN_LOG_FORMAT=json``: one JSON object per line (time, level, logger,
+    message, request_id, exception), redacted as the text lines are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+            "request_id": current_request_id.get(),
+        }
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: str, fmt: str = "text") -> None:
+    """Route every logger to one redacting stderr handler at ``level``; ``fmt`` is
+    ``text`` (a line each) or ``json`` (an object each)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter(LOG_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else RedactingFormatter(LOG_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -13,7 +13,8 @@ cached under ``settings.cache_dir`` so that only what changed is redone:
    ``<variant>.current`` is a symlink naming the latest one.
 
 Old image directories are never removed here: VM overlays and snapshots use
-their ``rootfs.ext4`` as a backing file.
+their ``rootfs.ext4`` as a backing file (``kiln images prune``, ``prune.py``,
+removes the ones nothing names any more).
 
 Building needs root (the base system's file ownership must survive into the
 ext4 image) and the host's apt (Debian) for the downloads.

@@ -82,6 +82,9 @@ class SessionUsage(BaseModel):
     rss_mb: float | None
     vcpu_count: int
     uptime_seconds: float
+    # From the usage ledger: everything the session's VMs ran, what they were given.
+    vcpu_seconds: float
+    memory_gib_seconds: float
 
 
 class KillRequest(BaseModel):

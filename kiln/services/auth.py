@@ -34,6 +34,7 @@ import jwt
 from kiln.crypto.credentials import API_KEY_PREFIX, TOKEN_ALGORITHM, hash_api_key
 from kiln.crypto.files import create_exclusively
 from kiln.services.errors import Unauthenticated
+from kiln.services.events.record import NewEvent, record_alone
 from kiln.store.db import Database
 from kiln.store.models import User
 from kiln.store.repositories import ApiKeyRepository, UserRepository
@@ -208,6 +209,18 @@ class AuthService:
         else:
             stored = await asyncio.to_thread(dummy_password_hash)  # made once, in a thread
         if not await verify_password_off_loop(password, stored) or not known:
+            # Only password logins are recorded: each costs one scrypt, so they cannot
+            # flood the log the way a stream of made-up API keys could.
+            failed = NewEvent(
+                "auth.login_failed",
+                user.id if user is not None else None,
+                status="denied",
+                resource_type="user",
+                resource_id=username[:128],
+                payload={"username": username[:128]},
+                actor_type="anonymous",
+            )
+            await record_alone(self._db, failed)
             raise Unauthenticated("incorrect username or password")
         assert user is not None
         return self.issue_token(user)

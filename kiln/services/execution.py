@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -256,6 +257,7 @@ class ExecutionService:
         }
         time_limit = check_timeout(timeout)
         finished: RunFinished | None = None
+        started = time.monotonic()
         async for event in self._run_in_guest(
             target, command, language, time_limit, AGENT_OUTPUT_LIMIT
         ):
@@ -265,6 +267,7 @@ class ExecutionService:
                 finished = event
         if finished is None:  # the agent always ends with a result; be safe anyway
             raise ServiceError("the guest ended the run without a result")
+        self._vms.telemetry.exec_finished(language.value, time.monotonic() - started)
         stdout = outputs[protocol.KIND_STDOUT].text(finished.truncated)
         stderr = outputs[protocol.KIND_STDERR].text(finished.truncated)
         if finished.timed_out:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
@@ -18,6 +18,8 @@ from kiln.services.auth import (
     new_api_key,
 )
 from kiln.services.errors import Conflict, InvalidRequest, NotFound
+from kiln.services.events.record import NewEvent, by_user
+from kiln.services.events.record import record as record_event
 from kiln.store.db import Database
 from kiln.store.models import ApiKey, User
 from kiln.store.repositories import ApiKeyRepository, UserRepository
@@ -86,6 +88,7 @@ class UserService:
             record = await ApiKeyRepository(session).add(
                 owner_id, name, key[:API_KEY_DISPLAY_CHARS], hash_api_key(key)
             )
+            await record_event(session, _key_event(record, "api_key.created"))
         return CreatedApiKey(record, key)
 
     async def list_api_keys(self, owner_id: int) -> list[ApiKey]:
@@ -116,6 +119,7 @@ class UserService:
             if key is None:
                 raise NotFound(f"api key {key_id} not found")
             await keys.delete(key)
+            await record_event(session, _key_event(key, "api_key.deleted"))
             key_hash = key.key_hash
         if self._key_cache is not None:
             # After the commit, and bumping the cache's generation: a lookup that
@@ -131,6 +135,7 @@ class UserService:
             if key is None:
                 raise NotFound(f"api key {key_id} not found")
             await keys.delete(key)
+            await record_event(session, replace(_key_event(key, "api_key.deleted"), actor_type="operator"))
         if self._key_cache is not None:
             self._key_cache.forget(key.key_hash)
         return key
@@ -155,6 +160,16 @@ class UserService:
         return created.key
 
 
+def _key_event(key: ApiKey, event_type: str) -> NewEvent:
+    # The prefix tells keys apart; the key itself is never stored, nor its hash shown.
+    return NewEvent(
+        event_type,
+        key.owner_id,
+        resource_type="api_key",
+        resource_id=str(key.id),
+        payload={"name": key.name, "prefix": key.prefix},
+        **by_user(key.owner_id),
+    )
 def _check_key_name(name: str) -> str:
     if not name or len(name) > MAX_KEY_NAME_LENGTH or not name.isprintable():
         raise InvalidRequest.single(

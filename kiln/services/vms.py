@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +39,17 @@ from kiln.services.activity import Activity
 from kiln.services.admission import Admission
 from kiln.services.disk_budget import DiskBudget
 from kiln.services.egress_policy import EgressPolicies, network_error
-from kiln.services.errors import Conflict, ImageNotBuilt, InvalidRequest, NotFound, VmStartFailed
+from kiln.services.errors import (
+    CapacityExhausted,
+    Conflict,
+    ImageNotBuilt,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    VmStartFailed,
+)
+from kiln.services.events.record import NewEvent, by_user, record, record_alone, vm_event
+from kiln.services.events.vm_events import created_event, transition_event
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.states import (
@@ -49,6 +61,8 @@ from kiln.services.states import (
     VmStatus,
     can_transition,
 )
+from kiln.services.telemetry import NoTelemetry, Telemetry
+from kiln.services.usage import ledger_transition
 from kiln.services.vault_bindings import VaultBindings
 from kiln.services.vm_policy import CreatePlan, check_create, check_update
 from kiln.services.volumes.mounts import MountPlan, VolumeMounts, vm_mounts
@@ -143,6 +157,8 @@ class VmService:
         # When each VM was last used (guest calls here, share traffic from the router).
         self.activity = Activity()
         self.admit_hooks: list[AdmitHook] = []
+        # The operator's metrics (the app sets its own; kiln.services.telemetry).
+        self.telemetry: Telemetry = NoTelemetry()
 
     # -- service lifecycle -------------------------------------------------------
 
@@ -170,6 +186,19 @@ class VmService:
     # -- user operations -----------------------------------------------------------
 
     async def create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
+        try:
+            return await self._create(owner_id, request, wait)
+        except (QuotaExceeded, CapacityExhausted) as refusal:
+            # A refusal changes nothing, so its event has a transaction of its own.
+            kind = "quota.refused" if isinstance(refusal, QuotaExceeded) else "capacity.refused"
+            self.telemetry.admission_refused(kind.partition(".")[0])
+            payload = {"vcpu_count": request.vcpu_count, "memory_mb": request.memory_mb}
+            refused = NewEvent(kind, owner_id, status="denied", payload=payload, error_message=str(refusal))
+            await record_alone(self.db, replace(refused, session_id=request.session_id, **by_user(owner_id)))
+            raise
+
+    async def _create(self, owner_id: int, request: VMCreateRequest, wait: bool) -> Vm:
+        started = time.monotonic()
         plan = check_create(request, self._settings, self._images.variants())
         self._check_egress(plan.egress_policy)
         vault_ids = await self.vault_bindings.checked_ids(owner_id, request.vault_ids)
@@ -220,7 +249,14 @@ class VmService:
         self._start_boot(context, plan.env, claimed=claimed)
         if not wait:
             return vm
-        return await self._wait_running(vm.id)
+        path = "pool" if claimed is not None else "restore" if restore is not None else "cold"
+        try:
+            running = await self._wait_running(vm.id)
+        except VmStartFailed:
+            self.telemetry.vm_create_finished(path, time.monotonic() - started, ok=False)
+            raise
+        self.telemetry.vm_create_finished(path, time.monotonic() - started, ok=True)
+        return running
 
     async def clone(self, owner_id: int, vm_id: str, request: VMCreateRequest, wait: bool) -> Vm:
         """Snapshot the VM (named ``request.snapshot_name``) and create a new VM
@@ -277,6 +313,7 @@ class VmService:
                     setattr(vm, name, changes[name])
             if "vault_ids" in changes:
                 vm.vault_ids = changes["vault_ids"]
+            await record(session, vm_event(vm, "vm.updated", payload={"fields": sorted(changes)}, **by_user(owner_id)))
         if "vault_ids" in changes and vm.status in (S.CREATING, S.RUNNING):
             await self.vault_bindings.apply(vm)  # the next request already has (or lacks) them
         return vm
@@ -413,7 +450,15 @@ class VmService:
         if not can_transition(current, target):
             return False
         async with self.db.transaction() as session:
-            return await VmRepository(session).compare_and_set_status(vm_id, current, target, **fields)
+            vms = VmRepository(session)
+            if not await vms.compare_and_set_status(vm_id, current, target, **fields):
+                return False
+            # The event commits with the transition (an outbox: never one without the other).
+            vm = await vms.get_any_owner(vm_id)
+            if vm is not None:
+                await record(session, transition_event(vm, current, target, fields.get("failure_reason")))
+                await ledger_transition(session, vm, current, target)
+            return True
 
     async def reload(self, vm_id: str) -> Vm:
         async with self.db.transaction() as session:
@@ -556,6 +601,7 @@ class VmService:
             )
             for hook in self.admit_hooks:
                 await hook(session, vm, plan)
+            await record(session, created_event(vm, from_pool=vm_id is not None))
             if vm_id is not None:
                 # A claimed pool VM: its host resources are this user's now.
                 await HostResourceRepository(session).set_owner_any_owner(vm_id, owner_id)

@@ -338,6 +338,107 @@ class SshKey(Base):
     public_key: Mapped[str] = mapped_column(Text)
     comment: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+
+
+class Event(Base):
+    """One thing that happened (the audit log, and the outbox webhooks are fed from).
+
+    Written in the same transaction as the change it records, so a crash never
+    loses one nor invents one. ``owner_id`` is the user the event belongs to
+    (None for the host's own events, e.g. a login for an unknown name); no
+    foreign key: the log outlives the users it names. The id orders events and
+    is the cursor of ``GET /v1/audit/events``."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now, index=True)
+    owner_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    # user (a request of the owner's), system (the server's own loops), anonymous.
+    actor_type: Mapped[str] = mapped_column(String(16))
+    actor_id: Mapped[str | None] = mapped_column(String(128))
+    event_group: Mapped[str] = mapped_column(String(32), index=True)
+    event_type: Mapped[str] = mapped_column(String(64), index=True)
+    # success, failure, denied (a refusal: quota, login).
+    status: Mapped[str] = mapped_column(String(16))
+    vm_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    session_id: Mapped[str | None] = mapped_column(String(128))
+    resource_type: Mapped[str | None] = mapped_column(String(32))
+    resource_id: Mapped[str | None] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookEndpoint(Base):
+    """Where a user wants their events sent (``/v1/webhooks/endpoints``).
+
+    ``secret`` is sealed (``kiln.crypto.sealing``, bound to the row) and shown
+    only when made or rotated; ``secret_hint`` is its last characters."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    # fnmatch patterns of event types ("vm.*", "snapshot.ready"); ["*"]: every type.
+    event_patterns: Mapped[list[str]] = mapped_column(JSON, default=list)
+    timeout_seconds: Mapped[int] = mapped_column(Integer)
+    max_retries: Mapped[int] = mapped_column(Integer)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    secret: Mapped[str] = mapped_column(Text)
+    secret_hint: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    verified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class WebhookDelivery(Base):
+    """One event to send to one endpoint, and every attempt made (the outbox's
+    other half: made with the event, so a restart finds what is still due).
+
+    ``status``: ``pending`` (due at ``next_attempt_at``), ``succeeded`` (a 2xx),
+    ``failed`` (``max_retries`` used up, or the endpoint gone or disabled)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
+    # No foreign key: events are pruned after their retention, deliveries may stay.
+    event_id: Mapped[int | None] = mapped_column(Integer)
+    event_type: Mapped[str] = mapped_column(String(64))
+    # The event as it is sent (the body is made from it at each attempt).
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # [{"at", "status_code", "error", "duration_ms"}], oldest first.
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    replay_of: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utc_now)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class UsageInterval(Base):
+    """The usage ledger: one row per stretch of time a VM ran with its shape.
+
+    Opened when the VM enters ``running`` and closed when it leaves it, in the
+    transaction of the transition; ``ended_at`` is None while it runs. Rows
+    outlive their VM (no foreign key to ``vms``): usage is history."""
+
+    __tablename__ = "usage_intervals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(64), index=True)
+    session_id: Mapped[str] = mapped_column(String(128))
+    vcpu_count: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
 # ---- vaults (migration 0010_vaults)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
 
-from kiln.api.deps import Auth, CurrentUser, Sessions, Shares, bearer_token, user_from_credentials
+from kiln.api.deps import Auth, CurrentUser, Ledger, Sessions, Shares, bearer_token, user_from_credentials
 from kiln.api.routers.vms import MetadataFilter
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.sessions import (
@@ -82,9 +82,10 @@ async def list_sandboxes(
 
 @router.get("/v1/sessions/usage/{session_id}", responses=NOT_FOUND)
 async def get_session_usage(
-    session_id: str, user: CurrentUser, sessions: Sessions
+    session_id: str, user: CurrentUser, sessions: Sessions, ledger: Ledger
 ) -> SessionUsage:
     usage = await sessions.usage(user.id, session_id)
+    used = await ledger.of_session(user.id, session_id)
     vm = usage.vm
     return SessionUsage(
         session_id=vm.session_id,
@@ -95,6 +96,8 @@ async def get_session_usage(
         rss_mb=usage.process.rss_mb if usage.process else None,
         vcpu_count=vm.vcpu_count,
         uptime_seconds=usage.uptime_seconds,
+        vcpu_seconds=round(used.vcpu_seconds, 3),
+        memory_gib_seconds=round(used.memory_gib_seconds, 3),
     )
 
 

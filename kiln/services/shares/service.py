@@ -23,6 +23,8 @@ from kiln.crypto import links
 from kiln.schemas.shares import ShareCreateRequest, ShareLink, ShareRecord, ShareUpdateRequest
 from kiln.schemas.vms import ShareRequest
 from kiln.services.errors import Conflict, InvalidRequest, NotFound
+from kiln.services.events.record import record as record_event
+from kiln.services.events.record import share_event
 from kiln.services.states import ENDED_STATUSES
 from kiln.services.vms import VmService
 from kiln.store.db import Database
@@ -96,10 +98,12 @@ class ShareService:
                 if share.status == REVOKED:
                     raise Conflict(f"share {share_id} is revoked")
                 share.is_public = request.is_public
-            if request.revoke and share.status != REVOKED:
+            revoked = bool(request.revoke) and share.status != REVOKED
+            if revoked:
                 share.status = REVOKED
                 share.revoked_at = datetime.now(UTC)
             await self._refresh_vm_record(session, share, self.record(share))
+            await record_event(session, share_event(share, "share.revoked" if revoked else "share.updated"))
             return self.record(share)
 
     async def delete(self, owner_id: int, share_id: str) -> None:
@@ -107,6 +111,7 @@ class ShareService:
             share = await self._get(session, owner_id, share_id)
             await self._refresh_vm_record(session, share, None)
             await ShareRepository(session).delete(owner_id, share_id)
+            await record_event(session, share_event(share, "share.deleted"))
 
     async def link(self, owner_id: int, share_id: str, expires_in: int | None) -> ShareLink:
         """A signed link: whoever has it may use the share until it expires (a
@@ -147,7 +152,7 @@ class ShareService:
     # -- internals
 
     async def _add(self, session: AsyncSession, vm: Vm, port: int, is_public: bool) -> Share:
-        return await ShareRepository(session).add(
+        share = await ShareRepository(session).add(
             Share(
                 id=new_share_id(),
                 owner_id=vm.owner_id,
@@ -158,6 +163,8 @@ class ShareService:
                 created_at=datetime.now(UTC),
             )
         )
+        await record_event(session, share_event(share, "share.opened"))
+        return share
 
     async def _get(self, session: AsyncSession, owner_id: int, share_id: str) -> Share:
         share = await ShareRepository(session).get(owner_id, share_id)

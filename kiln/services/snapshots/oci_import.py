@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -32,6 +32,8 @@ from kiln.schemas.snapshots import SnapshotImportRequest
 from kiln.services import oci_sources
 from kiln.services.background import BackgroundTasks
 from kiln.services.errors import FieldProblem, ImageNotBuilt, InvalidRequest, Unsupported
+from kiln.services.events.record import record as record_event
+from kiln.services.events.record import snapshot_event
 from kiln.services.snapshots.rows import (
     IMPORTED_ROOTFS_NAME,
     check_snapshot_quota,
@@ -134,6 +136,8 @@ class ImageImporter:
                     created_at=now(),
                 )
             )
+            payload = {"oci_image": request.oci_image}
+            await record_event(session, replace(snapshot_event(snapshot, "snapshot.created"), payload=payload))
         task = self._background.run(self._import(snapshot.id, plan, shape, default), f"import {snapshot.id}")
         if not wait:
             return snapshot

@@ -32,8 +32,18 @@ from kiln.runtime.snapshots import directory_size, remove_saved
 from kiln.services.background import BackgroundTasks
 from kiln.services.disk_budget import DiskBudget
 from kiln.services.errors import Conflict, InvalidRequest, NotFound
+from kiln.services.events.record import by_user, snapshot_event
+from kiln.services.events.record import record as record_event
 from kiln.services.snapshots.housekeeping import Housekeeping
-from kiln.services.snapshots.rows import check_snapshot_quota, dependents, new_snapshot_id, now, record, reload
+from kiln.services.snapshots.rows import (
+    EVENT_TYPES,
+    check_snapshot_quota,
+    dependents,
+    new_snapshot_id,
+    now,
+    record,
+    reload,
+)
 from kiln.services.states import LISTED_TYPES, SnapshotStatus, SnapshotType, VmStatus
 from kiln.services.volumes import captures
 from kiln.store.db import Database
@@ -113,6 +123,7 @@ class SnapshotService:
                 users = [f"vm {vm}" for vm in vms] + [f"snapshot {child}" for child in children]
                 raise Conflict(f"snapshot {snapshot_id} is in use by {', '.join(users)}")
             await repository.delete(snapshot)
+            await record_event(session, snapshot_event(snapshot, "snapshot.deleted", **by_user(owner_id)))
         await asyncio.to_thread(remove_saved, Path(snapshot.directory))
         await captures.forget(self._node, snapshot.id, snapshot.mounts)
 
@@ -195,7 +206,7 @@ class SnapshotService:
         async with self._db.transaction() as session:
             if snapshot_type in LISTED_TYPES:
                 await check_snapshot_quota(session, vm.owner_id, self._settings.quota_snapshots)
-            return await SnapshotRepository(session).add(
+            snapshot = await SnapshotRepository(session).add(
                 Snapshot(
                     id=snapshot_id,
                     owner_id=vm.owner_id,
@@ -212,6 +223,9 @@ class SnapshotService:
                     created_at=now(),
                 )
             )
+            if snapshot_type in EVENT_TYPES:
+                await record_event(session, snapshot_event(snapshot, "snapshot.created"))
+            return snapshot
 
     async def _save(self, vm_id: str, snapshot_id: str, *, keep_running: bool) -> None:
         """Save the VM into the snapshot's directory and record the outcome, one

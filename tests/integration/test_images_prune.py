@@ -1,0 +1,110 @@
+"""``kiln images prune`` on a real server's cache with a real VM: after two new
+builds, the build nobody uses goes while a VM restored from an old build's base
+snapshot keeps running (and can still be suspended and resumed, which reopens
+those files by name); once that VM is gone, its build and base snapshot go too.
+
+The cache is the test's own (``KILN_CACHE_DIR``): prune must never run on the
+shared cache other checkouts' VMs stand on. Its "builds" are hard-linked copies
+of the shared cache's current default build under new names: to prune they are
+builds like any other (their directory names differ, so do their digests),
+and making them costs no image build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_api import SMALL, Api, live_server, wait_until
+from live_server import KILN, ensure_default_image
+
+from kiln.config import Settings
+from kiln.runtime.images import ImageStore
+
+pytestmark = pytest.mark.vm
+
+OLD, UNUSED, NEW = "default-00000000000000a1", "default-00000000000000a2", "default-00000000000000a3"
+
+
+@pytest.fixture(scope="module")
+def cache() -> Iterator[Path]:
+    shared = Settings()
+    ensure_default_image(shared)
+    image = ImageStore(shared).get("default")
+    assert image is not None
+    root = Path(tempfile.mkdtemp(prefix="kiln-prune-cache-"))
+    (root / "images").mkdir()
+    subprocess.run(["cp", "-al", str(image.rootfs.parent), str(root / "images" / OLD)], check=True)
+    point_current(root, OLD)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def base_snapshots(cache: Path) -> list[str]:
+    root = cache / "base-snapshots"
+    return [path.name for path in root.iterdir() if not path.name.startswith(".")] if root.is_dir() else []
+
+
+def qemu_cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def point_current(cache: Path, build: str) -> None:
+    pointer = cache / "images" / "default.current"
+    pointer.unlink(missing_ok=True)
+    os.symlink(build, pointer)
+
+
+def prune(api: Api, cache: Path) -> str:
+    env = {**os.environ, "KILN_DATA_DIR": str(api.server.data_dir), "KILN_CACHE_DIR": str(cache)}
+    env.pop("KILN_DATABASE_URL", None)
+    done = subprocess.run(
+        [str(KILN), "images", "prune"], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stderr + done.stdout
+
+
+def test_prune_frees_old_builds_and_keeps_what_a_running_vm_stands_on(cache: Path) -> None:
+    with live_server("kiln-prune-", env={"KILN_CACHE_DIR": str(cache)}) as api:
+        # The first create of a shape boots cold and makes OLD's base snapshot beside it;
+        # the next one restores from that snapshot (its disk and memory stand on it).
+        first = api.create_ok(**SMALL, vm_lifetime_seconds=600)
+        assert wait_until(lambda: base_snapshots(cache), 300), "no base snapshot was made"
+        [old_base] = base_snapshots(cache)
+        api.delete(first["vm_id"])
+        vm = api.create_ok(**SMALL, vm_lifetime_seconds=600)
+        assert str(cache / "base-snapshots" / old_base) in qemu_cmdline(api.qemu_pid(vm["vm_id"]))
+        for build in (UNUSED, NEW):  # two rebuilds; the newest is current
+            subprocess.run(["cp", "-al", str(cache / "images" / OLD), str(cache / "images" / build)], check=True)
+        point_current(cache, NEW)
+
+        said = prune(api, cache)
+        assert sorted(path.name for path in (cache / "images").iterdir()) == sorted([OLD, NEW, "default.current"])
+        assert [path.name for path in (cache / "base-snapshots").iterdir()] == [old_base], said
+        assert f"remove {UNUSED}" in said and "freed" in said
+        # The VM runs on, and what reopens its files by name still works.
+        assert api.run(vm["session_id"], "echo alive").strip() == "alive"
+        assert api.http.post(f"/v1/vms/{vm['vm_id']}/suspend").json()["status"] == "suspended"
+        # Suspended, it has no process: its saved state alone must keep OLD's files.
+        prune(api, cache)
+        assert (cache / "images" / OLD).is_dir() and (cache / "base-snapshots" / old_base).is_dir()
+        resumed = api.http.post(f"/v1/vms/{vm['vm_id']}/resume")
+        assert resumed.status_code == 200 and resumed.json()["status"] == "running", resumed.text
+        assert api.run(resumed.json()["session_id"], "echo back").strip() == "back"
+
+        assert api.delete(resumed.json()["vm_id"]).json()["status"] == "terminated"
+        # The resumed VM's disk stood on its suspend state; the server's snapshot GC
+        # (every minute) removes that state once the VM is gone. Until then it is kept.
+        saved = api.settings.snapshots_dir
+        assert wait_until(lambda: not any(saved.iterdir()), 240), "the suspend state was never collected"
+        said = prune(api, cache)
+        assert sorted(path.name for path in (cache / "images").iterdir()) == sorted([NEW, "default.current"]), said
+        assert list((cache / "base-snapshots").iterdir()) == []
