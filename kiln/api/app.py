@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from kiln.api.custom_domains import start_domains
+from kiln.api.dashboard import install_dashboard
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 ADMIN_KEY_FILE = "admin-api-key"
 # A volume's file upload takes as much as POST /upload.
 VOLUME_UPLOAD_PATH = re.compile(r"/v1/volumes/[^/]+/files/upload")
+# So does the dashboard's upload form (its POST; a GET of that path is a download).
+DASHBOARD_UPLOAD_PATH = re.compile(r"/ui/vms/[^/]+/files")
 TOKEN_SECRET_FILE = "token-secret"
 
 
@@ -184,7 +187,7 @@ def create_app(
         BodySizeLimit,
         limit=settings.max_request_bytes,
         limits_by_path={"/upload": upload_limit},
-        limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit)],
+        limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit), (DASHBOARD_UPLOAD_PATH, upload_limit)],
     )
     for module in (health, auth, users, api_keys, vms, sessions, execution, files, pty, volumes):
         app.include_router(module.router)
@@ -194,6 +197,7 @@ def create_app(
     app.include_router(ssh_keys.router)
     app.include_router(egress.router)
     app.include_router(vaults.router)
+    install_dashboard(app, settings)
     return app
 
 
