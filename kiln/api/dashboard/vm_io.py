@@ -11,8 +11,9 @@ from __future__ import annotations
 import posixpath
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request, Response, UploadFile, WebSocket
+from fastapi import APIRouter, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import UploadFile
 from starlette.requests import HTTPConnection
 
 from kiln.api.dashboard import forms
@@ -51,10 +52,8 @@ async def download(vm_id: str, path: str, who: Viewer) -> Response:
     return StreamingResponse(
         file.chunks(),
         media_type="application/octet-stream",
-        headers={
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}",
-            "Content-Length": str(file.size),
-        },
+        # No Content-Length: the size is known only once the file is read (a cut answer is then visible).
+        headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"},
     )
 
 

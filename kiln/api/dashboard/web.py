@@ -69,6 +69,7 @@ async def signed_in(request: Request) -> SignedIn:
         session_store(request).end(session.session_id)
         raise SignInRequired() from None
     request.state.dashboard_session = session
+    request.state.dashboard_user = user
     return SignedIn(user, session, services)
 
 
@@ -89,7 +90,13 @@ Actor = Annotated[SignedIn, Depends(checked)]
 
 def page(request: Request, name: str, context: Mapping[str, Any] | None = None, status: int = 200) -> Response:
     session: DashboardSession | None = getattr(request.state, "dashboard_session", None)
-    values = {"csrf_token": session.csrf_token if session else "", "nonce": nonce(request), **(context or {})}
+    values = {
+        "csrf_token": session.csrf_token if session else "",
+        "nonce": nonce(request),
+        # The header's navigation, on every page of a signed-in user (error pages too).
+        "user": getattr(request.state, "dashboard_user", None),
+        **(context or {}),
+    }
     return templates.TemplateResponse(request, name, values, status_code=status)
 
 
