@@ -31,6 +31,8 @@ from live_server import (
 )
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 from unit.harness import add_user
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
@@ -156,6 +158,15 @@ def test_a_user_runs_vms_from_the_browser(server: LiveServer, users: Users, brow
         watched.screenshot("login")
         sign_in_with_password(watched, "alice")
 
+        # Bad input: a page saying what is wrong, with a 4xx.
+        page.get_by_label("Metadata (KEY=VALUE lines or JSON)").fill("{not json")
+        with page.expect_response(lambda answer: answer.url.endswith("/ui/vms")) as refused:
+            page.get_by_role("button", name="Create VM").click()
+        assert refused.value.status == 422
+        expect(page.get_by_role("alert")).to_have_text("metadata: not valid JSON")
+        watched.errors = [e for e in watched.errors if "422" not in e]  # the browser logs the 422 itself
+        page.goto("/ui/")
+
         # Create a VM, then watch the list turn it running without a reload.
         page.get_by_label("Shape").select_option("256x1")
         page.get_by_label("Metadata (KEY=VALUE lines or JSON)").fill("purpose=dashboard-test")
@@ -180,6 +191,8 @@ def test_a_user_runs_vms_from_the_browser(server: LiveServer, users: Users, brow
         expect(page.locator(".xterm-rows > div").filter(has_text=re.compile(r"^\s*hello\s*$"))).to_have_count(
             1, timeout=STEP_MS
         )
+        watched.screenshot("vm")
+        check_the_terminal_socket_wants_this_dashboards_session(server, page, vm_id)
 
         # Upload a file and download it back.
         sent = tmp_path / "greeting.txt"
@@ -195,7 +208,6 @@ def test_a_user_runs_vms_from_the_browser(server: LiveServer, users: Users, brow
         assert download.suggested_filename == "greeting.txt"
         assert Path(download.path()).read_bytes() == sent.read_bytes()
         expect(page.locator("#console")).not_to_have_text("")
-        watched.screenshot("vm")
 
         # A snapshot, and a VM from it.
         page.get_by_label("Snapshot name").fill("dash-snap")
@@ -211,6 +223,18 @@ def test_a_user_runs_vms_from_the_browser(server: LiveServer, users: Users, brow
         assert restored_id != vm_id
         expect(page.locator("#vm-status")).to_have_text("running", timeout=BOOT_MS)
         expect(page.locator("#vm-record")).to_contain_text(snapshot_id)
+        page.get_by_role("button", name="Suspend").click()
+        expect(page.locator("#vm-status")).to_have_text("suspended", timeout=BOOT_MS)
+        page.get_by_role("button", name="Resume").click()
+        expect(page.locator("#vm-status")).to_have_text("running", timeout=BOOT_MS)
+        page.get_by_role("button", name="Clone").click()
+        clone_id = vm_id_of(page)
+        assert clone_id not in (vm_id, restored_id)
+        expect(page.locator("#vm-status")).to_have_text("running", timeout=BOOT_MS)
+        page.get_by_role("button", name="Delete").click()
+        expect(page).to_have_url(re.compile(r"/ui/$"))
+        expect(page.locator(f'tr[data-vm-id="{clone_id}"]')).to_have_count(0)
+        page.goto(f"/ui/vms/{restored_id}")
 
         # The second user sees none of it, even by its URLs.
         check_another_user_sees_nothing(browser, server, users, tmp_path, [vm_id, restored_id, snapshot_id])
@@ -222,8 +246,21 @@ def test_a_user_runs_vms_from_the_browser(server: LiveServer, users: Users, brow
         page.get_by_role("button", name="Delete").click()
         expect(page).to_have_url(re.compile(r"/ui/$"))
         expect(page.locator("#vm-rows")).to_contain_text("No live VMs.", timeout=STEP_MS)
+        # The clone's snapshot builds on dash-snap: while it exists, dash-snap is a 409 page.
         page.goto("/ui/snapshots")
+        clone_snapshot = page.locator("tr", has_text=restored_id).filter(has_not_text="dash-snap")
+        expect(clone_snapshot).to_have_count(1)
+        with page.expect_response(lambda answer: answer.url.endswith("/delete")) as refused:
+            page.get_by_role("button", name="Delete dash-snap").click()
+        assert refused.value.status == 409
+        expect(page.get_by_role("alert")).to_be_visible()
+        watched.errors = [e for e in watched.errors if "409" not in e]  # the browser logs the 409 itself
+        page.goto("/ui/snapshots")
+        clone_snapshot.locator(".delete-snapshot").click()
+        expect(page).to_have_url(re.compile(r"/ui/snapshots$"))
+        expect(clone_snapshot).to_have_count(0)
         page.get_by_role("button", name="Delete dash-snap").click()
+        expect(page).to_have_url(re.compile(r"/ui/snapshots$"))
         expect(page.locator("tr", has_text="dash-snap")).to_have_count(0)
 
         # API keys: made (shown once), then revoked; the host's capacity.
@@ -246,6 +283,32 @@ def test_a_user_runs_vms_from_the_browser(server: LiveServer, users: Users, brow
         assert watched.errors == [], watched.errors
     finally:
         watched.close()
+
+
+def check_the_terminal_socket_wants_this_dashboards_session(server: LiveServer, page: Page, vm_id: str) -> None:
+    """The terminal's WebSocket, opened by another client: refused without the
+    session cookie, and with it from another site's page (its Origin)."""
+    pty_id = page.evaluate(
+        """async (vmId) => {
+            const csrf = document.querySelector('meta[name="csrf-token"]').content;
+            const answer = await fetch(`/ui/vms/${vmId}/terminals`, {method: "POST",
+                headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf}, body: "{}"});
+            return (await answer.json()).pty_id;
+        }""",
+        vm_id,
+    )
+    cookie = next(c["value"] for c in page.context.cookies() if c["name"] == "kiln_session")
+    url = server.url.replace("http://", "ws://") + f"/ui/vms/{vm_id}/terminals/{pty_id}/ws"
+
+    # The sync client: Playwright's sync API already runs an event loop in this thread.
+    def close_code(headers: dict[str, str]) -> int | None:
+        with connect(url, additional_headers=headers, open_timeout=30) as socket:
+            with pytest.raises(ConnectionClosed):
+                socket.recv(timeout=30)
+            return socket.close_code
+
+    assert close_code({"Origin": server.url}) == 4401
+    assert close_code({"Origin": "http://evil.example", "Cookie": f"kiln_session={cookie}"}) == 4401
 
 
 def check_another_user_sees_nothing(

@@ -124,3 +124,27 @@ async def test_vms_keys_and_bad_input(run_app: AppRunner, admin_key: Callable[[]
         signed_out = await client.post("/ui/logout", data={"csrf_token": token})
         assert signed_out.status_code == 303
         assert (await client.get("/ui/")).status_code == 303
+
+
+async def test_vaults_show_names_never_values(run_app: AppRunner, admin_key: Callable[[], str]) -> None:
+    value = "sk-dashboard-secret-value-123"
+    async with run_app() as client:
+        auth = key_headers(admin_key())
+        vault_id = (await client.post("/v1/vaults", json={"name": "team"}, headers=auth)).json()["id"]
+        added = await client.post(
+            f"/v1/vaults/{vault_id}/credentials", json={"name": "ECHO_KEY", "value": value}, headers=auth
+        )
+        assert added.status_code == 200, added.text
+        service = await client.post(
+            f"/v1/vaults/{vault_id}/services",
+            json={"host": "api.echo.test", "auth_config": {"type": "bearer", "token": "ECHO_KEY"}},
+            headers=auth,
+        )
+        assert service.status_code == 200, service.text
+        await sign_in(client, api_key=admin_key())
+        shown = await client.get("/ui/vaults")
+        assert shown.status_code == 200
+        assert "ECHO_KEY" in shown.text and "api.echo.test" in shown.text and vault_id in shown.text
+        assert value not in shown.text
+        volumes = await client.get("/ui/volumes")
+        assert volumes.status_code == 200 and "No volumes." in volumes.text
