@@ -115,10 +115,10 @@ class Watched:
         if message.type == "error":
             self.errors.append(f"console: {message.text} ({message.location})")
 
-    def screenshot(self, name: str) -> None:
+    def screenshot(self, name: str, for_docs: bool = True) -> None:
         path = self.shots / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
-        if os.environ.get("KILN_SAVE_SCREENSHOTS") == "1":
+        if for_docs and os.environ.get("KILN_SAVE_SCREENSHOTS") == "1":
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, SCREENSHOTS / path.name)
 
@@ -281,6 +281,12 @@ def test_a_user_runs_vms_from_the_browser(server: LiveServer, users: Users, brow
         page.get_by_role("button", name="Sign out").click()
         expect(page).to_have_url(re.compile(r"/ui/login$"))
         assert watched.errors == [], watched.errors
+    except BaseException:
+        # What the page showed when it failed, beside the screenshots, for the log's reader.
+        watched.screenshot("failure", for_docs=False)
+        (tmp_path / "failure.html").write_text(page.content())
+        print(f"the page at the failure: {tmp_path / 'failure.png'}; console: {watched.errors}")
+        raise
     finally:
         watched.close()
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import httpx
 from unit.harness import AppRunner, add_user, key_headers
 
+from kiln.api.dashboard.session import SessionStore, tokens_match
 from kiln.config import Settings
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -148,3 +149,22 @@ async def test_vaults_show_names_never_values(run_app: AppRunner, admin_key: Cal
         assert value not in shown.text
         volumes = await client.get("/ui/volumes")
         assert volumes.status_code == 200 and "No volumes." in volumes.text
+
+
+def test_sessions_expire_on_the_servers_clock_and_refuse_forged_cookies() -> None:
+    now = [1000.0]
+    store = SessionStore(clock=lambda: now[0], lifetime=60)
+    session, cookie = store.create(7)
+    assert store.get(cookie) == session
+    session_id, _, signature = cookie.rpartition(".")
+    assert store.get(f"{session_id}.{'0' * len(signature)}") is None
+    assert store.get(f"other.{signature}") is None
+    assert store.get(session_id) is None and store.get("") is None and store.get(None) is None
+    now[0] += 59
+    assert store.get(cookie) == session
+    now[0] += 1
+    assert store.get(cookie) is None  # expired: whatever the cookie's own Max-Age says
+    _, second = store.create(7)
+    store.end(store.get(second).session_id)  # type: ignore[union-attr]
+    assert store.get(second) is None
+    assert tokens_match("a", "a") and not tokens_match("", "a") and not tokens_match(None, "a")
