@@ -183,6 +183,7 @@ def test_a_user_runs_vms_from_the_browser(server: LiveServer, users: Users, brow
         # Its page: a terminal over the PTY WebSocket.
         row.get_by_role("link", name=vm_id).click()
         expect(page.locator("#vm-status")).to_have_text("running")
+        expect(page.locator("#vm-usage")).to_contain_text("CPU s")
         page.get_by_role("button", name="Open a terminal").click()
         expect(page.locator("#terminal-status")).to_have_text("Connected.")
         page.locator("#terminal").click()

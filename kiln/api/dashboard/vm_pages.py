@@ -99,16 +99,24 @@ async def clone_vm(vm_id: str, who: Actor) -> Response:
     return redirect(f"/ui/vms/{clone.id}")
 
 
+async def vm_with_usage(who: Viewer, vm_id: str) -> dict[str, Any]:
+    """The VM's view and its usage (CPU time, resident memory, uptime; read from /proc)."""
+    vm = await who.services.vms.get(who.user.id, vm_id)
+    view = vm_view(vm)
+    usage = await who.services.sessions.usage(who.user.id, vm.session_id)
+    if usage.vm.id == vm.id:  # a session's usage is of its newest VM
+        view["usage"] = usage
+    return view
+
+
 @router.get("/vms/{vm_id}")
 async def vm_page(request: Request, vm_id: str, who: Viewer) -> Response:
-    vm = await who.services.vms.get(who.user.id, vm_id)
-    return page(request, "vm.html", {"user": who.user, "vm": vm_view(vm)})
+    return page(request, "vm.html", {"vm": await vm_with_usage(who, vm_id)})
 
 
 @router.get("/vms/{vm_id}/record")
 async def vm_record(request: Request, vm_id: str, who: Viewer) -> Response:
-    vm = await who.services.vms.get(who.user.id, vm_id)
-    return page(request, "vm_record.html", {"vm": vm_view(vm)})
+    return page(request, "vm_record.html", {"vm": await vm_with_usage(who, vm_id)})
 
 
 @router.get("/vms/{vm_id}/console")
