@@ -84,15 +84,23 @@ def users(server: LiveServer) -> Users:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    # KILN_TEST_CHROMIUM: another build of Chromium (or, in a check of this rule, none).
+def chromium() -> str:
+    """Debian's chromium (KILN_TEST_CHROMIUM: another build, or in a check of this rule none).
+    Asked for before the server, so that a host without one stops here at once."""
     executable = os.environ.get("KILN_TEST_CHROMIUM") or shutil.which("chromium")
     if executable is None or not Path(executable).is_file():
         # Under CI=true this skip is a failure (tests/conftest.py).
         pytest.skip(f"chromium is not installed ({executable or 'not on PATH'}; scripts/test.sh installs Debian's)")
+    return executable
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str, server: LiveServer, users: Users) -> Iterator[Browser]:
+    # After the server and its users: Playwright's sync API runs an event loop in this
+    # thread, where their asyncio.run (setting up, and tearing down) could not.
     with sync_playwright() as playwright:
         # --no-sandbox: the tests run as root, where Chromium's own sandbox cannot start.
-        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             yield launched
         finally:
@@ -151,8 +159,9 @@ def vm_id_of(page: Page) -> str:
     return found.group(1)
 
 
-# The browser first: without one the test ends before a server starts.
-def test_a_user_runs_vms_from_the_browser(browser: Browser, server: LiveServer, users: Users, tmp_path: Path) -> None:
+def test_a_user_runs_vms_from_the_browser(
+    chromium: str, server: LiveServer, users: Users, browser: Browser, tmp_path: Path
+) -> None:
     watched = Watched(browser, server.url, tmp_path)
     page = watched.page
     try:
