@@ -102,6 +102,8 @@ async def test_vms_keys_and_bad_input(run_app: AppRunner, admin_key: Callable[[]
         assert vm_id in (await client.get("/ui/vms/rows")).text
         assert (await client.get(f"/ui/vms/{vm_id}")).status_code == 200
         assert (await client.get("/ui/vms/vm-nope")).status_code == 404
+        host = (await client.get("/ui/host")).text
+        assert '<th scope="row">VMs</th><td>1</td>' in host, host
 
         made = await client.post("/ui/keys", data={"csrf_token": token, "name": "laptop"})
         shown = re.search(r'id="new-key">([^<]+)<', made.text)
