@@ -103,9 +103,9 @@ async def websocket_rtts(port: int, host: str, samples: int) -> list[float]:
 def first_byte_ms(port: int, host: str) -> float:
     begun = time.monotonic()
     with httpx.stream("GET", f"http://127.0.0.1:{port}/hello", headers={"Host": host}, timeout=180) as answer:
-        next(answer.iter_raw())
+        first = next(answer.iter_raw())
         if answer.status_code != 200:
-            raise RuntimeError(f"the wake request answered {answer.status_code}")
+            raise RuntimeError(f"the wake request answered {answer.status_code}: {first[:300]!r}")
         return (time.monotonic() - begun) * 1000
 
 

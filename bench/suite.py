@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -742,11 +741,6 @@ class Bench:
     # -- the warm pool ---------------------------------------------------------------------
 
     def measure_pool(self) -> None:
-        reason = pool_missing_reason()
-        if reason is not None:
-            self.figures.missing("create_pool_ms", reason)
-            self.note(f"create_pool_ms: {reason}")
-            return
         assert self.settings is not None
         self.start_server(pool_size=self.plan.pool_size, log_name="server-pool.log")
         try:
@@ -827,13 +821,6 @@ def ms_since(started: float) -> float:
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise PhaseFailed(message)
-
-
-def pool_missing_reason() -> str | None:
-    """Why the warm pool cannot be measured, or None when kiln has one."""
-    if importlib.util.find_spec("kiln.runtime.pool") is None:
-        return "kiln has no warm pool yet (kiln/runtime/pool.py does not exist): KILN_POOL_SIZE has no effect"
-    return None
 
 
 async def insert_terminated_copies(settings: Settings, owner_id: int, wanted: int) -> int:

@@ -36,6 +36,7 @@ from kiln.api.routers import (
     shares,
     snapshots,
     ssh_keys,
+    stage_env,
     users,
     vaults,
     vms,
@@ -44,6 +45,7 @@ from kiln.api.routers import (
 from kiln.api.routers.domains import router as domains_router
 from kiln.api.sharing import start_sharing
 from kiln.api.ssh import start_ssh_gateway
+from kiln.api.unavailable import install_refusals
 from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
@@ -54,6 +56,7 @@ from kiln.services.files import FileService
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.ssh_keys import SshKeyService
+from kiln.services.staged_env import StagedEnv
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource
 from kiln.services.wiring import build_vm_services
@@ -136,7 +139,8 @@ def create_app(
             vm_side = build_vm_services(settings, db, *runtime)
             await vm_side.start()
             vm_service = vm_side.vms
-            execution_service = ExecutionService(vm_service, db)
+            staged_env = StagedEnv()
+            execution_service = ExecutionService(vm_service, db, staged_env)
             await execution_service.start()
             sharing = await start_sharing(settings, db, vm_service)
             domain_service = await start_domains(settings, db, vm_service)
@@ -148,7 +152,7 @@ def create_app(
                 sessions=SessionService(vm_service),
                 execution=execution_service,
                 files=FileService(vm_service, settings.max_upload_bytes, settings.max_download_bytes),
-                pty=PtyService(),
+                pty=PtyService(staged_env),
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
                 shares=sharing.shares,
@@ -161,6 +165,7 @@ def create_app(
                 mounts=vm_side.mounts,
                 vaults=vm_side.vaults,
                 vault_calls=vm_side.vault_calls,
+                staged_env=staged_env,
             )
             try:
                 yield
@@ -197,7 +202,10 @@ def create_app(
     app.include_router(ssh_keys.router)
     app.include_router(egress.router)
     app.include_router(vaults.router)
+    app.include_router(stage_env.router)
     install_dashboard(app, settings)
+    # Last: it answers only where no route above (or added later) has the path.
+    install_refusals(app)
     return app
 
 

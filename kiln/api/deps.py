@@ -7,7 +7,7 @@ and answers 401 with ``WWW-Authenticate: Bearer`` when neither works.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -26,6 +26,7 @@ from kiln.services.shares.service import ShareService
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.ssh_keys import SshKeyService
+from kiln.services.staged_env import StagedEnv
 from kiln.services.users import UserService
 from kiln.services.vault_calls import VaultCallLog
 from kiln.services.vaults import VaultService
@@ -66,6 +67,9 @@ class Services:
     vault_calls: VaultCallLog
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
+    # Values staged for a VM's next command; the same object the execution and
+    # terminal services take them from.
+    staged_env: StagedEnv = field(default_factory=StagedEnv)
 
 
 def get_services(request: Request) -> Services:
@@ -117,6 +121,10 @@ def get_file_service(request: Request) -> FileService:
 
 def get_pty_service(request: Request) -> PtyService:
     return get_services(request).pty
+
+
+def get_staged_env(request: Request) -> StagedEnv:
+    return get_services(request).staged_env
 
 
 def get_snapshot_service(request: Request) -> SnapshotService:
@@ -189,6 +197,7 @@ Sessions = Annotated[SessionService, Depends(get_session_service)]
 Execution = Annotated[ExecutionService, Depends(get_execution_service)]
 Files = Annotated[FileService, Depends(get_file_service)]
 Ptys = Annotated[PtyService, Depends(get_pty_service)]
+Staged = Annotated[StagedEnv, Depends(get_staged_env)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
 Egress = Annotated[EgressService, Depends(get_egress_service)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class TokenResponse(BaseModel):
@@ -15,7 +15,21 @@ class TokenResponse(BaseModel):
 class UserResponse(BaseModel):
     id: int
     username: str
+    # InstaVM's account keys, read by the SDK's CLI (whoami, login). Kiln's users
+    # are made by the operator: no e-mail address, the name is the username, and
+    # nobody is left to verify them.
+    email: str | None = None
+    name: str
+    is_verified: bool = True
     created_at: datetime
+
+
+class ApiKeyUpdateRequest(BaseModel):
+    """``PATCH /v1/api-keys/{id}``: a key's name is all that may change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
 
 
 class ApiKeyCreateRequest(BaseModel):

@@ -29,6 +29,9 @@ class ExecuteRequest(CommandRequest):
 
 class ExecuteResponse(BaseModel):
     stdout: str
+    # The same text as ``stdout``, under the name the SDK's ``execute_streaming``
+    # and its CLI read first.
+    output: str
     stderr: str
     exit_code: int
     execution_time: float

@@ -63,6 +63,12 @@ class SessionStatus(BaseModel):
     # "active" while the VM runs (what the SDK's is_session_active looks for),
     # otherwise the VM's own status (creating, terminated, failed, ...).
     vm_status: str
+    # What the SDK's OpenAI Agents sandbox reads to decide whether to reuse the
+    # session: it exists (an unknown one is 404), a VM backs it (always, in
+    # Kiln: a session is made with its VM), and that VM is running.
+    exists: bool = True
+    vm_assigned: bool = True
+    vm_alive: bool
 
 
 class SessionUsage(BaseModel):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
-from pydantic import BaseModel, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import SkipJsonSchema
 
 from kiln.schemas.volumes import MountRow, mount_summary
@@ -86,9 +86,16 @@ class VMCreateResponse(BaseModel):
 
 
 class VMUpdateRequest(BaseModel):
-    """PATCH /v1/vms/{vm_id}: fields left out (or null) stay as they are."""
+    """PATCH /v1/vms/{vm_id}: fields left out (or null) stay as they are. An
+    unknown field is a 422 naming it: a client must not believe a change made
+    that was dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
     vm_lifetime_seconds: int | None = None
+    # The instavm CLI's `vm update --memory-mb`: known so that it is refused with
+    # the reason (kiln.services.vm_policy.check_update), not as an unknown field.
+    memory_mb: int | None = None
     snapshot_on_terminate: bool | None = None
     snapshot_name: str | None = None
     metadata: JsonObject | None = None

@@ -36,6 +36,7 @@ from kiln.guest import protocol
 from kiln.schemas.execution import Language
 from kiln.services.errors import InvalidRequest, NotFound, ServiceError
 from kiln.services.guest import GuestTarget, agent_errors, session_target
+from kiln.services.staged_env import StagedEnv
 from kiln.services.vms import VmService
 from kiln.store.db import Database
 from kiln.store.models import ExecutionTask
@@ -145,9 +146,10 @@ def _now() -> datetime:
 
 
 class ExecutionService:
-    def __init__(self, vms: VmService, db: Database) -> None:
+    def __init__(self, vms: VmService, db: Database, staged: StagedEnv | None = None) -> None:
         self._vms = vms
         self._db = db
+        self._staged = staged or StagedEnv()
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -210,11 +212,14 @@ class ExecutionService:
         output_limit: int,
     ) -> AsyncIterator[RunEvent]:
         args: dict[str, object]
+        staged = self._staged.take(target.vm.id)
         if language == Language.PYTHON:
             op, args = "python_exec", {"session": PYTHON_INTERPRETER, "code": command}
         else:
-            op, args = "exec", {"argv": [BASH, "-c", command]}
+            op, args = "exec", {"argv": [BASH, "-c", command], "env": staged}
         with agent_errors(target.vm.id):
+            if staged and language == Language.PYTHON:
+                await self._stage_in_interpreter(target, staged)
             async for frame in target.agent.stream(
                 op, timeout=guest_time_limit(timeout), output_limit=output_limit, **args
             ):
@@ -230,6 +235,16 @@ class ExecutionService:
                         execution_time=float(value.get("duration", 0.0)),
                         cpu_time=float(value.get("cpu_time", 0.0)),
                     )
+
+    async def _stage_in_interpreter(self, target: GuestTarget, env: dict[str, str]) -> None:
+        """Staged values into the persistent interpreter's ``os.environ`` (its
+        memory, and what it starts), in a cell of their own so the user's code
+        keeps its line numbers."""
+        code = f"__import__('os').environ.update({env!r})"
+        async for _ in target.agent.stream(
+            "python_exec", timeout=30, session=PYTHON_INTERPRETER, code=code
+        ):
+            pass
 
     async def run(
         self, target: GuestTarget, command: str, language: Language, timeout: float | None

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import secrets
+import shlex
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
 
 from kiln.guest import protocol
 from kiln.runtime.agent_client import NO_DEADLINE
@@ -20,6 +22,7 @@ from kiln.runtime.errors import RuntimeFailure
 from kiln.schemas.pty import PtyCreateRequest, PtyRecord
 from kiln.services.errors import NotFound
 from kiln.services.guest import GuestTarget, agent_errors
+from kiln.services.staged_env import StagedEnv
 
 
 def _record(target: GuestTarget, info: dict) -> PtyRecord:
@@ -64,6 +67,10 @@ class PtyAttachment:
                 "pty_write", pty_id=self.pty_id, data=base64.b64encode(data).decode("ascii")
             )
 
+    async def resize(self, cols: int, rows: int) -> None:
+        with agent_errors(self._target.vm.id):
+            await self._target.agent.call("pty_resize", pty_id=self.pty_id, cols=cols, rows=rows)
+
     async def close(self) -> None:
         # The terminal may have ended or the VM gone: then there is nothing to detach.
         with contextlib.suppress(RuntimeFailure):
@@ -72,16 +79,34 @@ class PtyAttachment:
             )
 
 
+# Shells that take ``-i -l`` (csh and tcsh take ``-l`` only alone: they are exec'd as given).
+LOGIN_SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ash", "ksh", "mksh", "fish"})
+
+
+def shell_command(shell: str) -> str:
+    """The command line that starts ``shell`` as an interactive login shell, as
+    the SDK's CLI expects of ``pty --shell`` (profile read, prompt set)."""
+    return f"exec {shlex.quote(shell)} -i -l"
+
+
 class PtyService:
+    def __init__(self, staged: StagedEnv | None = None) -> None:
+        self._staged = staged or StagedEnv()
+
     async def open(self, target: GuestTarget, request: PtyCreateRequest) -> PtyRecord:
+        command, shell = request.command, request.shell
+        if command is None and shell is not None and PurePosixPath(shell).name in LOGIN_SHELLS:
+            command, shell = shell_command(shell), None
+        # Explicit variables of the request win over staged ones of the same name.
+        env = {**self._staged.take(target.vm.id), **(request.env or {})}
         with agent_errors(target.vm.id):
             info = await target.agent.call(
                 "pty_open",
                 cols=request.cols,
                 rows=request.rows,
-                command=request.command,
-                shell=request.shell,
-                env=request.env or {},
+                command=command,
+                shell=shell,
+                env=env,
                 pty_id=request.id,
             )
         return _record(target, info)

@@ -62,6 +62,11 @@ def public_status(vm: Vm) -> str:
     return ACTIVE if vm.status == VmStatus.RUNNING else vm.status
 
 
+def vm_alive(vm: Vm) -> bool:
+    """Whether the session's VM can run code now (a suspended one must be resumed first)."""
+    return vm.status == VmStatus.RUNNING
+
+
 class SessionService:
     def __init__(self, vms: VmService) -> None:
         self._vms = vms

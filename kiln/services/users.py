@@ -80,11 +80,7 @@ class UserService:
         return user
 
     async def create_api_key(self, owner_id: int, name: str | None = None) -> CreatedApiKey:
-        name = name or "default"
-        if len(name) > MAX_KEY_NAME_LENGTH or not name.isprintable():
-            raise InvalidRequest.single(
-                ("name",), f"must be at most {MAX_KEY_NAME_LENGTH} printable characters"
-            )
+        name = _check_key_name(name or "default")
         key = new_api_key()
         async with self._db.transaction() as session:
             record = await ApiKeyRepository(session).add(
@@ -95,6 +91,23 @@ class UserService:
     async def list_api_keys(self, owner_id: int) -> list[ApiKey]:
         async with self._db.transaction() as session:
             return await ApiKeyRepository(session).list(owner_id)
+
+    async def get_api_key(self, owner_id: int, key_id: int) -> ApiKey:
+        async with self._db.transaction() as session:
+            key = await ApiKeyRepository(session).get(owner_id, key_id)
+        if key is None:
+            raise NotFound(f"api key {key_id} not found")
+        return key
+
+    async def rename_api_key(self, owner_id: int, key_id: int, name: str) -> ApiKey:
+        name = _check_key_name(name)
+        async with self._db.transaction() as session:
+            key = await ApiKeyRepository(session).get(owner_id, key_id)
+            if key is None:
+                raise NotFound(f"api key {key_id} not found")
+            key.name = name
+            await session.flush()
+        return key
 
     async def delete_api_key(self, owner_id: int, key_id: int) -> None:
         async with self._db.transaction() as session:
@@ -140,3 +153,11 @@ class UserService:
         # O_CREAT's mode does not apply to a file that already existed.
         os.chmod(key_file, 0o600)
         return created.key
+
+
+def _check_key_name(name: str) -> str:
+    if not name or len(name) > MAX_KEY_NAME_LENGTH or not name.isprintable():
+        raise InvalidRequest.single(
+            ("name",), f"must be 1 to {MAX_KEY_NAME_LENGTH} printable characters"
+        )
+    return name

@@ -128,6 +128,9 @@ def check_update(request: VMUpdateRequest, settings: Settings) -> dict[str, Any]
     problems: list[FieldProblem] = []
     check = _Checker(problems)
     changes = request.model_dump(exclude_none=True)
+    if changes.pop("memory_mb", None) is not None:
+        # No balloon: the guest's memory is what it booted with.
+        check.fail(("memory_mb",), "changing a VM's memory is not supported: make a new VM with the memory it needs")
     if "vm_lifetime_seconds" in changes:
         check.within(
             ("vm_lifetime_seconds",),

@@ -25,7 +25,7 @@ async def test_first_start_creates_admin_and_a_private_key_file(
         me = await client.get("/v1/users/me", headers=key_headers(key))
     assert me.status_code == 200
     assert me.json()["username"] == "admin"
-    assert set(me.json()) == {"id", "username", "created_at"}
+    assert set(me.json()) == {"id", "username", "email", "name", "is_verified", "created_at"}
 
     # A second start neither makes another admin nor prints a key.
     async with run_app() as client:

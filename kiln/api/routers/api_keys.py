@@ -7,6 +7,7 @@ from kiln.schemas.auth import (
     ApiKeyCreatedResponse,
     ApiKeyCreateRequest,
     ApiKeyResponse,
+    ApiKeyUpdateRequest,
     DeletedResponse,
 )
 from kiln.schemas.errors import ErrorMessage
@@ -42,6 +43,19 @@ async def create_api_key(
     """A new key for the calling user; the key itself is in this answer only."""
     created = await users.create_api_key(user.id, body.name)
     return ApiKeyCreatedResponse(**_key_response(created.record).model_dump(), key=created.key)
+
+
+@router.get("/{key_id}", responses={404: {"model": ErrorMessage}})
+async def get_api_key(key_id: KeyId, user: CurrentUser, users: Users) -> ApiKeyResponse:
+    return _key_response(await users.get_api_key(user.id, key_id))
+
+
+@router.patch("/{key_id}", responses={404: {"model": ErrorMessage}})
+async def update_api_key(
+    key_id: KeyId, body: ApiKeyUpdateRequest, user: CurrentUser, users: Users
+) -> ApiKeyResponse:
+    """Renames the key; the secret itself never changes (make a new key instead)."""
+    return _key_response(await users.rename_api_key(user.id, key_id, body.name))
 
 
 @router.delete("/{key_id}", responses={404: {"model": ErrorMessage}})

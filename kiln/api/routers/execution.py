@@ -57,6 +57,7 @@ async def execute(
     result = await execution.run(target, body.command, body.language, body.timeout)
     return ExecuteResponse(
         stdout=result.stdout,
+        output=result.stdout,
         stderr=result.stderr,
         exit_code=result.exit_code,
         execution_time=result.execution_time,

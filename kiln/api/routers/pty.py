@@ -4,26 +4,43 @@ Every route exists twice: addressed by code-execution session
 (``/v1/sessions/{session_id}/pty/...``) and by VM (``/v1/vms/{vm_id}/pty/...``).
 
 ``.../pty/{pty_id}/connect`` is a WebSocket carrying the terminal's bytes both
-ways: output as binary frames; input as binary or text frames. It first sends
-whatever the terminal printed before (up to the agent's scrollback). Browsers
-cannot set headers on a WebSocket, so it also takes the key as ``?api_key=``.
-It closes with 1000 when the terminal's process ends, or, right after
-accepting, with 4401 (not authenticated), 4404 (no such session, VM or
-terminal), 4409 (VM not running), 4503 (guest unreachable) and the reason.
+ways, in the instavm SDK's protocol:
+
+- server to client: output as binary frames (first whatever the terminal printed
+  before, up to the agent's scrollback); when the terminal's process ends, the
+  text frame ``{"type": "exit", "exit_code": N}``, then close 1000;
+- client to server: binary frames are input; a text frame holding a JSON object
+  with a ``type`` is a control frame, never typed: ``{"type": "resize", "cols",
+  "rows"}`` resizes the terminal, an unknown type or a bad size is answered with
+  ``{"type": "error", "detail"}``; any other text frame is input.
+
+Browsers cannot set headers on a WebSocket, so it also takes the key as
+``?api_key=``. Right after accepting, a refusal closes with 4401 (not
+authenticated), 4404 (no such session, VM or terminal), 4409 (VM not running)
+or 4502 (guest unreachable: a code the SDK's CLI retries), and the reason. A
+guest lost while connected closes with 1011.
 """
 
 # No ``from __future__ import annotations``: the route factory below annotates
 # parameters with its argument ``guest``, which FastAPI must see as an object.
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
+import pydantic
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
 from kiln.api.deps import Ptys, Services, SessionGuest, VmGuest, user_from_credentials
 from kiln.schemas.errors import ErrorMessage, error_responses
-from kiln.schemas.pty import PtyCreateRequest, PtyKillResponse, PtyRecord, PtyResizeRequest
+from kiln.schemas.pty import (
+    MAX_TERMINAL_SIZE,
+    PtyCreateRequest,
+    PtyKillResponse,
+    PtyRecord,
+    PtyResizeRequest,
+)
 from kiln.services.errors import (
     Conflict,
     GuestUnavailable,
@@ -42,7 +59,8 @@ CLOSE_CODES: dict[type[ServiceError], int] = {
     Unauthenticated: 4401,
     NotFound: 4404,
     Conflict: 4409,
-    GuestUnavailable: 4503,
+    # The SDK's CLI retries 4500/4502/4504 (its "vm connection failed"), not 4503.
+    GuestUnavailable: 4502,
 }
 # A WebSocket close reason is at most 123 bytes.
 MAX_CLOSE_REASON = 120
@@ -147,7 +165,12 @@ async def bridge(websocket: WebSocket, attachment: PtyAttachment) -> None:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            data = message.get("bytes") or (message.get("text") or "").encode()
+            text = message.get("text")
+            control = _control_frame(text) if text is not None else None
+            if control is not None:
+                await _obey(websocket, attachment, control)
+                continue
+            data = message.get("bytes") or (text or "").encode()
             if data:
                 await attachment.write(data)
 
@@ -168,7 +191,36 @@ async def bridge(websocket: WebSocket, attachment: PtyAttachment) -> None:
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
         # RuntimeError: the client already closed; there is nobody to tell.
         if failure is not None:
-            await websocket.close(code=4503, reason=str(failure)[:MAX_CLOSE_REASON])
+            await websocket.close(code=1011, reason=str(failure)[:MAX_CLOSE_REASON])
+            return
+        if attachment.exit_code is not None:
+            # The SDK's CLI exits with this code; its agents integration reports it.
+            await websocket.send_text(json.dumps({"type": "exit", "exit_code": attachment.exit_code}))
+            await websocket.close(code=1000, reason=f"exit code {attachment.exit_code}")
         else:
-            reason = f"exit code {attachment.exit_code}" if attachment.exit_code is not None else ""
-            await websocket.close(code=1000, reason=reason)
+            await websocket.close(code=1000)
+
+
+def _control_frame(text: str) -> dict[str, Any] | None:
+    """The control message a text frame holds, or None when it is input."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) and "type" in message else None
+
+
+async def _obey(websocket: WebSocket, attachment: PtyAttachment, control: dict[str, Any]) -> None:
+    if control["type"] == "resize":
+        try:
+            size = PtyResizeRequest.model_validate({"cols": control.get("cols"), "rows": control.get("rows")})
+        except pydantic.ValidationError:
+            detail = f"resize needs integer cols and rows from 1 to {MAX_TERMINAL_SIZE}"
+        else:
+            await attachment.resize(size.cols, size.rows)
+            return
+    else:
+        detail = f"unknown control frame type {control['type']!r} (known: resize)"
+    await websocket.send_text(json.dumps({"type": "error", "detail": detail}))

@@ -3,7 +3,7 @@
 ``POST /v1/sessions/session`` takes its credential from the headers or, as the
 instavm SDK sends it, from ``api_key`` in the body. It answers once the VM runs
 (503 with the reason if it fails to start). ``GET /v1/sessions/status/{sid}``
-says ``vm_status: active`` while the VM runs. ``GET /v1/sessions/app-url/{sid}``
+says ``vm_status: active`` and ``vm_alive: true`` while the VM runs. ``GET /v1/sessions/app-url/{sid}``
 answers the URL of the session VM's share of a port (made private if it had none).
 """
 
@@ -26,7 +26,12 @@ from kiln.schemas.sessions import (
     SessionUsage,
 )
 from kiln.schemas.shares import AppUrl
-from kiln.services.sessions import DEFAULT_SANDBOX_LIST, MAX_SANDBOX_LIST, public_status
+from kiln.services.sessions import (
+    DEFAULT_SANDBOX_LIST,
+    MAX_SANDBOX_LIST,
+    public_status,
+    vm_alive,
+)
 
 router = APIRouter(tags=["sessions"], responses={401: {"model": ErrorMessage}})
 
@@ -56,7 +61,12 @@ async def get_session_status(
     session_id: str, user: CurrentUser, sessions: Sessions
 ) -> SessionStatus:
     vm = await sessions.get(user.id, session_id)
-    return SessionStatus(session_id=vm.session_id, vm_id=vm.id, vm_status=public_status(vm))
+    return SessionStatus(
+        session_id=vm.session_id,
+        vm_id=vm.id,
+        vm_status=public_status(vm),
+        vm_alive=vm_alive(vm),
+    )
 
 
 @router.get("/v1/sessions/sandboxes")

@@ -9,4 +9,4 @@ router = APIRouter(prefix="/v1/users", tags=["users"], responses={401: {"model":
 
 @router.get("/me")
 async def read_me(user: CurrentUser) -> UserResponse:
-    return UserResponse(id=user.id, username=user.username, created_at=user.created_at)
+    return UserResponse(id=user.id, username=user.username, name=user.username, created_at=user.created_at)

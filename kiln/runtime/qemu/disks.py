@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import struct
 import subprocess
 import uuid
 from pathlib import Path
@@ -18,6 +19,33 @@ from kiln.runtime.qemu.qmp import QemuError, QmpConnection
 log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
+QCOW2_MAGIC = b"QFI\xfb"
+# No chain Kiln makes is deeper (overlay, saved disk, base snapshot, rootfs).
+MAX_CHAIN_DEPTH = 16
+
+
+def backing_chain(disk: Path) -> list[Path]:
+    """The files below ``disk`` in its qcow2 backing chain, as their headers name
+    them (relative names are relative to the naming image's directory). Read
+    from the headers, not by qemu-img: it runs on every confined start."""
+    chain: list[Path] = []
+    current = disk
+    while len(chain) < MAX_CHAIN_DEPTH:
+        try:
+            with current.open("rb") as image:
+                header = image.read(20)
+                if len(header) < 20 or header[:4] != QCOW2_MAGIC:
+                    break  # a raw file: the chain ends here
+                offset, size = struct.unpack(">QI", header[8:20])
+                if offset == 0 or size == 0:
+                    break
+                image.seek(offset)
+                name = os.fsdecode(image.read(size))
+        except OSError:
+            break
+        current = current.parent / name  # an absolute name replaces the directory
+        chain.append(current)
+    return chain
 
 
 async def disk_format(path: Path) -> str:

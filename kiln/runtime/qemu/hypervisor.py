@@ -24,7 +24,7 @@ from kiln.runtime.qemu import console, disks, ownership, saving
 from kiln.runtime.qemu.cmdline import QEMU_BINARY, build_argv, tcg_kernel_arguments
 from kiln.runtime.qemu.machine import QemuMachine
 from kiln.runtime.qemu.ownership import Owner
-from kiln.runtime.qemu.paths import MAX_SOCKET_PATH, RunPaths
+from kiln.runtime.qemu.paths import MAX_SOCKET_PATH, RunPaths, SavedPaths
 from kiln.runtime.qemu.process import (
     log_tail,
     process_runs_in,
@@ -155,6 +155,10 @@ class QemuHypervisor:
         needed += [drive.path.parent for drive in spec.scsi_drives]
         if spec.restore_from is not None:
             needed.append(spec.restore_from.directory)
+            # And what its disk is backed by: a suspended VM's save names its
+            # base snapshot, which may live elsewhere (a cache of links).
+            chain = disks.backing_chain(SavedPaths(spec.restore_from.directory).disk)
+            needed += [path.resolve().parent for path in chain]
         reveals = jail.plan_view(needed, confinement.uid, confinement.gid)
         kvm = jail.kvm_group()
         groups = [kvm] if accel == "kvm" and kvm is not None else []

@@ -66,7 +66,24 @@
       term.focus();
     };
     socket.onmessage = function (event) {
-      term.write(typeof event.data === "string" ? event.data : new Uint8Array(event.data));
+      if (typeof event.data !== "string") {
+        term.write(new Uint8Array(event.data));
+        return;
+      }
+      // Text frames are the PTY protocol's control frames (exit, error), never output.
+      var control = null;
+      try {
+        control = JSON.parse(event.data);
+      } catch (error) {
+        control = null;
+      }
+      if (control && control.type === "exit") {
+        say("The shell exited with code " + control.exit_code + ".");
+      } else if (control && control.type === "error") {
+        say("Terminal: " + control.detail);
+      } else {
+        term.write(event.data);
+      }
     };
     socket.onclose = function (event) {
       say("Disconnected" + (event.reason ? ": " + event.reason : "."));
