@@ -12,6 +12,9 @@ APT_PACKAGES=(
   skopeo                       # OCI imports from registries (KILN_OCI_REGISTRIES)
   python3-venv                 # the project's virtualenv
 )
+# The dashboard's assets come from the npm registry (scripts/assets.sh); a machine whose
+# Node.js came from elsewhere already has npm, and Debian's npm would conflict with it.
+command -v npm >/dev/null || APT_PACKAGES+=(npm)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}" "$@"; do
@@ -45,6 +48,9 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
+
+# The dashboard's JavaScript and CSS, pinned and checked (fast when already there).
+scripts/assets.sh
 
 # Build (or find in the cache) the image variants asked for; `default` always.
 for variant in ${KILN_SETUP_VARIANTS:-default}; do

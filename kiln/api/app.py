@@ -21,6 +21,7 @@ from fastapi import FastAPI
 
 from kiln.api.call_log import ApiCalls
 from kiln.api.custom_domains import start_domains
+from kiln.api.dashboard import install_dashboard
 from kiln.api.deps import Services
 from kiln.api.errors import install_error_handlers
 from kiln.api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
@@ -78,6 +79,8 @@ log = logging.getLogger(__name__)
 ADMIN_KEY_FILE = "admin-api-key"
 # A volume's file upload takes as much as POST /upload.
 VOLUME_UPLOAD_PATH = re.compile(r"/v1/volumes/[^/]+/files/upload")
+# So does the dashboard's upload form (its POST; a GET of that path is a download).
+DASHBOARD_UPLOAD_PATH = re.compile(r"/ui/vms/[^/]+/files")
 TOKEN_SECRET_FILE = "token-secret"
 
 
@@ -216,7 +219,7 @@ def create_app(
         BodySizeLimit,
         limit=settings.max_request_bytes,
         limits_by_path={"/upload": upload_limit},
-        limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit)],
+        limits_by_pattern=[(VOLUME_UPLOAD_PATH, upload_limit), (DASHBOARD_UPLOAD_PATH, upload_limit)],
     )
     # Outside the body limit: a refused oversized call is recorded too.
     app.add_middleware(ApiCalls)
@@ -235,6 +238,7 @@ def create_app(
     app.include_router(egress.router)
     app.include_router(vaults.router)
     app.include_router(stage_env.router)
+    install_dashboard(app, settings)
     # Last: it answers only where no route above (or added later) has the path.
     install_refusals(app)
     return app

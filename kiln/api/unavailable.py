@@ -42,8 +42,8 @@ class Unbuilt:
         return all(want in ("*", got) for want, got in zip(wanted, segments, strict=False))
 
 
-# Features nobody is building yet (SDK-SURFACE.md sections 1a, 1d, 1e, 1i, 1l).
-NOT_BUILT: tuple[Unbuilt, ...] = (
+# Features Kiln does not have (SDK-SURFACE.md sections 1a, 1d, 1e, 1i, 1l).
+UNBUILT: tuple[Unbuilt, ...] = (
     Unbuilt("/v1/browser", "the headless browser (browser sessions and interactions)"),
     Unbuilt("/v1/computeruse", "computer use (desktop VMs, their viewer and VNC)"),
     Unbuilt("/v1/recordings", "desktop recordings"),
@@ -53,12 +53,6 @@ NOT_BUILT: tuple[Unbuilt, ...] = (
     Unbuilt("/v1/credits", "credits and billing"),
     Unbuilt("/api/cli-auth", "browser login (set an API key instead: instavm auth set-key)"),
 )
-
-# Features other branches are building: their routes win as soon as they merge.
-# (The audit log, webhooks and the usage breakdown have merged: their rows are gone.)
-BEING_BUILT: tuple[Unbuilt, ...] = ()
-
-UNBUILT = NOT_BUILT + BEING_BUILT
 
 
 def feature_of(path: str) -> str | None:

@@ -140,6 +140,22 @@ def test_arrows_between_packages_point_down_only() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+# The dashboard is pages over the services: it calls them as the API's routers do,
+# never a lower layer (its types come from the store only for type checkers).
+DASHBOARD_FORBIDDEN = {"store", "node", "runtime", "net", "volumes", "guest", "vault", "proxy", "router", "sshd"}
+
+
+def test_the_dashboard_only_calls_services() -> None:
+    wrong = [
+        f"{name} imports {imported}"
+        for name, path in all_modules().items()
+        if name.startswith("kiln.api.dashboard")
+        for imported in imports_of(name, path)
+        if imported.count(".") and imported.split(".")[1] in DASHBOARD_FORBIDDEN
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_every_module_imports_on_its_own_in_any_order() -> None:
     """Each module imported first, in a clean interpreter state for kiln (so no
     module works only because another happened to be imported before it)."""

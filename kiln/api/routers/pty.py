@@ -150,10 +150,10 @@ async def _serve_terminal(
         code = next((c for kind, c in CLOSE_CODES.items() if isinstance(error, kind)), 4400)
         await websocket.close(code=code, reason=str(error)[:MAX_CLOSE_REASON])
         return
-    await _bridge(websocket, attachment)
+    await bridge(websocket, attachment)
 
 
-async def _bridge(websocket: WebSocket, attachment: PtyAttachment) -> None:
+async def bridge(websocket: WebSocket, attachment: PtyAttachment) -> None:
     """Copy bytes both ways until the terminal ends or the client goes."""
 
     async def terminal_to_client() -> None:
