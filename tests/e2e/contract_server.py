@@ -26,7 +26,8 @@ def server() -> Iterator[LiveServer]:
     data_dir = short_data_dir("kiln-contract-")
     settings = server_settings(data_dir)
     ensure_default_image(settings)
-    live = start_server(data_dir)
+    # The SDK contract's webhook receiver listens on loopback.
+    live = start_server(data_dir, env={"KILN_WEBHOOK_ALLOW_PRIVATE": "true"})
     try:
         yield live
     finally:

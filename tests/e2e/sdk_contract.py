@@ -25,8 +25,8 @@ REFUSAL_WORDS = "not available on this server"
 @dataclass(frozen=True)
 class Row:
     method: str  # "execute", "vms.create"
-    kind: str  # works, refused, pending, elsewhere, not-done, local
-    subject: str  # the feature refused, the branch pending, the test elsewhere ("" otherwise)
+    kind: str  # works, refused, elsewhere, not-done, local
+    subject: str  # the feature refused, the test elsewhere ("" otherwise)
 
 
 def load_rows() -> dict[str, Row]:

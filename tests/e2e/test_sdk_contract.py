@@ -5,7 +5,6 @@
 so does a row without a method. ``works`` rows are called through the unmodified
 SDK, by the recipes below, and the keys the SDK (its CLI, its integrations)
 reads are checked; ``refused`` rows must answer a 4xx naming their feature;
-``pending`` rows (features of branches not merged yet) pass either way;
 ``not-done`` rows are listed, not called. The last test prints how many
 methods work.
 
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,8 +31,10 @@ import requests
 import websockets
 from contract_server import SMALL, server
 from instavm import InstaVM
+from instavm.webhooks import verify
 from live_server import LiveServer
 from sdk_contract import REFUSAL_WORDS, call_with_dummies, error_text, load_rows, sdk_methods
+from webhook_receiver import receiver
 
 pytestmark = pytest.mark.vm
 
@@ -79,7 +81,7 @@ def test_every_sdk_method_has_a_row_and_every_row_a_method() -> None:
     assert not sorted(methods - ROWS.keys()), "SDK methods without a row in sdk_contract.toml"
     assert not sorted(ROWS.keys() - methods), "rows of methods the SDK does not have"
     kinds = {row.kind for row in ROWS.values()}
-    assert kinds <= {"works", "refused", "pending", "elsewhere", "not-done", "local"}, kinds
+    assert kinds <= {"works", "refused", "elsewhere", "not-done", "local"}, kinds
     assert all(row.subject for row in ROWS.values() if row.kind not in ("works", "local"))
 
 
@@ -115,18 +117,6 @@ def test_an_unbuilt_feature_is_refused_by_name(bare_client: InstaVM, tmp_path: P
         assert "Forbidden" in text, text
         return
     assert feature in text and REFUSAL_WORDS in text, text
-
-
-@pytest.mark.parametrize("method", refused_rows("pending"))
-def test_a_pending_feature_is_refused_by_name_or_served(bare_client: InstaVM, tmp_path: Path, method: str) -> None:
-    """Either the branch's routes answer (made-up ids may get their 404/422: the
-    route is there), or the named refusal; never a bare 404 of no route."""
-    try:
-        call_with_dummies(bare_client, method, tmp_path)
-    except Exception as error:
-        text = error_text(error)
-        assert '{"detail":"Not Found"}' not in text.replace(" ", ""), text
-        assert "405" not in text.split("\n")[0], text
 
 
 # -- what works ---------------------------------------------------------------------------
@@ -395,6 +385,43 @@ def volumes(w: World) -> None:
         vols.delete(vid)
 
 
+def events_and_webhooks(w: World) -> None:
+    """The audit log, the usage breakdown, and an endpoint's whole life with a
+    receiver on loopback (the server allows private webhook destinations)."""
+    audit = w.client.audit
+    assert "vm" in audit.catalog()["catalog"]
+    page = audit.events(event_group="vm", limit=2)
+    assert page["items"] and "next_cursor" in page, page
+    first = page["items"][0]
+    assert audit.get_event(first["id"])["event_type"] == first["event_type"]
+    assert {"vms", "totals", "total_days"} <= w.client.get_usage_breakdown(days=1).keys()
+
+    hooks = w.client.webhooks
+    with receiver() as hook:
+        made = hooks.create_endpoint(hook.url, description="contract", event_patterns=["snapshot.ready"])
+        endpoint_id = made["id"]
+        assert made["secret"].startswith("whsec_")
+        assert hooks.get_endpoint(endpoint_id)["url"] == hook.url
+        assert any(item["id"] == endpoint_id for item in hooks.list_endpoints())
+        assert hooks.update_endpoint(endpoint_id, description="renamed")["description"] == "renamed"
+        secret = hooks.rotate_secret(endpoint_id)["secret"]
+        assert secret != made["secret"]
+        assert hooks.verify_endpoint(endpoint_id)["status"] == "verified"
+        queued = hooks.send_test_event(endpoint_id)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            items = hooks.list_deliveries(endpoint_id=endpoint_id)["items"]
+            if any(item["id"] == queued["id"] and item["status"] == "succeeded" for item in items):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the test event was not delivered: {items}")
+        assert hooks.replay_delivery(queued["id"])["id"] != queued["id"]
+        assert verify(hook.received[-1].headers, hook.received[-1].body, secret)["event_type"] == "webhook.test"
+        hooks.delete_endpoint(endpoint_id)
+    assert all(item["id"] != endpoint_id for item in hooks.list_endpoints())
+
+
 # Each recipe names the methods it calls; together they cover every "works" row.
 RECIPES: list[tuple[tuple[str, ...], Callable[[World], None]]] = [
     (("start_session", "get_session_info", "get_session_status", "is_session_active", "get_usage",
@@ -419,6 +446,10 @@ RECIPES: list[tuple[tuple[str, ...], Callable[[World], None]]] = [
       "volumes.download_file", "volumes.create_checkpoint", "volumes.list_checkpoints", "volumes.delete_checkpoint",
       "volumes.delete_file", "vms.mount_volume", "vms.list_volumes", "vms.unmount_volume", "volumes.delete"),
      volumes),
+    (("audit.catalog", "audit.events", "audit.get_event", "get_usage_breakdown", "webhooks.create_endpoint",
+      "webhooks.get_endpoint", "webhooks.list_endpoints", "webhooks.update_endpoint", "webhooks.rotate_secret",
+      "webhooks.verify_endpoint", "webhooks.send_test_event", "webhooks.list_deliveries", "webhooks.replay_delivery",
+      "webhooks.delete_endpoint"), events_and_webhooks),
 ]  # fmt: skip
 
 
