@@ -184,3 +184,11 @@ def test_every_package_has_a_readme_saying_what_it_owns_and_may_import() -> None
         assert readme.is_file(), f"{package} has no README.md"
         text = readme.read_text().lower()
         assert "own" in text and "import" in text, f"{readme} must say what it owns and what it may import"
+
+
+def test_no_two_test_modules_share_a_name() -> None:
+    """pytest imports test files by their basename (tests/ has no packages): a
+    second ``test_x.py`` anywhere stops the whole run at collection."""
+    tests = Path(__file__).parents[1]
+    names = [path.name for path in tests.rglob("*.py") if path.name != "conftest.py"]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
