@@ -88,30 +88,33 @@ async def running_api(
     ))
     hypervisor = QemuHypervisor(settings)
     app: FastAPI = create_app(settings, hypervisor=hypervisor)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://kiln", timeout=120
-        ) as client:
-            admin = (data_dir / ADMIN_KEY_FILE).read_text().strip()
-            other = await add_user(settings, "other")
-            services = app.state.services
-            try:
-                yield Api(
-                    client,
-                    services.vms,
-                    key_headers(admin),
-                    key_headers(other),
-                    services.snapshots,
-                    settings,
-                )
-            finally:
-                for vm in await services.vms.list(1, live_only=True):
-                    await services.vms.terminate(1, vm.id)
-    # Users' VMs were deleted and the server stopped: no VM may be left running
-    # (idle pool VMs do not outlive the server). Whatever is, goes anyway.
-    leftovers = hypervisor.running_under(settings.vms_dir)
-    left_links = await destroy_leftovers(settings)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://kiln", timeout=120
+            ) as client:
+                admin = (data_dir / ADMIN_KEY_FILE).read_text().strip()
+                other = await add_user(settings, "other")
+                services = app.state.services
+                try:
+                    yield Api(
+                        client,
+                        services.vms,
+                        key_headers(admin),
+                        key_headers(other),
+                        services.snapshots,
+                        settings,
+                    )
+                finally:
+                    for vm in await services.vms.list(1, live_only=True):
+                        await services.vms.terminate(1, vm.id)
+    finally:
+        # Users' VMs were deleted and the server stopped: no VM may be left running
+        # (idle pool VMs do not outlive the server). Whatever is, goes anyway, with
+        # the host daemons the app started, also when the test failed.
+        leftovers = hypervisor.running_under(settings.vms_dir)
+        left_links = await destroy_leftovers(settings)
     assert not leftovers, f"VMs still running after the server stopped: {leftovers}"
     assert not left_links, f"network namespaces or links left behind: {left_links}"
 
