@@ -16,6 +16,6 @@ export KILN_TEST_POSTGRES_URL=${KILN_TEST_POSTGRES_URL:-$(scripts/postgres-test.
 
 started=$SECONDS
 status=0
-.venv/bin/pytest -q -p no:cacheprovider "$@" || status=$?
+.venv/bin/pytest -q -p no:cacheprovider --durations=25 "$@" || status=$?
 echo "make test: the suite took $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
 exit $status
