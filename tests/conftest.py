@@ -18,6 +18,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+from leftovers import HostState
 from unit.fakes import FakeHypervisor, FakeImageStore
 from unit.harness import AppRunner
 
@@ -26,6 +27,7 @@ from kiln.config import Settings
 from kiln.store.db import Database
 
 POSTGRES_URL_VARIABLE = "KILN_TEST_POSTGRES_URL"
+HOST_AT_START = pytest.StashKey[HostState]()
 
 
 async def reset_postgres(url: str) -> None:
@@ -121,3 +123,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (a part this host must have is missing): {reason}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[HOST_AT_START] = HostState.now()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """What the run left on the host (``tests/leftovers.py``), listed under its results."""
+    before = config.stash.get(HOST_AT_START, None)
+    if before is None:
+        return
+    added = HostState.now().added_since(before)
+    if added:
+        terminalreporter.section("left on the host since the run started (by this run, or by others beside it)")
+        for kind, names in added.items():
+            terminalreporter.write_line(f"{kind}: {' '.join(names) if kind != 'processes' else ''}")
+            if kind == "processes":
+                for line in names:
+                    terminalreporter.write_line(f"  {line}")
+
