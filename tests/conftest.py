@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from leftovers import HostState
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
-from leftovers import HostState
 from unit.fakes import FakeHypervisor, FakeImageStore
 from unit.harness import AppRunner
 
