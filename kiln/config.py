@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     max_memory_mb: int | None = None
     max_vcpus: int | None = None
 
+    # Memory (kiln/services/memory_pressure.py). Admission counts each VM at its
+    # size; idle VMs hold a fraction of it, so the operator may admit this many
+    # times the memory limit. The host's real state guards it: below the floor
+    # (MemAvailable) no new VM starts; below the reclaim floor the idlest running
+    # VMs are suspended until it is above again.
+    memory_overcommit: float = Field(default=1.0, ge=1.0, le=20.0)
+    memory_floor_mb: int = Field(default=1024, ge=0)
+    memory_reclaim_floor_mb: int = Field(default=512, ge=0)
+
     # Per-user quotas (VMs that hold resources or a saved state, their vCPUs and
     # memory, snapshots and the disk they take). None: the host's limit.
     quota_vms: int | None = None

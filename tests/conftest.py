@@ -62,6 +62,9 @@ def settings(tmp_path: Path) -> Settings:
         max_memory_mb=4096,
         max_vcpus=16,
         boot_timeout_seconds=5,
+        # The host's free memory is not the fakes': no floor refuses a fake VM.
+        memory_floor_mb=0,
+        memory_reclaim_floor_mb=0,
         # Service tests touch nothing of the host: no network (no nftables, no
         # egress daemon), no VM user or cgroups.
         networking="off",

@@ -6,6 +6,11 @@ terminating), plus the node's own VMs (idle pool VMs, base-snapshot builds,
 imports). Counted against a user: their own such VMs. A create or a clone
 over a limit starts nothing: the check runs before anything is planned, and
 again atomically with the insert (under ``lock``).
+
+The host's memory limit is ``KILN_MAX_MEMORY_MB`` (or three quarters of the
+host) times ``KILN_MEMORY_OVERCOMMIT``: VMs hold the guest RAM they touched,
+not their size. What the host really has left is checked too
+(``memory_pressure``: below ``KILN_MEMORY_FLOOR_MB`` nothing new starts).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.config import Settings
 from kiln.services.errors import CapacityExhausted, QuotaExceeded
+from kiln.services.memory_pressure import MemoryFloor
 from kiln.services.states import ADMITTED_STATUSES
 from kiln.store.repositories import ResourceUsage, VmRepository
 
@@ -35,18 +41,26 @@ class Quotas:
             vcpus=settings.quota_vcpus if settings.quota_vcpus is not None else settings.admission_max_vcpus,
             memory_mb=(
                 settings.quota_memory_mb if settings.quota_memory_mb is not None
-                else settings.admission_max_memory_mb
+                else int(settings.admission_max_memory_mb * settings.memory_overcommit)
             ),
         )  # fmt: skip
 
 
 class Admission:
-    def __init__(self, settings: Settings, node_usage: Callable[[], ResourceUsage]) -> None:
+    def __init__(
+        self, settings: Settings, node_usage: Callable[[], ResourceUsage], floor: MemoryFloor | None = None
+    ) -> None:
         self._settings = settings
         self._node_usage = node_usage
+        self._floor = floor or MemoryFloor(settings)
         self.quotas = Quotas.from_settings(settings)
         # Check-then-insert must not interleave between two creates.
         self.lock = asyncio.Lock()
+
+    @property
+    def host_memory_mb(self) -> int:
+        """The memory the host admits VMs for: its limit times the overcommit ratio."""
+        return int(self._settings.admission_max_memory_mb * self._settings.memory_overcommit)
 
     async def check(self, session: AsyncSession, owner_id: int, memory_mb: int, vcpus: int) -> None:
         """CapacityExhausted (host) or QuotaExceeded (user) if one more VM of this
@@ -61,6 +75,7 @@ class Admission:
             memory_mb,
             vcpus,
         )
+        self._floor.check(memory_mb)
         self._check_quota(await vms.usage(owner_id, ADMITTED_STATUSES), memory_mb, vcpus)
 
     def _check_quota(self, usage: ResourceUsage, memory_mb: int, vcpus: int) -> None:
@@ -82,10 +97,11 @@ class Admission:
         settings = self._settings
         if usage.vms + 1 > settings.admission_max_vms:
             raise CapacityExhausted(f"the host runs its limit of {settings.admission_max_vms} VMs")
-        if usage.memory_mb + memory_mb > settings.admission_max_memory_mb:
+        if usage.memory_mb + memory_mb > self.host_memory_mb:
             raise CapacityExhausted(
                 f"not enough memory: {memory_mb} MB asked, "
-                f"{settings.admission_max_memory_mb - usage.memory_mb} MB free"
+                f"{self.host_memory_mb - usage.memory_mb} MB free of {self.host_memory_mb} "
+                "(KILN_MAX_MEMORY_MB times KILN_MEMORY_OVERCOMMIT)"
             )
         if usage.vcpus + vcpus > settings.admission_max_vcpus:
             raise CapacityExhausted(

@@ -27,7 +27,7 @@ class HostStatus:
     def __init__(self, vms: VmService, settings: Settings) -> None:
         self._vms = vms
         self._limits = ResourceUsage(
-            settings.admission_max_vms, settings.admission_max_memory_mb, settings.admission_max_vcpus
+            settings.admission_max_vms, vms.admission.host_memory_mb, settings.admission_max_vcpus
         )
 
     async def capacity(self, owner_id: int) -> HostCapacity:

@@ -19,6 +19,7 @@ from kiln.services.background import BackgroundTasks
 from kiln.services.disk_budget import DiskBudget
 from kiln.services.egress_policy import EgressPolicies
 from kiln.services.host_resources import StoreLedger
+from kiln.services.memory_relief import MemoryReliever
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
@@ -50,6 +51,7 @@ class VmServices:
     mounts: VolumeMounts
     vaults: VaultService
     vault_calls: VaultCallLog
+    reliever: MemoryReliever
 
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
@@ -64,6 +66,7 @@ class VmServices:
         await self.importer.remove_unfinished()
         vms.start_loops()
         self.vault_calls.start()
+        self.reliever.start()
         if vms.pool is not None:
             await vms.pool.start()
 
@@ -73,6 +76,7 @@ class VmServices:
         if vms.pool is not None:
             await vms.pool.stop()
         await vms.snapshots.housekeeping.stop()
+        await self.reliever.stop()
         await self.vault_calls.stop()
         await vms.stop()
         await self.background.stop()
@@ -126,4 +130,6 @@ def build_vm_services(
     # The master key first made here, before the egress daemon (which opens what it seals) starts.
     vault_key = derive_key(load_master_key(settings.data_dir, settings.master_key), VAULT_PURPOSE)
     vaults = VaultService(db, vault_key, bindings)
-    return VmServices(vms, importer, background, volumes, files, mounts, vaults, VaultCallLog(db, node))
+    return VmServices(
+        vms, importer, background, volumes, files, mounts, vaults, VaultCallLog(db, node), MemoryReliever(settings, vms)
+    )

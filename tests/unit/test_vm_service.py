@@ -14,6 +14,7 @@ from unit.fakes import FakeHypervisor, FakeImageStore, agent_error, boot_error
 
 from kiln.config import Settings
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
+from kiln.services.activity import Activity
 from kiln.services.errors import (
     CapacityExhausted,
     Conflict,
@@ -22,6 +23,8 @@ from kiln.services.errors import (
     NotFound,
     VmStartFailed,
 )
+from kiln.services.memory_pressure import MemoryFloor
+from kiln.services.memory_relief import MemoryReliever
 from kiln.services.states import TRANSITIONS, VmStatus, can_transition
 from kiln.services.users import UserService
 from kiln.services.vm_recovery import recover
@@ -268,6 +271,55 @@ async def test_admission_memory_and_vcpus(world: World, settings: Settings) -> N
         await world.service.create(world.alice, request(memory_mb=128, vcpu_count=4), wait=True)
 
 
+async def test_admission_overcommits_memory_by_the_operators_ratio(world: World, settings: Settings) -> None:
+    settings.max_memory_mb = 1024
+    settings.memory_overcommit = 2.5
+    for _ in range(5):
+        await world.service.create(world.alice, request(memory_mb=512, vcpu_count=1), wait=True)
+    with pytest.raises(CapacityExhausted, match=r"0 MB free of 2560 \(KILN_MAX_MEMORY_MB times KILN_MEMORY_OVERCOMMIT"):
+        await world.service.create(world.alice, request(memory_mb=512, vcpu_count=1), wait=True)
+
+
+async def test_below_the_memory_floor_nothing_new_starts(world: World, settings: Settings) -> None:
+    world.service.admission._floor = MemoryFloor(settings.model_copy(update={"memory_floor_mb": 1024}), lambda: 900)
+    with pytest.raises(CapacityExhausted, match=r"900 MB available, below the floor of 1024 MB \(KILN_MEMORY_FLOOR"):
+        await world.service.create(world.alice, request(), wait=True)
+    assert world.hypervisor.machines == {}
+
+
+async def test_below_the_reclaim_floor_the_idlest_vm_is_suspended_first(
+    world: World, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order and the passing over (the fake hypervisor cannot save: the
+    suspends themselves are recorded here; tests/integration/test_memory_pressure.py
+    suspends real VMs under real memory pressure)."""
+    available = {"mb": 10_000}
+    floors = settings.model_copy(update={"memory_reclaim_floor_mb": 512})
+    reliever = MemoryReliever(floors, world.service, lambda: available["mb"])
+    stuck, older, newer = [(await world.service.create(world.alice, request(), wait=True)).id for _ in range(3)]
+    now = [0.0]
+    monkeypatch.setattr(world.service, "activity", Activity(clock=lambda: now[0]))
+    for vm_id in (stuck, newer, older):  # the last touched is the least idle
+        now[0] += 10
+        world.service.activity.touch(vm_id)
+    asked = []
+
+    async def suspend(owner_id: int, vm_id: str) -> None:
+        asked.append(vm_id)
+        if vm_id == stuck:
+            raise Conflict(f"vm {vm_id} could not be suspended")
+        assert await world.service.set_status(vm_id, VmStatus.RUNNING, VmStatus.SUSPENDING)
+        assert await world.service.set_status(vm_id, VmStatus.SUSPENDING, VmStatus.SUSPENDED)
+
+    monkeypatch.setattr(world.service, "suspend", suspend)
+    assert await reliever.check() is None and asked == []
+    available["mb"] = 300
+    assert await reliever.check() == newer
+    assert await reliever.check() == older
+    assert await reliever.check() is None
+    assert asked == [stuck, newer, stuck, older, stuck]
+
+
 async def test_admission_is_race_free(world: World, settings: Settings) -> None:
     settings.max_vms = 3
     results = await asyncio.gather(
@@ -478,3 +530,4 @@ async def test_restart_fails_vms_caught_creating(
     assert failed.status == "failed"
     assert "restarted while the VM was being created" in (failed.failure_reason or "")
     assert world.hypervisor.running_ids() == set()
+
