@@ -115,7 +115,7 @@ FULL = Plan(
     cold_creates=3,
     saves=3,
     concurrent_rounds=3,
-    density_max_vms=100,
+    density_max_vms=160,
     density_exec_samples=40,
     idle_settle_seconds=10.0,
     cpu_window_seconds=10.0,
@@ -165,7 +165,7 @@ def declare_figures() -> Figures:
                     note="latency of each of those creates")
     figures.declare("concurrent_create_failures", "count", target="0",
                     note="creates of those that did not answer 200 with status running")
-    figures.declare("density_idle_vms", "VMs", target=">= 40",
+    figures.declare("density_idle_vms", "VMs", target=">= 150",
                     note="idle VMs started one after another until the admission limit or the cap")
     figures.declare("density_create_ms", ms, baseline="create_snapshot_ms",
                     note="each create while filling the host")
