@@ -65,6 +65,7 @@ from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.host_stats import HostStats
 from kiln.services.pty import PtyService
+from kiln.services.retention import Retention
 from kiln.services.sessions import SessionService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.staged_env import StagedEnv
@@ -157,8 +158,9 @@ def create_app(
             sharing = await start_sharing(settings, db, vm_service)
             domain_service = await start_domains(settings, db, vm_service)
             ssh = await start_ssh_gateway(settings, vm_service)
-            audit_service = AuditService(db, settings.events_retention_days)
-            audit_service.start()
+            audit_service = AuditService(db)
+            retention = Retention(db, settings.events_retention_days, settings.rows_retention_days)
+            retention.start()
             telemetry = PrometheusTelemetry()
             vm_service.telemetry = telemetry
             webhook_service = start_webhooks(settings, db, telemetry.webhook_outcome)
@@ -196,7 +198,7 @@ def create_app(
             finally:
                 await calls.stop()
                 await webhook_service.worker.stop()
-                await audit_service.stop()
+                await retention.stop()
                 await domain_service.worker.stop()
                 await ssh.stop()
                 await sharing.stop()
