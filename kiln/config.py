@@ -228,6 +228,7 @@ class Settings(BaseSettings):
     # Prices of the usage breakdown (GET /v1/users/me/usage-breakdown); 0: no cost shown.
     usage_dollars_per_vcpu_hour: float = Field(default=0.0, ge=0)
     usage_dollars_per_gib_hour: float = Field(default=0.0, ge=0)
+    usage_dollars_per_disk_gib_hour: float = Field(default=0.0, ge=0)
 
     @property
     def share_listen_host(self) -> str:
