@@ -69,7 +69,7 @@ from kiln.services.retention import Retention
 from kiln.services.sessions import SessionService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.staged_env import StagedEnv
-from kiln.services.usage import UsageService
+from kiln.services.usage import Prices, UsageService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource
 from kiln.services.wiring import build_vm_services
@@ -181,8 +181,15 @@ def create_app(
                 ssh_keys=SshKeyService(db),
                 audit=audit_service,
                 webhooks=webhook_service,
-                metrics=Metrics(telemetry, HostStats(db, vm_service.pool), settings.metrics_token),
-                usage=UsageService(db, settings.usage_dollars_per_vcpu_hour, settings.usage_dollars_per_gib_hour),
+                metrics=Metrics(telemetry, HostStats(db, vm_service.node, vm_service.pool), settings.metrics_token),
+                usage=UsageService(
+                    db,
+                    Prices(
+                        settings.usage_dollars_per_vcpu_hour,
+                        settings.usage_dollars_per_gib_hour,
+                        settings.usage_dollars_per_disk_gib_hour,
+                    ),
+                ),
                 calls=calls,
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
                 egress=EgressService(vm_service),
