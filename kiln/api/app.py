@@ -58,6 +58,7 @@ from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
+from kiln.services.cache_prune import CachePrune
 from kiln.services.egress import EgressService
 from kiln.services.events.audit import AuditService
 from kiln.services.events.calls import CallLog
@@ -161,6 +162,8 @@ def create_app(
             audit_service = AuditService(db)
             retention = Retention(db, settings.events_retention_days, settings.rows_retention_days)
             retention.start()
+            cache_prune = CachePrune(settings, db)
+            cache_prune.start()
             telemetry = PrometheusTelemetry()
             vm_service.telemetry = telemetry
             webhook_service = start_webhooks(settings, db, telemetry.webhook_outcome)
@@ -205,6 +208,7 @@ def create_app(
             finally:
                 await calls.stop()
                 await webhook_service.worker.stop()
+                await cache_prune.stop()
                 await retention.stop()
                 await domain_service.worker.stop()
                 await ssh.stop()
