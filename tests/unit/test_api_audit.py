@@ -136,6 +136,8 @@ async def test_bad_filters_are_refused_by_name(run_app: AppRunner, admin_key: Ca
         assert (await client.get("/v1/audit/events/999999", headers=auth)).status_code == 404
         catalog = (await client.get("/v1/audit/catalog", headers=auth)).json()["catalog"]
         assert "vm.failed" in catalog["vm"] and "auth.login_failed" in catalog["auth"]
+        assert catalog["volume"] == ["volume.attached", "volume.detached"]
+        assert catalog["vault"] == ["vault.credential_used"]
 
 
 async def test_every_mutating_call_is_recorded_with_its_route_and_status(
