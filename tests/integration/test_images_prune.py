@@ -32,6 +32,8 @@ from kiln.runtime.prune import builds_held
 
 pytestmark = pytest.mark.vm
 
+# No share router: these tests need none, and its fixed port may be another server's.
+NO_ROUTER = {"KILN_SHARE_ROUTER": "false"}
 OLD, UNUSED, NEW = "default-00000000000000a1", "default-00000000000000a2", "default-00000000000000a3"
 
 
@@ -77,7 +79,7 @@ def prune(api: Api, cache: Path) -> str:
 
 
 def test_prune_frees_old_builds_and_keeps_what_a_running_vm_stands_on(cache: Path) -> None:
-    with live_server("kiln-prune-", env={"KILN_CACHE_DIR": str(cache)}) as api:
+    with live_server("kiln-prune-", env={"KILN_CACHE_DIR": str(cache), **NO_ROUTER}) as api:
         # The first create of a shape boots cold and makes OLD's base snapshot beside it;
         # the next one restores from that snapshot (its disk and memory stand on it).
         first = api.create_ok(**SMALL, vm_lifetime_seconds=600)
@@ -120,8 +122,7 @@ def base_rows(api: Api) -> list[str]:
 
 
 def test_the_servers_own_pass_removes_what_nothing_needs(cache: Path) -> None:
-    # No share router: this test needs none, and its fixed port may be another server's.
-    env = {"KILN_CACHE_DIR": str(cache), "KILN_IMAGE_PRUNE_INTERVAL_SECONDS": "1", "KILN_SHARE_ROUTER": "false"}
+    env = {"KILN_CACHE_DIR": str(cache), "KILN_IMAGE_PRUNE_INTERVAL_SECONDS": "1", **NO_ROUTER}
     with live_server("kiln-autoprune-", env=env) as api:
         first = api.create_ok(**SMALL, vm_lifetime_seconds=600)
         assert wait_until(lambda: base_snapshots(cache), 300), "no base snapshot was made"
