@@ -311,15 +311,15 @@ def prune_images(
     ] = None,
 ) -> None:
     """Remove image builds and base snapshots nothing needs (the current build of each variant stays)."""
-    from kiln.runtime.prune import plan_prune, remove
+    from kiln.runtime.prune import prune_cache
 
     settings = get_settings()
-    plan = plan_prune(settings, [settings.data_dir, *(data_dir or [])])
+    # Waits for an image build that is running (it holds the cache).
+    plan, freed = prune_cache(settings, [settings.data_dir, *(data_dir or [])], dry_run=dry_run, wait=True)
     for path, why in sorted(plan.keep.items()):
         err.print(f"keep   {path.name}: {why}")
     for path in plan.remove:
         err.print(f"{'would remove' if dry_run else 'remove'} {path.name}")
-    freed = plan.bytes_freed() if dry_run else remove(plan)
     print(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.0f} MiB ({len(plan.remove)} directories)")
 
 

@@ -217,6 +217,12 @@ class Settings(BaseSettings):
     ssh_port: int = 2222
     # The event stream (audit log, webhooks): events older than this are removed (hourly).
     events_retention_days: int = Field(default=30, ge=1)
+    # Rows of things that ended (terminated and failed VMs, finished async tasks,
+    # webhook deliveries that succeeded or failed) are removed this long after (hourly).
+    rows_retention_days: int = Field(default=30, ge=1)
+    # The automatic `kiln images prune` pass of a running server, every this many
+    # seconds (0: never; the command still works).
+    image_prune_interval_seconds: float = Field(default=3600.0, ge=0)
     # Webhooks (kiln/services/webhooks): endpoints on loopback, private or link-local
     # addresses are refused unless this is set (tests set it for their receiver).
     webhook_allow_private: bool = False
@@ -231,6 +237,7 @@ class Settings(BaseSettings):
     # Prices of the usage breakdown (GET /v1/users/me/usage-breakdown); 0: no cost shown.
     usage_dollars_per_vcpu_hour: float = Field(default=0.0, ge=0)
     usage_dollars_per_gib_hour: float = Field(default=0.0, ge=0)
+    usage_dollars_per_disk_gib_hour: float = Field(default=0.0, ge=0)
 
     @property
     def share_listen_host(self) -> str:

@@ -58,6 +58,7 @@ from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
+from kiln.services.cache_prune import CachePrune
 from kiln.services.egress import EgressService
 from kiln.services.events.audit import AuditService
 from kiln.services.events.calls import CallLog
@@ -65,10 +66,11 @@ from kiln.services.execution import ExecutionService
 from kiln.services.files import FileService
 from kiln.services.host_stats import HostStats
 from kiln.services.pty import PtyService
+from kiln.services.retention import Retention
 from kiln.services.sessions import SessionService
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.staged_env import StagedEnv
-from kiln.services.usage import UsageService
+from kiln.services.usage import Prices, UsageService
 from kiln.services.users import UserService
 from kiln.services.vms import ImageSource
 from kiln.services.wiring import build_vm_services
@@ -157,8 +159,11 @@ def create_app(
             sharing = await start_sharing(settings, db, vm_service)
             domain_service = await start_domains(settings, db, vm_service)
             ssh = await start_ssh_gateway(settings, vm_service)
-            audit_service = AuditService(db, settings.events_retention_days)
-            audit_service.start()
+            audit_service = AuditService(db)
+            retention = Retention(db, settings.events_retention_days, settings.rows_retention_days)
+            retention.start()
+            cache_prune = CachePrune(settings, db)
+            cache_prune.start()
             telemetry = PrometheusTelemetry()
             vm_service.telemetry = telemetry
             webhook_service = start_webhooks(settings, db, telemetry.webhook_outcome)
@@ -179,8 +184,15 @@ def create_app(
                 ssh_keys=SshKeyService(db),
                 audit=audit_service,
                 webhooks=webhook_service,
-                metrics=Metrics(telemetry, HostStats(db, vm_service.pool), settings.metrics_token),
-                usage=UsageService(db, settings.usage_dollars_per_vcpu_hour, settings.usage_dollars_per_gib_hour),
+                metrics=Metrics(telemetry, HostStats(db, vm_service.node, vm_service.pool), settings.metrics_token),
+                usage=UsageService(
+                    db,
+                    Prices(
+                        settings.usage_dollars_per_vcpu_hour,
+                        settings.usage_dollars_per_gib_hour,
+                        settings.usage_dollars_per_disk_gib_hour,
+                    ),
+                ),
                 calls=calls,
                 ssh=(settings.ssh_listen_host, settings.ssh_port) if settings.ssh_gateway else None,
                 egress=EgressService(vm_service),
@@ -196,7 +208,8 @@ def create_app(
             finally:
                 await calls.stop()
                 await webhook_service.worker.stop()
-                await audit_service.stop()
+                await cache_prune.stop()
+                await retention.stop()
                 await domain_service.worker.stop()
                 await ssh.stop()
                 await sharing.stop()

@@ -4,7 +4,8 @@
 and histograms in a registry of the app's own (never the library's global
 one: two apps in one process, as tests make, must not share counts). Gauges of
 the host's state (VMs by status, memory and vCPUs given to VMs, the warm pool,
-webhook deliveries by status) are read from the store at each scrape.
+webhook deliveries by status) are read from the store at each scrape, and what
+the QEMU processes use (CPU time, resident memory) from ``/proc``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kiln.services.states import VmStatus
 CREATE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 EXEC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
 DELIVERY_STATUSES = ("pending", "succeeded", "failed")
+AGENT_ERROR_KINDS = ("unreachable", "timeout", "internal", "outdated")
 
 
 class PrometheusTelemetry:
@@ -52,12 +54,29 @@ class PrometheusTelemetry:
             ["outcome"],
             registry=r,
         )
+        self.agent_errors = Counter(
+            "kiln_agent_errors",
+            "Guest agent failures, by kind (unreachable, timeout, internal, outdated)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in AGENT_ERROR_KINDS:  # shown from the start, at 0
+            self.agent_errors.labels(kind)
         self.vms = Gauge("kiln_vms", "VMs by status", ["status"], registry=r)
         self.vm_memory = Gauge("kiln_vm_memory_bytes", "Memory given to VMs that have a process", registry=r)
         self.vm_vcpus = Gauge("kiln_vm_vcpus", "vCPUs given to VMs that have a process", registry=r)
         self.pool_idle = Gauge("kiln_pool_idle_vms", "Idle VMs in the warm pool", registry=r)
         self.pool_size = Gauge("kiln_pool_target_vms", "The warm pool's target size (KILN_POOL_SIZE)", registry=r)
         self.deliveries = Gauge("kiln_webhook_deliveries", "Webhook deliveries by status", ["status"], registry=r)
+        # A gauge, not a counter: it falls when a VM's process ends. rate() of it
+        # between such ends is the CPU the VMs use.
+        self.qemu_cpu = Gauge(
+            "kiln_qemu_cpu_seconds", "CPU time (user + system) the live QEMU processes have used", registry=r
+        )
+        self.qemu_resident = Gauge(
+            "kiln_qemu_resident_bytes", "Resident memory of the live QEMU processes (host memory in use)", registry=r
+        )
+        self.qemu_processes = Gauge("kiln_qemu_processes", "Live QEMU processes of this node", registry=r)
 
     # -- Telemetry
 
@@ -75,6 +94,9 @@ class PrometheusTelemetry:
     def webhook_outcome(self, outcome: str) -> None:
         self.webhooks.labels(outcome).inc()
 
+    def agent_error(self, kind: str) -> None:
+        self.agent_errors.labels(kind).inc()
+
     # -- the scrape
 
     def render(self, host: HostSnapshot) -> bytes:
@@ -87,6 +109,9 @@ class PrometheusTelemetry:
         self.pool_size.set(host.pool_size)
         for delivery_status in DELIVERY_STATUSES:
             self.deliveries.labels(delivery_status).set(host.deliveries_by_status.get(delivery_status, 0))
+        self.qemu_cpu.set(host.qemu_cpu_seconds)
+        self.qemu_resident.set(host.qemu_resident_mb * 2**20)
+        self.qemu_processes.set(host.qemu_processes)
         return generate_latest(self.registry)
 
 

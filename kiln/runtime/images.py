@@ -79,6 +79,9 @@ BUSYBOX_PACKAGE = "busybox-static"
 GUEST_PACKAGE = "agent"
 GUEST_MODULES = ("protocol.py",)
 INIT_FILES = ("initramfs-init", "rc.sysinit", "inittab")
+# In the cache dir: held while a build runs (and by a prune, which must not see a
+# build renamed into place before its pointer moves).
+BUILD_LOCK_FILE = ".build.lock"
 # Where the guest agent's interpreter may be, first match wins; and how old it may be.
 GUEST_PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 MIN_GUEST_PYTHON = (3, 9)
@@ -258,7 +261,7 @@ class ImageStore:
         if os.geteuid() != 0:
             raise ImageBuildError("building images needs root (file ownership in the rootfs)")
         self.settings.cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.settings.cache_dir / ".build.lock", "w") as lock:
+        with open(self.settings.cache_dir / BUILD_LOCK_FILE, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             return self._build_locked(manifest, force, progress)
 

@@ -20,21 +20,28 @@ when nothing is known to need it:
 - **A cache shared by several data dirs** (as on a development machine):
   suspended VMs and snapshots of another data dir have no process, so only
   naming that data dir too (``--data-dir``) keeps what they stand on.
-- Directories being built (``.build-*``, dot-names) are never touched.
+- Directories being built (``.build-*``, dot-names) are never touched, and a
+  prune holds the image builds' lock (``prune_cache``): a build renamed into
+  place an instant before its ``.current`` pointer moves is never seen as
+  unneeded. The server's automatic pass skips a round while a build runs
+  rather than wait for it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.config import Settings
 from kiln.runtime.driver import BootImage
+from kiln.runtime.images import BUILD_LOCK_FILE
 from kiln.runtime.snapshots import BASE_SNAPSHOTS_DIR_NAME, image_digest
 
 QEMU_IMG = "qemu-img"
@@ -215,6 +222,30 @@ def plan_prune(
                 keep(name, f"under kept {entry.name}")
     plan.remove = [entry for entry in entries if entry not in plan.keep]
     return plan
+
+
+class BuildInProgress(Exception):
+    """An image build holds the cache (the automatic pass tries again later)."""
+
+
+@contextmanager
+def builds_held(settings: Settings, wait: bool) -> Iterator[None]:
+    """No image build runs meanwhile; ``wait=False``: ``BuildInProgress`` if one does."""
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.cache_dir / BUILD_LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as error:
+            raise BuildInProgress("an image build is running") from error
+        yield
+
+
+def prune_cache(settings: Settings, data_dirs: Iterable[Path], *, dry_run: bool, wait: bool) -> tuple[PrunePlan, int]:
+    """Plan and (unless ``dry_run``) remove, with builds held off; the plan and the bytes freed
+    (that would be, for a dry run). ``kiln images prune`` and the server's pass both call it."""
+    with builds_held(settings, wait):
+        plan = plan_prune(settings, data_dirs)
+        return plan, plan.bytes_freed() if dry_run else remove(plan)
 
 
 def remove(plan: PrunePlan) -> int:

@@ -85,6 +85,8 @@ class SessionUsage(BaseModel):
     # From the usage ledger: everything the session's VMs ran, what they were given.
     vcpu_seconds: float
     memory_gib_seconds: float
+    disk_gib_seconds: float
+    disk_gib_hours: float
 
 
 class KillRequest(BaseModel):

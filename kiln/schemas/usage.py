@@ -14,8 +14,12 @@ class UsageAmounts(BaseModel):
     # vCPU-hours and memory GiB-hours of running VMs (what they were given).
     cpu_hours: float
     ram_gib_hours: float
+    # Disk GiB-hours of running and suspended VMs (what their disks may grow to,
+    # and a suspended VM's saved memory).
+    disk_gib_hours: float
     vcpu_seconds: float
     memory_gib_seconds: float
+    disk_gib_seconds: float
 
 
 class UsageDay(UsageAmounts):

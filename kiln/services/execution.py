@@ -218,7 +218,7 @@ class ExecutionService:
             op, args = "python_exec", {"session": PYTHON_INTERPRETER, "code": command}
         else:
             op, args = "exec", {"argv": [BASH, "-c", command], "env": staged}
-        with agent_errors(target.vm.id):
+        with agent_errors(target):
             if staged and language == Language.PYTHON:
                 await self._stage_in_interpreter(target, staged)
             async for frame in target.agent.stream(

@@ -85,7 +85,7 @@ class Download:
             yield self.first
         at_end = self.at_end
         while not at_end:
-            with agent_errors(self.target.vm.id):
+            with agent_errors(self.target):
                 chunk = await self.target.agent.call(
                     "read_file", path=self.path, offset=offset, length=protocol.CHUNK_BYTES
                 )
@@ -132,7 +132,7 @@ class FileService:
         _check_path(remote_path, "remote_path")
         self._check_upload_size(getattr(source, "size", None))
         target = await session_target(self._vms, owner_id, session_id)
-        with agent_errors(target.vm.id):
+        with agent_errors(target):
             path = await self._guest_path(target, remote_path)
             if recursive:
                 return await self._upload_archive(target, path, source)
@@ -145,7 +145,7 @@ class FileService:
         """A download of ``filename``, checked (404, 409, 413) and its first chunk read."""
         _check_path(filename, "filename")
         target = await session_target(self._vms, owner_id, session_id)
-        with agent_errors(target.vm.id):
+        with agent_errors(target):
             path = await self._guest_path(target, filename)
             info = await self._stat(target, path)
             if info is None:
@@ -178,7 +178,7 @@ class FileService:
     async def _stat(self, target: GuestTarget, path: str) -> dict | None:
         """The guest's stat of ``path``, or None if nothing is there."""
         try:
-            with agent_errors(target.vm.id):
+            with agent_errors(target):
                 return await target.agent.call("stat", path=path)
         except NotFound:
             return None
@@ -242,7 +242,7 @@ class FileService:
 
     async def _remove_quietly(self, target: GuestTarget, path: str) -> None:
         # Best effort: a failure to clean up must not hide why the upload failed.
-        with contextlib.suppress(RuntimeFailure, ServiceError), agent_errors(target.vm.id):
+        with contextlib.suppress(RuntimeFailure, ServiceError), agent_errors(target):
             await self._run_tool(target, ["rm", "-f", "--", path])
 
     async def _upload_archive(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kiln.runtime.driver import AgentChannel, Machine
 from kiln.runtime.errors import AgentError, AgentTimeout, AgentUnavailable
@@ -23,6 +23,7 @@ from kiln.services.errors import (
     OutOfSpace,
     Unsupported,
 )
+from kiln.services.telemetry import NoTelemetry, Telemetry
 from kiln.services.vms import VmService
 from kiln.store.models import Vm
 
@@ -35,6 +36,8 @@ CONFLICT_CODES = frozenset({"EISDIR", "ENOTDIR", "EEXIST", "EBUSY"})
 class GuestTarget:
     vm: Vm
     machine: Machine
+    # Where the agent's own failures are counted (the operator's metrics).
+    telemetry: Telemetry = field(default_factory=NoTelemetry)
 
     @property
     def agent(self) -> AgentChannel:
@@ -48,18 +51,23 @@ class GuestTarget:
 async def session_target(vms: VmService, owner_id: int, session_id: str) -> GuestTarget:
     """The running VM of a session: 404 for an unknown session, 409 if it is not running."""
     vm = await vms.session_vm(owner_id, session_id)
-    return GuestTarget(vm, await vms.running_machine(owner_id, vm.id, loaded=vm))
+    return GuestTarget(vm, await vms.running_machine(owner_id, vm.id, loaded=vm), vms.telemetry)
 
 
 async def vm_target(vms: VmService, owner_id: int, vm_id: str) -> GuestTarget:
     """A running VM by id: 404 for an unknown VM, 409 if it is not running."""
     vm = await vms.get(owner_id, vm_id)
-    return GuestTarget(vm, await vms.running_machine(owner_id, vm_id, loaded=vm))
+    return GuestTarget(vm, await vms.running_machine(owner_id, vm_id, loaded=vm), vms.telemetry)
 
 
 @contextmanager
-def agent_errors(vm_id: str) -> Iterator[None]:
-    """Turn agent failures inside the block into service errors (4xx/503)."""
+def agent_errors(target: GuestTarget) -> Iterator[None]:
+    """Turn agent failures inside the block into service errors (4xx/503).
+
+    The agent's own failures (unreachable, no answer, an internal error, too
+    old) are counted for the metrics; a guest that says no (no such file, a
+    full disk, a command that ran out of time) is the request's outcome."""
+    vm_id = target.vm.id
     try:
         yield
     except AgentError as error:
@@ -68,6 +76,7 @@ def agent_errors(vm_id: str) -> Iterator[None]:
         if error.code in CONFLICT_CODES:
             raise Conflict(error.message) from error
         if error.code == "EUNKNOWNOP":
+            target.telemetry.agent_error("outdated")
             raise GuestUnavailable(
                 f"vm {vm_id}: its guest agent is older than this server ({error.message}); "
                 "rebuild the image (kiln images build) and start a new VM"
@@ -79,9 +88,12 @@ def agent_errors(vm_id: str) -> Iterator[None]:
         if error.code == "ENOTSUP":
             raise Unsupported(f"vm {vm_id}: its image cannot do this: {error.message}") from error
         if error.code in ("EINTERNAL", "EIO"):
+            target.telemetry.agent_error("internal")
             raise GuestUnavailable(f"vm {vm_id}: the guest agent failed: {error.message}") from error
         raise GuestRefused(error.message or error.code) from error
     except AgentTimeout as error:
+        target.telemetry.agent_error("timeout")
         raise GuestUnavailable(f"vm {vm_id}: the guest agent did not answer in time") from error
     except AgentUnavailable as error:
+        target.telemetry.agent_error("unreachable")
         raise GuestUnavailable(f"vm {vm_id}: the guest agent is unreachable ({error})") from error

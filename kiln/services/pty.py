@@ -51,7 +51,7 @@ class PtyAttachment:
 
     async def output(self) -> AsyncIterator[bytes]:
         """The terminal's output until its process ends (or ``close()``)."""
-        with agent_errors(self._target.vm.id):
+        with agent_errors(self._target):
             # A terminal's output lasts as long as its shell: no deadline.
             async for frame in self._target.agent.stream(
                 "pty_attach", timeout=NO_DEADLINE, pty_id=self.pty_id, attach_id=self._attach_id, replay=True
@@ -62,13 +62,13 @@ class PtyAttachment:
                     self.exit_code = (frame.get("value") or {}).get("exit_code")
 
     async def write(self, data: bytes) -> None:
-        with agent_errors(self._target.vm.id):
+        with agent_errors(self._target):
             await self._target.agent.call(
                 "pty_write", pty_id=self.pty_id, data=base64.b64encode(data).decode("ascii")
             )
 
     async def resize(self, cols: int, rows: int) -> None:
-        with agent_errors(self._target.vm.id):
+        with agent_errors(self._target):
             await self._target.agent.call("pty_resize", pty_id=self.pty_id, cols=cols, rows=rows)
 
     async def close(self) -> None:
@@ -99,7 +99,7 @@ class PtyService:
             command, shell = shell_command(shell), None
         # Explicit variables of the request win over staged ones of the same name.
         env = {**self._staged.take(target.vm.id), **(request.env or {})}
-        with agent_errors(target.vm.id):
+        with agent_errors(target):
             info = await target.agent.call(
                 "pty_open",
                 cols=request.cols,
@@ -112,7 +112,7 @@ class PtyService:
         return _record(target, info)
 
     async def list(self, target: GuestTarget) -> list[PtyRecord]:
-        with agent_errors(target.vm.id):
+        with agent_errors(target):
             listing = await target.agent.call("pty_list")
         return [_record(target, info) for info in listing["ptys"]]
 
@@ -123,12 +123,12 @@ class PtyService:
         raise NotFound(f"terminal {pty_id} not found in vm {target.vm.id}")
 
     async def resize(self, target: GuestTarget, pty_id: str, cols: int, rows: int) -> PtyRecord:
-        with agent_errors(target.vm.id):
+        with agent_errors(target):
             info = await target.agent.call("pty_resize", pty_id=pty_id, cols=cols, rows=rows)
         return _record(target, info)
 
     async def kill(self, target: GuestTarget, pty_id: str) -> PtyRecord:
-        with agent_errors(target.vm.id):
+        with agent_errors(target):
             info = await target.agent.call("pty_kill", pty_id=pty_id)
         return _record(target, info)
 

@@ -23,6 +23,9 @@ class Telemetry(Protocol):
     def webhook_outcome(self, outcome: str) -> None:
         """A delivery attempt ended: ``succeeded``, ``retried`` or ``failed``."""
 
+    def agent_error(self, kind: str) -> None:
+        """A guest agent failed a call: ``unreachable``, ``timeout``, ``internal`` or ``outdated``."""
+
 
 class NoTelemetry:
     def vm_create_finished(self, path: str, seconds: float, ok: bool) -> None:
@@ -35,4 +38,7 @@ class NoTelemetry:
         pass
 
     def webhook_outcome(self, outcome: str) -> None:
+        pass
+
+    def agent_error(self, kind: str) -> None:
         pass

@@ -7,13 +7,17 @@
   counter kept in memory would be lost at a restart, and one sampled from
   ``/proc`` would miss VMs that lived between samples. A VM adopted after a
   restart was running all along: its interval stays open.
-- **What is counted:** vCPU-seconds and memory GiB-seconds of running VMs
-  (what a VM was given, not what it used: the host reserves it either way).
-  Suspended VMs use no CPU or memory; their saved state on disk is not counted
-  yet (no disk GB-hours).
-- **Cost:** ``KILN_USAGE_DOLLARS_PER_VCPU_HOUR`` and
-  ``KILN_USAGE_DOLLARS_PER_GIB_HOUR`` (0 by default: a self-hosted server
-  has no prices, and the SDK's CLI prints $0.00).
+- **What is counted:** vCPU-seconds and memory GiB-seconds of running VMs,
+  and disk GiB-seconds of running and suspended ones: what a VM was given,
+  not what it used (the host reserves it either way). A VM's disk is what it
+  may grow to (its image's rootfs, as the disk budget reserves it); a
+  suspended VM holds that disk and its saved memory (``memory_mb``) and no
+  CPU or memory. Entering ``suspended`` opens an interval of its own, so the
+  same rows and the same transitions carry all three.
+- **Cost:** ``KILN_USAGE_DOLLARS_PER_VCPU_HOUR``,
+  ``KILN_USAGE_DOLLARS_PER_GIB_HOUR`` and
+  ``KILN_USAGE_DOLLARS_PER_DISK_GIB_HOUR`` (0 by default: a self-hosted
+  server has no prices, and the SDK's CLI prints $0.00).
 """
 
 from __future__ import annotations
@@ -31,19 +35,30 @@ from kiln.store.usage import UsageRepository
 MAX_DAYS = 366
 
 
-async def ledger_transition(session: AsyncSession, vm: Vm, current: str, target: str) -> None:
+# The statuses an interval is open in (between them a VM is being saved or
+# resumed, for seconds: not counted).
+COUNTED = frozenset({S.RUNNING, S.SUSPENDED})
+
+
+async def ledger_transition(session: AsyncSession, vm: Vm, current: str, target: str, disk_mb: int) -> None:
+    """``disk_mb``: what the VM's disk may grow to."""
+    if current == target:
+        return
     ledger = UsageRepository(session)
     now = utc_now()
-    if current == S.RUNNING and target != S.RUNNING:
+    if current in COUNTED:
         await ledger.close_any_owner(vm.id, now)
-    if target == S.RUNNING and current != S.RUNNING:
+    if target in COUNTED:
+        running = target == S.RUNNING
         await ledger.open_any_owner(
             UsageInterval(
                 owner_id=vm.owner_id,
                 vm_id=vm.id,
                 session_id=vm.session_id,
-                vcpu_count=vm.vcpu_count,
-                memory_mb=vm.memory_mb,
+                vcpu_count=vm.vcpu_count if running else 0,
+                memory_mb=vm.memory_mb if running else 0,
+                # A suspended VM's saved memory is on the disk too.
+                disk_mb=disk_mb if running else disk_mb + vm.memory_mb,
                 started_at=now,
             )
         )
@@ -53,10 +68,12 @@ async def ledger_transition(session: AsyncSession, vm: Vm, current: str, target:
 class Amounts:
     vcpu_seconds: float = 0.0
     memory_gib_seconds: float = 0.0
+    disk_gib_seconds: float = 0.0
 
     def add(self, interval: UsageInterval, seconds: float) -> None:
         self.vcpu_seconds += interval.vcpu_count * seconds
         self.memory_gib_seconds += interval.memory_mb / 1024 * seconds
+        self.disk_gib_seconds += interval.disk_mb / 1024 * seconds
 
     @property
     def cpu_hours(self) -> float:
@@ -65,6 +82,19 @@ class Amounts:
     @property
     def ram_gib_hours(self) -> float:
         return self.memory_gib_seconds / 3600
+
+    @property
+    def disk_gib_hours(self) -> float:
+        return self.disk_gib_seconds / 3600
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Dollars per vCPU-hour, memory GiB-hour and disk GiB-hour."""
+
+    per_vcpu_hour: float = 0.0
+    per_gib_hour: float = 0.0
+    per_disk_gib_hour: float = 0.0
 
 
 @dataclass
@@ -89,13 +119,17 @@ def day_bounds(day: date) -> tuple[datetime, datetime]:
 
 
 class UsageService:
-    def __init__(self, db: Database, dollars_per_vcpu_hour: float, dollars_per_gib_hour: float) -> None:
+    def __init__(self, db: Database, prices: Prices) -> None:
         self._db = db
-        self.dollars_per_vcpu_hour = dollars_per_vcpu_hour
-        self.dollars_per_gib_hour = dollars_per_gib_hour
+        self.prices = prices
 
     def cost(self, amounts: Amounts) -> float:
-        return amounts.cpu_hours * self.dollars_per_vcpu_hour + amounts.ram_gib_hours * self.dollars_per_gib_hour
+        prices = self.prices
+        return (
+            amounts.cpu_hours * prices.per_vcpu_hour
+            + amounts.ram_gib_hours * prices.per_gib_hour
+            + amounts.disk_gib_hours * prices.per_disk_gib_hour
+        )
 
     async def breakdown(self, owner_id: int, start: date, end: date) -> Breakdown:
         """Usage per UTC day from ``start`` to ``end`` (both included), and per VM."""

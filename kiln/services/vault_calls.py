@@ -5,6 +5,12 @@ The egress daemon journals each call on the host (``kiln.vault.journal``);
 a vault's log is listed, so a call shows up as soon as its answer went back.
 Calls of a vault deleted meanwhile are dropped; a call read twice (a crash
 between storing a file and removing it) is stored once (its id).
+
+Each stored call is also a ``vault.credential_used`` event, written in the
+transaction that stores it. The journal is the channel from the egress daemon
+(a process of its own, with no database) to the server: a call is journaled
+before its answer goes back to the guest, its file is removed only after the
+commit, so a crash of either process neither loses a use nor records one twice.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from datetime import UTC, datetime
 
 from kiln.node.node import Node
 from kiln.services.errors import NotFound
+from kiln.services.events.record import record, vault_call_event
 from kiln.store.db import Database
 from kiln.store.models import VaultCall
 from kiln.store.vault_repositories import VaultCallRepository, VaultRepository
@@ -74,6 +81,10 @@ class VaultCallLog:
                 if call.vault_id in owners and call.id not in known
             ]
             await repository.add_all_any_owner(rows)
+            # In the rows' transaction (the outbox): the journal file goes only after
+            # the commit, and a call stored once is skipped by id, so each use is one event.
+            for row in rows:
+                await record(session, vault_call_event(row))
         return len(rows)
 
     def start(self) -> None:

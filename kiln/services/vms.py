@@ -457,8 +457,13 @@ class VmService:
             vm = await vms.get_any_owner(vm_id)
             if vm is not None:
                 await record(session, transition_event(vm, current, target, fields.get("failure_reason")))
-                await ledger_transition(session, vm, current, target)
+                await ledger_transition(session, vm, current, target, self._disk_mb(vm))
             return True
+
+    def _disk_mb(self, vm: Vm) -> int:
+        """What the VM's disk may grow to (the usage ledger's disk)."""
+        image = self._images.get(vm.image_variant)
+        return disk_bytes(image) >> 20 if image is not None else 0
 
     async def reload(self, vm_id: str) -> Vm:
         async with self.db.transaction() as session:

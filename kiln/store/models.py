@@ -423,9 +423,9 @@ class WebhookDelivery(Base):
 
 
 class UsageInterval(Base):
-    """The usage ledger: one row per stretch of time a VM ran with its shape.
+    """The usage ledger: one row per stretch of time a VM ran (or was suspended) with its shape.
 
-    Opened when the VM enters ``running`` and closed when it leaves it, in the
+    Opened when the VM enters ``running`` (or ``suspended``) and closed when it leaves it, in the
     transaction of the transition; ``ended_at`` is None while it runs. Rows
     outlive their VM (no foreign key to ``vms``): usage is history."""
 
@@ -437,6 +437,9 @@ class UsageInterval(Base):
     session_id: Mapped[str] = mapped_column(String(128))
     vcpu_count: Mapped[int] = mapped_column(Integer)
     memory_mb: Mapped[int] = mapped_column(Integer)
+    # What the VM's disk may grow to, plus its saved memory while suspended
+    # (a suspended VM's interval has no vCPUs or memory: migration 0014_usage_disk).
+    disk_mb: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     started_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
 # ---- vaults (migration 0010_vaults)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Collection
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -160,17 +161,28 @@ class MountRepository:
             .execution_options(synchronize_session=False)
         )
 
-    async def set_vm_status_any_owner(self, vm_id: str, current: str, status: str) -> None:
-        """Every mount of the VM still in ``current`` moves to ``status``."""
+    async def set_vm_status_any_owner(self, vm_id: str, current: str, status: str) -> builtins.list[VolumeMount]:
+        """Every mount of the VM still in ``current`` moves to ``status``; those mounts."""
+        moved = await self._of_vm_any_owner(vm_id, VolumeMount.status == current)
         await self.session.execute(
             update(VolumeMount)
             .where(VolumeMount.vm_id == vm_id, VolumeMount.status == current)
             .values(status=status)
             .execution_options(synchronize_session=False)
         )
+        return moved
 
     async def delete_any_owner(self, mount_id: int) -> None:
         await self.session.execute(delete(VolumeMount).where(VolumeMount.id == mount_id))
 
-    async def delete_of_vm_any_owner(self, vm_id: str) -> None:
+    async def delete_of_vm_any_owner(self, vm_id: str) -> builtins.list[VolumeMount]:
+        """Remove the VM's mounts; the ones there were."""
+        gone = await self._of_vm_any_owner(vm_id)
         await self.session.execute(delete(VolumeMount).where(VolumeMount.vm_id == vm_id))
+        return gone
+
+    async def _of_vm_any_owner(self, vm_id: str, *where: Any) -> builtins.list[VolumeMount]:
+        rows = await self.session.scalars(
+            select(VolumeMount).where(VolumeMount.vm_id == vm_id, *where).order_by(VolumeMount.id)
+        )
+        return list(rows)

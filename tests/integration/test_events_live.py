@@ -130,6 +130,10 @@ def test_metrics_parse_and_match_the_api(api: Api) -> None:
     # This module's creates restore the cached base snapshot (no pool here).
     assert samples[("kiln_vm_create_seconds_count", (("path", "restore"),))] >= 1
     assert samples[("kiln_exec_seconds_count", (("language", "bash"),))] >= 1
+    # The VM's QEMU process is read from /proc: it has run, and holds memory.
+    assert samples[("kiln_qemu_processes", ())] >= 1
+    assert samples[("kiln_qemu_cpu_seconds", ())] > 0 and samples[("kiln_qemu_resident_bytes", ())] > 0
+    assert samples[("kiln_agent_errors_total", (("kind", "unreachable"),))] == 0
     assert httpx.get(f"{api.server.url}/metrics").status_code == 401
     api.delete(vm["vm_id"])
 
@@ -141,7 +145,7 @@ def test_the_usage_ledger_counts_what_vms_ran(api: Api) -> None:
     client.session_id = vm["session_id"]  # the SDK's get_usage reads its own session
 
     running = client.get_usage()
-    assert running["vcpu_seconds"] > 0 and running["memory_gib_seconds"] > 0
+    assert running["vcpu_seconds"] > 0 and running["memory_gib_seconds"] > 0 and running["disk_gib_seconds"] > 0
     api.delete(vm["vm_id"])
     ended = client.get_usage()
     breakdown = client.get_usage_breakdown(days=1)
@@ -150,4 +154,5 @@ def test_the_usage_ledger_counts_what_vms_ran(api: Api) -> None:
     assert client.get_usage()["vcpu_seconds"] == ended["vcpu_seconds"] >= running["vcpu_seconds"]
     assert mine["vcpu_seconds"] == ended["vcpu_seconds"]
     assert mine["memory_gib_seconds"] == ended["memory_gib_seconds"]
+    assert mine["disk_gib_seconds"] == ended["disk_gib_seconds"] > 0
     assert breakdown["total_days"] == 1 and breakdown["totals"]["cpu_hours"] >= mine["cpu_hours"] > 0

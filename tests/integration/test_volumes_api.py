@@ -359,3 +359,24 @@ def test_bad_requests_are_clear_4xx(api: Api, made: list[str]) -> None:
     # Nothing of those refusals was made.
     assert len(api.http.get("/v1/vms").json()) == 1
     assert Path(api.settings.volumes_dir / vid).is_dir()
+
+
+def test_attach_and_detach_are_events_in_the_audit_log(api: Api, made: list[str]) -> None:
+    at_create, hot = new_volume(api, made, name="at-create"), new_volume(api, made, name="hot")
+    vm = api.create_ok(**SMALL, volumes=[{"volume_id": at_create["id"], "mount_path": "/a"}])
+    vm_id = vm["vm_id"]
+    assert mount(api, vm_id, hot["id"], "/h", mode="ro").status_code == 200
+    assert unmount(api, vm_id, hot["id"], "/h").status_code == 200
+    api.delete(vm_id)  # the create's mount ends with the VM
+    answer = api.http.get("/v1/audit/events", params={"vm_id": vm_id, "event_group": "volume", "limit": 50})
+    assert answer.status_code == 200, answer.text
+    seen = [
+        (e["event_type"], e["resource_id"], e["event_payload"]["mount_path"], e["status"])
+        for e in reversed(answer.json()["items"])
+    ]
+    assert seen == [
+        ("volume.attached", at_create["id"], "/a", "success"),
+        ("volume.attached", hot["id"], "/h", "success"),
+        ("volume.detached", hot["id"], "/h", "success"),
+        ("volume.detached", at_create["id"], "/a", "success"),
+    ]

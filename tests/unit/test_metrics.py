@@ -8,9 +8,11 @@ from collections.abc import Callable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from unit.fakes import FakeHypervisor
 from unit.harness import AppRunner, add_user, bearer_headers, key_headers
 
 from kiln.config import Settings
+from kiln.runtime.errors import AgentTimeout, AgentUnavailable
 
 
 async def scrape(
@@ -49,6 +51,25 @@ async def test_the_metrics_parse_and_count_what_the_api_shows(
         assert samples[("kiln_vm_vcpus", ())] == settings.default_vcpu_count
         assert samples[("kiln_pool_target_vms", ())] == 0
         assert samples[("kiln_webhook_deliveries", (("status", "pending"),))] == 0
+        # The fake machines' pids are no QEMU processes: only that the series are there.
+        assert {"kiln_qemu_cpu_seconds", "kiln_qemu_resident_bytes", "kiln_qemu_processes"} <= {
+            name for name, _ in samples
+        }
+        assert samples[("kiln_agent_errors_total", (("kind", "unreachable"),))] == 0
+
+
+async def test_agent_failures_are_counted_by_kind_and_refusals_are_not(
+    run_app: AppRunner, admin_key: Callable[[], str], hypervisor: FakeHypervisor
+) -> None:
+    hypervisor.agent_failures = {"stat": AgentUnavailable("the channel closed"), "read_file": AgentTimeout("late")}
+    async with run_app() as client:
+        auth = key_headers(admin_key())
+        session_id = (await client.post("/v1/vms", json={}, headers=auth)).json()["session_id"]
+        download = {"session_id": session_id, "filename": "/etc/hostname"}
+        assert (await client.post("/download", data=download, headers=auth)).status_code == 503
+        samples = await scrape(client, auth)
+        assert samples[("kiln_agent_errors_total", (("kind", "unreachable"),))] == 1
+        assert samples[("kiln_agent_errors_total", (("kind", "timeout"),))] == 0
 
 
 async def test_only_the_operator_reads_the_metrics(

@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 from unit.harness import AppRunner, add_user, key_headers
 
 from kiln.config import Settings
+from kiln.services.usage import ledger_transition
 from kiln.store.db import Database
-from kiln.store.models import UsageInterval
+from kiln.store.models import UsageInterval, Vm
 from kiln.store.repositories import UserRepository
 from kiln.store.usage import UsageRepository
 
@@ -68,6 +69,7 @@ async def test_the_breakdown_splits_usage_per_day_and_vm_in_the_sdks_shape(
                     session_id="s-a",
                     vcpu_count=2,
                     memory_mb=1024,
+                    disk_mb=2048,
                     started_at=datetime(2026, 11, 10, 23, tzinfo=UTC),
                     ended_at=datetime(2026, 11, 11, 1, tzinfo=UTC),
                 )
@@ -79,16 +81,38 @@ async def test_the_breakdown_splits_usage_per_day_and_vm_in_the_sdks_shape(
         body = answer.json()
         assert (body["period_start"], body["period_end"], body["total_days"]) == ("2026-11-09", "2026-11-11", 3)
         assert body["totals"]["cpu_hours"] == 4.0 and body["totals"]["ram_gib_hours"] == 2.0
+        assert body["totals"]["disk_gib_hours"] == 4.0 and body["totals"]["disk_gib_seconds"] == 4 * 3600.0
         assert body["totals"]["cost_dollars"] == 0.0
-        assert [(d["date"], d["cpu_hours"], d["ram_gib_hours"]) for d in body["daily_breakdown"]] == [
-            ("2026-11-09", 0.0, 0.0),
-            ("2026-11-10", 2.0, 1.0),
-            ("2026-11-11", 2.0, 1.0),
+        assert [
+            (d["date"], d["cpu_hours"], d["ram_gib_hours"], d["disk_gib_hours"]) for d in body["daily_breakdown"]
+        ] == [
+            ("2026-11-09", 0.0, 0.0, 0.0),
+            ("2026-11-10", 2.0, 1.0, 2.0),
+            ("2026-11-11", 2.0, 1.0, 2.0),
         ]
         assert [(vm["vm_id"], vm["vcpu_seconds"]) for vm in body["vms"]] == [("vm-a", 4 * 3600.0)]
 
         theirs = await client.get("/v1/users/me/usage-breakdown", params=params, headers=key_headers(alice))
         assert theirs.json()["totals"]["cpu_hours"] == 0.0 and theirs.json()["vms"] == []
+
+
+async def test_a_suspended_vm_counts_its_disk_and_saved_memory_but_no_cpu(db: Database) -> None:
+    async with db.transaction() as session:
+        owner = (await UserRepository(session).add("u", None)).id
+        vm = Vm(id="vm-s", owner_id=owner, session_id="s", vcpu_count=2, memory_mb=512)
+        for current, target in (
+            ("creating", "running"),
+            ("running", "suspending"),
+            ("suspending", "suspended"),
+            ("suspended", "resuming"),
+            ("resuming", "running"),
+            ("running", "terminating"),
+        ):
+            await ledger_transition(session, vm, current, target, disk_mb=1024)
+        rows = await UsageRepository(session).of_session(owner, "s")
+    shapes = [(r.vcpu_count, r.memory_mb, r.disk_mb) for r in rows]
+    assert shapes == [(2, 512, 1024), (0, 0, 1024 + 512), (2, 512, 1024)]
+    assert all(row.ended_at is not None for row in rows)
 
 
 async def test_bad_periods_are_refused_by_name(run_app: AppRunner, admin_key: Callable[[], str]) -> None:

@@ -15,6 +15,7 @@ from kiln.node.node import Node
 from kiln.services.errors import NotFound
 from kiln.services.vault_calls import VaultCallLog
 from kiln.store.db import Database
+from kiln.store.events import EventFilter, EventRepository
 from kiln.store.models import Vault
 from kiln.store.repositories import UserRepository
 from kiln.store.vault_repositories import VaultRepository
@@ -78,3 +79,13 @@ async def test_calls_are_filed_once_under_their_vault(store: Database, tmp_path:
     assert [c.path for c in await log.recent(owner, "vault_kept", 1)] == ["/v1/b"]
     with pytest.raises(NotFound):
         await log.recent(stranger, "vault_kept", 10)
+
+    # One vault.credential_used event per stored call, in its transaction: none for the
+    # dropped call, none for the one read twice; the credential's name, never its value.
+    async with store.transaction() as session:
+        events = await EventRepository(session).page(owner, EventFilter(event_type="vault.credential_used"), None, 10)
+    assert sorted(e.payload["path"] for e in events) == ["/v1/a", "/v1/b"]
+    assert {(e.vm_id, e.resource_id, e.status, e.event_group) for e in events} == {
+        ("vm-1", "vault_kept", "success", "vault")
+    }
+    assert events[0].payload["credential_name"] == "KEY" and events[0].payload["status_code"] == 201

@@ -98,6 +98,8 @@ async def get_session_usage(
         uptime_seconds=usage.uptime_seconds,
         vcpu_seconds=round(used.vcpu_seconds, 3),
         memory_gib_seconds=round(used.memory_gib_seconds, 3),
+        disk_gib_seconds=round(used.disk_gib_seconds, 3),
+        disk_gib_hours=round(used.disk_gib_hours, 6),
     )
 
 

@@ -25,8 +25,10 @@ def amounts(usage: UsageService, of: Amounts) -> dict[str, Any]:
         "cost_dollars": round(usage.cost(of), DIGITS),
         "cpu_hours": round(of.cpu_hours, DIGITS),
         "ram_gib_hours": round(of.ram_gib_hours, DIGITS),
+        "disk_gib_hours": round(of.disk_gib_hours, DIGITS),
         "vcpu_seconds": round(of.vcpu_seconds, 3),
         "memory_gib_seconds": round(of.memory_gib_seconds, 3),
+        "disk_gib_seconds": round(of.disk_gib_seconds, 3),
     }
 
 

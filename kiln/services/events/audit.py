@@ -1,4 +1,4 @@
-"""Reading the event stream (``/v1/audit``) and keeping it to its retention.
+"""Reading the event stream (``/v1/audit``); ``kiln.services.retention`` keeps it to its retention.
 
 A user sees their own events; the admin sees everyone's. Another user's event
 is ``NotFound``, as every other resource. Pages are newest first; the cursor
@@ -8,23 +8,16 @@ passes ``next_cursor`` back).
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from dataclasses import dataclass
-from datetime import timedelta
 
 from kiln.services.errors import NotFound
 from kiln.services.events.catalog import CATALOG
 from kiln.services.users import ADMIN_USERNAME
 from kiln.store.db import Database
 from kiln.store.events import EventFilter, EventRepository
-from kiln.store.models import Event, User, utc_now
-from kiln.store.webhooks import WebhookRepository
-
-log = logging.getLogger(__name__)
+from kiln.store.models import Event, User
 
 MAX_PAGE = 200
-PRUNE_INTERVAL_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -38,10 +31,8 @@ def is_admin(user: User) -> bool:
 
 
 class AuditService:
-    def __init__(self, db: Database, retention_days: int) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._retention = timedelta(days=retention_days)
-        self._loop: asyncio.Task[None] | None = None
 
     def catalog(self) -> dict[str, list[str]]:
         return {group: list(kinds) for group, kinds in CATALOG.items()}
@@ -66,31 +57,3 @@ class AuditService:
         if event is None:
             raise NotFound(f"event {event_id} not found")
         return event
-
-    async def prune(self) -> int:
-        """Remove events, and webhook deliveries that ended, older than the retention;
-        how many rows went. (A pending delivery stays: it is still owed.)"""
-        cutoff = utc_now() - self._retention
-        async with self._db.transaction() as session:
-            removed = await EventRepository(session).delete_older_than_any_owner(cutoff)
-            removed += await WebhookRepository(session).delete_finished_before_any_owner(cutoff)
-        if removed:
-            log.info("removed %d events and deliveries older than %s", removed, self._retention)
-        return removed
-
-    def start(self) -> None:
-        self._loop = asyncio.create_task(self._prune_forever(), name="events-retention")
-
-    async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-            self._loop = None
-
-    async def _prune_forever(self) -> None:
-        while True:
-            try:
-                await self.prune()
-            except Exception:
-                log.exception("pruning old events failed")
-            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)

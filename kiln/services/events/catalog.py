@@ -23,6 +23,9 @@ CATALOG: Final[dict[str, tuple[str, ...]]] = {
     ),
     "snapshot": ("snapshot.created", "snapshot.ready", "snapshot.failed", "snapshot.deleted"),
     "share": ("share.opened", "share.updated", "share.revoked", "share.deleted"),
+    "volume": ("volume.attached", "volume.detached"),
+    # The egress proxy added a vault's credential to a VM's outgoing request.
+    "vault": ("vault.credential_used",),
     "quota": ("quota.refused", "capacity.refused"),
     "auth": ("auth.login_failed", "api_key.created", "api_key.deleted"),
     "api": ("api.call",),

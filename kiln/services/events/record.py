@@ -17,7 +17,7 @@ from kiln.services.events.catalog import group_of
 from kiln.services.webhooks.fanout import fan_out
 from kiln.store.db import Database
 from kiln.store.events import EventRepository
-from kiln.store.models import Event, Share, Snapshot, Vm, utc_now
+from kiln.store.models import Event, Share, Snapshot, VaultCall, Vm, VolumeMount, utc_now
 
 # A payload is for the audit log and webhooks: keep it a summary, never a dump.
 MAX_ERROR_CHARS = 4000
@@ -111,4 +111,48 @@ def share_event(share: Share, event_type: str, **fields: Any) -> NewEvent:
         payload=payload,
         **by_user(share.owner_id),
         **fields,
+    )
+
+
+def mount_event(mount: VolumeMount, event_type: str, **fields: Any) -> NewEvent:
+    """A volume attached to (or detached from) a VM; ``payload`` adds to the mount's."""
+    payload = {
+        "volume_id": mount.volume_id,
+        "mount_path": mount.mount_path,
+        "mode": mount.mode,
+        "checkpoint_id": mount.checkpoint_id,
+        **fields.pop("payload", {}),
+    }
+    return NewEvent(
+        event_type=event_type,
+        owner_id=mount.owner_id,
+        vm_id=mount.vm_id,
+        resource_type="volume",
+        resource_id=mount.volume_id,
+        payload=payload,
+        **fields,
+    )
+
+
+def vault_call_event(call: VaultCall) -> NewEvent:
+    """The egress proxy injected a vault's credential into a VM's request (never its value)."""
+    return NewEvent(
+        event_type="vault.credential_used",
+        owner_id=call.owner_id,
+        # failure: no answer from the service (its error says why); any HTTP status is an answer.
+        status="success" if call.error is None else "failure",
+        vm_id=call.vm_id,
+        resource_type="vault",
+        resource_id=call.vault_id,
+        payload={
+            "call_id": call.id,
+            "credential_id": call.credential_id,
+            "credential_name": call.credential_name,
+            "service_id": call.service_id,
+            "host": call.host,
+            "method": call.method,
+            "path": call.path,
+            "status_code": call.status,
+        },
+        error_message=call.error,
     )

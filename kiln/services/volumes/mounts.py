@@ -27,6 +27,7 @@ from kiln.node.node import Node
 from kiln.node.participant import Mount, SavedDrive
 from kiln.services.background import BackgroundTasks
 from kiln.services.errors import Conflict, FieldProblem, InvalidRequest, NotFound, ServiceError
+from kiln.services.events.record import by_user, mount_event, record
 from kiln.services.states import STATES_WITH_A_DISK, VmStatus
 from kiln.services.volumes.errors import volume_errors
 from kiln.services.volumes.rules import MountRequest, as_mount, conflict, mount_problems
@@ -114,12 +115,15 @@ class VolumeMounts:
     async def vm_running(self, vm_id: str) -> None:
         """The VM is up with its mounts: they are ``mounted``."""
         async with self._db.transaction() as session:
-            await MountRepository(session).set_vm_status_any_owner(vm_id, ATTACHING, MOUNTED)
+            for row in await MountRepository(session).set_vm_status_any_owner(vm_id, ATTACHING, MOUNTED):
+                await record(session, mount_event(row, "volume.attached"))
 
     async def vm_ended(self, vm_id: str) -> None:
         """The VM is gone (its drives released): its mounts hold nothing any more."""
         async with self._db.transaction() as session:
-            await MountRepository(session).delete_of_vm_any_owner(vm_id)
+            for row in await MountRepository(session).delete_of_vm_any_owner(vm_id):
+                if row.status != FAILED:  # a failed attach held nothing to detach
+                    await record(session, mount_event(row, "volume.detached", payload={"reason": "the VM ended"}))
 
     # -- a running VM ----------------------------------------------------------------
 
@@ -228,21 +232,26 @@ class VolumeMounts:
             log.warning("attaching %s to %s failed: %s", mount.volume_id, row.vm_id, reason)
             async with self._db.transaction() as session:
                 await MountRepository(session).set_status_any_owner(row.id, FAILED, reason)
+                await record(session, mount_event(row, "volume.attached", status="failure", error_message=reason))
             raise
         async with self._db.transaction() as session:
             await MountRepository(session).set_status_any_owner(row.id, MOUNTED)
+            await record(session, mount_event(row, "volume.attached", **by_user(row.owner_id)))
 
     async def _detach(self, row: VolumeMount) -> None:
         volumes = self._require_volumes()
         try:
             with volume_errors():
                 await volumes.detach(row.vm_id, row.volume_id, row.mount_path)
-        except Exception:
+        except Exception as error:
+            reason = str(error) or type(error).__name__
             async with self._db.transaction() as session:
                 await MountRepository(session).set_status_any_owner(row.id, MOUNTED)
+                await record(session, mount_event(row, "volume.detached", status="failure", error_message=reason))
             raise
         async with self._db.transaction() as session:
             await MountRepository(session).delete_any_owner(row.id)
+            await record(session, mount_event(row, "volume.detached", **by_user(row.owner_id)))
 
     def _require_volumes(self) -> Any:
         if self._node.volumes is None:
