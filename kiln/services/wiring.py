@@ -12,6 +12,7 @@ from kiln.node.host import build_node
 from kiln.node.launcher import HelperLauncher, PipelineLauncher
 from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Hypervisor, SavedState
+from kiln.runtime.images import UnknownVariant
 from kiln.runtime.snapshots import BaseSnapshots, Shape
 from kiln.services import vm_recovery
 from kiln.services.admission import Admission
@@ -19,6 +20,7 @@ from kiln.services.background import BackgroundTasks
 from kiln.services.disk_budget import DiskBudget
 from kiln.services.egress_policy import EgressPolicies
 from kiln.services.host_resources import StoreLedger
+from kiln.services.snapshots.builds import ImageBuilder
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
@@ -44,6 +46,7 @@ HELPER_SHAPE = Shape(memory_mb=256, vcpu_count=1)
 class VmServices:
     vms: VmService
     importer: ImageImporter
+    builder: ImageBuilder
     background: BackgroundTasks
     volumes: VolumeService
     volume_files: VolumeFileService
@@ -62,6 +65,7 @@ class VmServices:
         await vms.snapshots.housekeeping.start()
         await vms.planner.base.remove_unfinished_builds()
         await self.importer.remove_unfinished()
+        await self.builder.remove_unfinished()
         vms.start_loops()
         self.vault_calls.start()
         if vms.pool is not None:
@@ -126,4 +130,14 @@ def build_vm_services(
     # The master key first made here, before the egress daemon (which opens what it seals) starts.
     vault_key = derive_key(load_master_key(settings.data_dir, settings.master_key), VAULT_PURPOSE)
     vaults = VaultService(db, vault_key, bindings)
-    return VmServices(vms, importer, background, volumes, files, mounts, vaults, VaultCallLog(db, node))
+    builder = ImageBuilder(settings, vms, background, partial(variant_packages, images))
+    return VmServices(vms, importer, builder, background, volumes, files, mounts, vaults, VaultCallLog(db, node))
+
+
+def variant_packages(images: ImageSource, variant: str) -> tuple[str, ...]:
+    """The Debian packages the variant's image installs (none known: empty)."""
+    manifest = getattr(images, "manifest", None)
+    try:
+        return tuple(manifest(variant).packages) if manifest is not None else ()
+    except UnknownVariant:
+        return ()
