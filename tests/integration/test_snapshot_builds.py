@@ -1,0 +1,133 @@
+"""Snapshot builds end to end: a real ``kiln serve`` (root, nftables, its egress
+daemon), a real builder VM, package mirrors the test builds and serves from the
+local outside world (``mirror.test``, never the internet), and the SDK's own
+``snapshots.create`` and its polling of ``GET /v1/snapshots/{id}``.
+
+The server's mirror settings point apt, pip and npm at ``mirror.test``; the
+builder may reach that host alone. A VM made from the built snapshot has the
+packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from egress_helpers import world_env
+from instavm import InstaVM
+from instavm.exceptions import InstaVMError
+from live_api import Api, live_server
+from outside_world import OutsideWorld
+from package_mirrors import APT_FILE, APT_PACKAGE, NPM_PACKAGE, PIP_MODULE, PIP_PACKAGE, build_all
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def api(world: OutsideWorld) -> Iterator[Api]:
+    mirrors = build_all(world.mirror_root, "http://mirror.test")
+    with live_server("kiln-build-", env=world_env(world, **mirrors)) as served:
+        try:
+            yield served
+        finally:
+            lines = served.server.log_tail(3000).splitlines()
+            print("\n".join(line for line in lines if line.startswith(("WARNING", "ERROR"))))
+
+
+@pytest.fixture
+def sdk(api: Api) -> InstaVM:
+    return InstaVM(api_key=api.server.admin_key, base_url=api.server.url, timeout=120, auto_start_session=False)
+
+
+def run(sdk: InstaVM, vm_id: str, command: str) -> str:
+    session = sdk.vms.get(vm_id)["session_id"]
+    result = sdk._request_json(
+        "POST", "/execute", json_data={"session_id": session, "command": command, "language": "bash"}
+    )
+    assert result["exit_code"] == 0, result
+    return str(result["stdout"])
+
+
+def mirror_paths(world: OutsideWorld) -> list[str]:
+    with world.seen.lock:
+        return [request.path for request in world.seen.requests if request.server == "mirror-http"]
+
+
+def test_a_build_installs_apt_and_pip_packages_from_the_mirrors(api: Api, sdk: InstaVM, world: OutsideWorld) -> None:
+    created = sdk.snapshots.create(
+        oci_image="default",
+        name="with probes",
+        build_args={
+            "extra_apt_packages": APT_PACKAGE,  # one string, as `instavm snapshot build --apt` sends it
+            "extra_pip_packages": [PIP_PACKAGE],
+            "envs": {"BUILT_BY": "kiln"},
+            "post_build_cmd": "echo post-build > /app/post-build.txt",
+        },
+    )
+    # Answered at once: the build goes on in the background.
+    assert created["status"] == "creating", created
+    # The SDK's own wait (templates.publish polls GET /v1/snapshots/{id} with it).
+    ready = sdk.templates._wait_for_snapshot(created["id"])
+    log = ready["build_log"]
+    assert ready["status"] == "ready", ready
+    assert f"apt-get install {APT_PACKAGE}" in log and f"pip install {PIP_PACKAGE}" in log, log
+    assert ready["type"] == "user" and ready["size_bytes"] > 0
+    paths = mirror_paths(world)
+    assert any(path.startswith("/apt/") for path in paths) and any(path.startswith("/pip/") for path in paths)
+    # The builder is gone; only the user's own VMs remain.
+    assert [vm for vm in sdk.vms.list() if vm.get("status") == "running"] == []
+
+    vm = sdk.vms.create(snapshot_id=created["id"], wait=True)
+    try:
+        assert run(sdk, vm["vm_id"], f"cat {APT_FILE}") == "installed by apt\n"
+        assert run(sdk, vm["vm_id"], f"dpkg-query -W -f '${{Status}}' {APT_PACKAGE}") == "install ok installed"
+        imported = f"import {PIP_MODULE}; print({PIP_MODULE}.INSTALLED_BY)"
+        assert run(sdk, vm["vm_id"], f"python3 -c '{imported}'") == "pip\n"
+        assert run(sdk, vm["vm_id"], 'printf %s "$BUILT_BY"; cat /app/post-build.txt') == "kilnpost-build\n"
+    finally:
+        sdk.vms.delete(vm["vm_id"])
+    sdk.snapshots.delete(created["id"])
+
+
+def test_a_failing_step_fails_the_build_with_its_reason(sdk: InstaVM) -> None:
+    created = sdk.snapshots.create(oci_image="default", build_args={"extra_apt_packages": ["no-such-package"]})
+    with pytest.raises(InstaVMError, match="apt-get install no-such-package"):
+        sdk.templates._wait_for_snapshot(created["id"])
+    failed = sdk.snapshots.get(created["id"])
+    assert failed["status"] == "failed" and "exited with 100" in failed["failure_reason"], failed
+    assert "Unable to locate package no-such-package" in failed["build_log"]
+    assert [vm for vm in sdk.vms.list() if vm.get("status") == "running"] == []
+    sdk.snapshots.delete(created["id"])
+
+
+def test_unusable_build_args_are_a_422_naming_them(api: Api) -> None:
+    response = api.http.post(
+        "/v1/snapshots",
+        json={"oci_image": "default", "build_args": {"disk_size_gb": 20, "extra_npm_packages": [NPM_PACKAGE],
+                                                     "extra_apt_packages": ["-o", "x"], "nope": 1}},
+    )  # fmt: skip
+    assert response.status_code == 422, response.text
+    named = {entry["loc"][-1] for entry in response.json()["detail"]}
+    assert named == {"disk_size_gb", "extra_npm_packages", "extra_apt_packages", "nope"}, response.json()
+    assert [s for s in api.http.get("/v1/snapshots?type=user").json()] == []
+
+
+def test_instavm_snapshot_build(api: Api, sdk: InstaVM, tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path), "INSTAVM_API_KEY": api.server.admin_key,
+           "INSTAVM_BASE_URL": api.server.url}  # fmt: skip
+    ran = subprocess.run(
+        [sys.executable, "-m", "instavm", "snapshot", "build", "default", "--pip", PIP_PACKAGE,
+         "--env", "FROM_CLI=yes", "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    created = json.loads(ran.stdout)
+    assert created["status"] == "creating", created
+    ready = sdk.templates._wait_for_snapshot(created["id"])
+    assert "== envs: FROM_CLI" in ready["build_log"], ready
+    sdk.snapshots.delete(created["id"])
