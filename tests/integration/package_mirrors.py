@@ -10,6 +10,7 @@ check a VM for all three.
 from __future__ import annotations
 
 import base64
+import email.utils
 import gzip
 import hashlib
 import io
@@ -28,9 +29,14 @@ NPM_PACKAGE = "kiln-npm-probe"
 VERSION = "1.0.0"
 
 
+GIT_REPOSITORY = "git/app.git"  # under the root; its one file:
+GIT_FILE = "README"
+
+
 def build_all(root: Path, base_url: str) -> dict[str, str]:
-    """The three mirrors under ``root`` (served as ``base_url``); the server
-    settings that point a build at them."""
+    """The three mirrors under ``root`` (served as ``base_url``), and a git
+    repository; the server settings that point a build at the mirrors."""
+    build_git_repository(root / GIT_REPOSITORY)
     build_apt_repository(root / "apt")
     build_pip_index(root / "pip")
     build_npm_registry(root / "npm", f"{base_url}/npm")
@@ -41,6 +47,19 @@ def build_all(root: Path, base_url: str) -> dict[str, str]:
         "KILN_PIP_INDEX_URL": f"{base_url}/pip/simple/",
         "KILN_NPM_REGISTRY": f"{base_url}/npm/",
     }
+
+
+def build_git_repository(bare: Path) -> None:
+    """A bare repository with one commit on ``main``, cloneable over dumb HTTP."""
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        (work / GIT_FILE).write_text("cloned by the build\n")
+        git = ["git", "-c", "user.name=kiln", "-c", "user.email=tests@kiln.invalid", "-C", str(work)]
+        for command in (["init", "-q", "-b", "main"], ["add", GIT_FILE], ["commit", "-q", "-m", "one file"]):
+            subprocess.run([*git, *command], check=True, capture_output=True)
+        bare.parent.mkdir(parents=True)
+        subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True, capture_output=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True, capture_output=True)
 
 
 def build_apt_repository(directory: Path) -> None:
@@ -64,7 +83,8 @@ def build_apt_repository(directory: Path) -> None:
     (directory / "Packages").write_bytes(index)
     packed = gzip.compress(index, mtime=0)
     (directory / "Packages.gz").write_bytes(packed)
-    release = "Origin: kiln-tests\nLabel: kiln-tests\nSHA256:\n" + "".join(
+    date = email.utils.formatdate(usegmt=True)
+    release = f"Origin: kiln-tests\nLabel: kiln-tests\nDate: {date}\nSHA256:\n" + "".join(
         f" {hashlib.sha256(data).hexdigest()} {len(data)} {name}\n"
         for name, data in (("Packages", index), ("Packages.gz", packed))
     )

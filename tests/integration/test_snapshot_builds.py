@@ -10,6 +10,7 @@ packages.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,17 +22,41 @@ import pytest
 from egress_helpers import world_env
 from instavm import InstaVM
 from instavm.exceptions import InstaVMError
-from live_api import Api, live_server
+from live_api import SMALL, Api, live_server, wait_until
+from live_server import start_server
 from outside_world import OutsideWorld
-from package_mirrors import APT_FILE, APT_PACKAGE, NPM_PACKAGE, PIP_MODULE, PIP_PACKAGE, build_all
+from package_mirrors import (
+    APT_FILE,
+    APT_PACKAGE,
+    GIT_FILE,
+    GIT_REPOSITORY,
+    NPM_PACKAGE,
+    PIP_MODULE,
+    PIP_PACKAGE,
+    build_all,
+)
 
-pytestmark = pytest.mark.vm
+from kiln.config import Settings
+from kiln.runtime.images import ImageStore
+from kiln.runtime.qemu import QemuHypervisor
+from kiln.runtime.snapshots import BaseSnapshots, Shape
+
+# A safety net for a wedged build (TCG VMs install slowly), not a performance check.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
+
+SERVER_ENV: dict[str, str] = {}  # the module's server's, for its restart
 
 
 @pytest.fixture(scope="module")
 def api(world: OutsideWorld) -> Iterator[Api]:
+    # The node variant (it has npm) and its base snapshot of the small shape, made
+    # before the server starts (the default one is made by live_server).
+    settings = Settings()
+    store, base = ImageStore(settings), BaseSnapshots(settings, QemuHypervisor(settings))
+    asyncio.run(base.ensure(store.build("node"), Shape(**SMALL)))
     mirrors = build_all(world.mirror_root, "http://mirror.test")
-    with live_server("kiln-build-", env=world_env(world, **mirrors)) as served:
+    SERVER_ENV.update(world_env(world, **mirrors))
+    with live_server("kiln-build-", env=SERVER_ENV) as served:
         try:
             yield served
         finally:
@@ -58,16 +83,20 @@ def mirror_paths(world: OutsideWorld) -> list[str]:
         return [request.path for request in world.seen.requests if request.server == "mirror-http"]
 
 
-def test_a_build_installs_apt_and_pip_packages_from_the_mirrors(api: Api, sdk: InstaVM, world: OutsideWorld) -> None:
+def test_a_build_installs_apt_pip_and_npm_packages_from_the_mirrors(
+    api: Api, sdk: InstaVM, world: OutsideWorld
+) -> None:
     created = sdk.snapshots.create(
-        oci_image="default",
+        oci_image="node",
         name="with probes",
         build_args={
             "extra_apt_packages": APT_PACKAGE,  # one string, as `instavm snapshot build --apt` sends it
             "extra_pip_packages": [PIP_PACKAGE],
+            "extra_npm_packages": [NPM_PACKAGE],
             "envs": {"BUILT_BY": "kiln"},
             "post_build_cmd": "echo post-build > /app/post-build.txt",
         },
+        **SMALL,
     )
     # Answered at once: the build goes on in the background.
     assert created["status"] == "creating", created
@@ -75,10 +104,12 @@ def test_a_build_installs_apt_and_pip_packages_from_the_mirrors(api: Api, sdk: I
     ready = sdk.templates._wait_for_snapshot(created["id"])
     log = ready["build_log"]
     assert ready["status"] == "ready", ready
-    assert f"apt-get install {APT_PACKAGE}" in log and f"pip install {PIP_PACKAGE}" in log, log
+    for step in (f"apt-get install {APT_PACKAGE}", f"pip install {PIP_PACKAGE}", f"npm install -g {NPM_PACKAGE}"):
+        assert step in log, log
     assert ready["type"] == "user" and ready["size_bytes"] > 0
     paths = mirror_paths(world)
-    assert any(path.startswith("/apt/") for path in paths) and any(path.startswith("/pip/") for path in paths)
+    for manager in ("apt", "pip", "npm"):
+        assert any(path.startswith(f"/{manager}/") for path in paths), paths
     # The builder is gone; only the user's own VMs remain.
     assert [vm for vm in sdk.vms.list() if vm.get("status") == "running"] == []
 
@@ -88,7 +119,32 @@ def test_a_build_installs_apt_and_pip_packages_from_the_mirrors(api: Api, sdk: I
         assert run(sdk, vm["vm_id"], f"dpkg-query -W -f '${{Status}}' {APT_PACKAGE}") == "install ok installed"
         imported = f"import {PIP_MODULE}; print({PIP_MODULE}.INSTALLED_BY)"
         assert run(sdk, vm["vm_id"], f"python3 -c '{imported}'") == "pip\n"
+        required = f"console.log(require('{NPM_PACKAGE}'))"
+        assert run(sdk, vm["vm_id"], f'NODE_PATH="$(npm root -g)" node -e "{required}"') == "installed by npm\n"
         assert run(sdk, vm["vm_id"], 'printf %s "$BUILT_BY"; cat /app/post-build.txt') == "kilnpost-build\n"
+    finally:
+        sdk.vms.delete(vm["vm_id"])
+    sdk.snapshots.delete(created["id"])
+
+
+def test_a_git_clone_and_a_template_app_that_runs_in_every_vm(sdk: InstaVM) -> None:
+    created = sdk.snapshots.create(
+        oci_image="default",
+        build_args={
+            "git_clone_url": f"http://mirror.test/{GIT_REPOSITORY}",
+            "git_clone_branch": "main",
+            "template_app_cmd": "python3 -m http.server 8123 --bind 127.0.0.1",
+            "template_app_cwd": "/app/app",
+        },
+    )
+    ready = sdk.templates._wait_for_snapshot(created["id"])
+    assert "== git clone" in ready["build_log"] and "== template_app_cmd" in ready["build_log"], ready
+    vm = sdk.vms.create(snapshot_id=created["id"], wait=True)
+    try:
+        assert run(sdk, vm["vm_id"], f"cat /app/app/{GIT_FILE}") == "cloned by the build\n"
+        # Started in the builder before the save: it serves in the VM restored from it.
+        served = run(sdk, vm["vm_id"], f"curl -sS --max-time 20 http://127.0.0.1:8123/{GIT_FILE}")
+        assert served == "cloned by the build\n"
     finally:
         sdk.vms.delete(vm["vm_id"])
     sdk.snapshots.delete(created["id"])
@@ -131,3 +187,21 @@ def test_instavm_snapshot_build(api: Api, sdk: InstaVM, tmp_path: Path) -> None:
     ready = sdk.templates._wait_for_snapshot(created["id"])
     assert "== envs: FROM_CLI" in ready["build_log"], ready
     sdk.snapshots.delete(created["id"])
+
+
+def test_a_build_a_crash_cut_short_is_failed_at_the_next_start(api: Api, sdk: InstaVM) -> None:
+    created = sdk.snapshots.create(oci_image="default", build_args={"post_build_cmd": "sleep 3600"})
+
+    def in_post_build() -> bool:
+        return "== post_build_cmd" in (sdk.snapshots.get(created["id"])["build_log"] or "")
+
+    assert wait_until(in_post_build, timeout=600), sdk.snapshots.get(created["id"])
+    builders = [vm["vm_id"] for vm in sdk.vms.list() if vm.get("status") == "running"]
+    assert len(builders) == 1
+    api.server.stop(crash=True)
+    api.connect(start_server(api.server.data_dir, env=SERVER_ENV))
+    restarted = InstaVM(api_key=api.server.admin_key, base_url=api.server.url, auto_start_session=False)
+    failed = restarted.snapshots.get(created["id"])
+    assert failed["status"] == "failed" and "the server stopped" in failed["failure_reason"], failed
+    assert restarted.vms.get(builders[0])["status"] == "terminated"
+    restarted.snapshots.delete(created["id"])

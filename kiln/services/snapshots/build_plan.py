@@ -12,7 +12,7 @@ egress policy. Pure functions: nothing here touches a VM.
   ``@scope/name``, ``name@version``. npm needs an image variant that has npm
   (its manifest installs the ``npm`` package); on any other it is a 422.
 - ``git_clone_url`` (https, http or git URL) and ``git_clone_branch``: cloned
-  (depth 1) into the image's workdir, as the repository's name.
+  into the image's workdir, as the repository's name.
 - ``post_build_cmd``: a bash command run last, in the workdir, with ``envs``.
 - ``envs``: variables every VM made from the snapshot has (``/etc/environment``).
 - ``template_app_cmd`` / ``template_app_cwd``: a command started in the builder
@@ -207,7 +207,7 @@ def steps(plan: BuildPlan, settings: Settings) -> list[BuildStep]:
         branch = f" --branch {q(plan.git_branch)}" if plan.git_branch else ""
         name = repository_name(plan.git_url)
         made.append(BuildStep(
-            f"git clone {plan.git_url}", f"git clone --depth 1{branch} -- {q(plan.git_url)} {q(name)}"
+            f"git clone {plan.git_url}", f"git clone{branch} -- {q(plan.git_url)} {q(name)}"
         ))  # fmt: skip
     if plan.post_build_cmd:
         made.append(BuildStep("post_build_cmd", f"exec /bin/bash -c {q(plan.post_build_cmd)}"))
