@@ -78,6 +78,11 @@ def run(sdk: InstaVM, vm_id: str, command: str) -> str:
     return str(result["stdout"])
 
 
+def builders_gone(sdk: InstaVM) -> bool:
+    """True once no builder VM runs (it is terminated right after its build ends)."""
+    return wait_until(lambda: [vm for vm in sdk.vms.list() if vm.get("status") == "running"] == [], timeout=120)
+
+
 def mirror_paths(world: OutsideWorld) -> list[str]:
     with world.seen.lock:
         return [request.path for request in world.seen.requests if request.server == "mirror-http"]
@@ -110,8 +115,8 @@ def test_a_build_installs_apt_pip_and_npm_packages_from_the_mirrors(
     paths = mirror_paths(world)
     for manager in ("apt", "pip", "npm"):
         assert any(path.startswith(f"/{manager}/") for path in paths), paths
-    # The builder is gone; only the user's own VMs remain.
-    assert [vm for vm in sdk.vms.list() if vm.get("status") == "running"] == []
+    # The builder goes right after the save.
+    assert builders_gone(sdk)
 
     vm = sdk.vms.create(snapshot_id=created["id"], wait=True)
     try:
@@ -142,8 +147,10 @@ def test_a_git_clone_and_a_template_app_that_runs_in_every_vm(sdk: InstaVM) -> N
     vm = sdk.vms.create(snapshot_id=created["id"], wait=True)
     try:
         assert run(sdk, vm["vm_id"], f"cat /app/app/{GIT_FILE}") == "cloned by the build\n"
-        # Started in the builder before the save: it serves in the VM restored from it.
-        served = run(sdk, vm["vm_id"], f"curl -sS --max-time 20 http://127.0.0.1:8123/{GIT_FILE}")
+        # Started in the builder just before the save: it runs on in the VM restored
+        # from it (where it may still be starting up, hence the retries).
+        fetch = f"curl -sS --retry 60 --retry-connrefused --retry-delay 1 http://127.0.0.1:8123/{GIT_FILE}"
+        served = run(sdk, vm["vm_id"], f"{fetch} || cat /var/log/kiln-template-app.log")
         assert served == "cloned by the build\n"
     finally:
         sdk.vms.delete(vm["vm_id"])
@@ -157,7 +164,7 @@ def test_a_failing_step_fails_the_build_with_its_reason(sdk: InstaVM) -> None:
     failed = sdk.snapshots.get(created["id"])
     assert failed["status"] == "failed" and "exited with 100" in failed["failure_reason"], failed
     assert "Unable to locate package no-such-package" in failed["build_log"]
-    assert [vm for vm in sdk.vms.list() if vm.get("status") == "running"] == []
+    assert builders_gone(sdk)
     sdk.snapshots.delete(created["id"])
 
 
