@@ -91,6 +91,20 @@ class Settings(BaseSettings):
     oci_max_unpacked_bytes: int = 16 * 1024**3
     oci_max_entries: int = 1_000_000
 
+    # Image builds (POST /v1/snapshots with build_args): the mirrors the builder
+    # VM's package managers use, written into its apt sources, pip.conf and
+    # .npmrc; its egress then reaches exactly those hosts. Unset: the public
+    # registries, through the package-manager group. The apt mirror is a URL
+    # with its distribution and components ("bookworm main"; "./" for a flat
+    # repository); trusted: its Release file is not checked (an unsigned repository).
+    apt_mirror: str | None = None
+    apt_mirror_dist: str = "bookworm main"
+    apt_mirror_trusted: bool = False
+    pip_index_url: str | None = None
+    npm_registry: str | None = None
+    # How long one step of a build (an install, a clone, post_build_cmd) may run.
+    build_step_timeout_seconds: float = 1800.0
+
     # Request and transfer limits (413 past them). A request body (counted as it
     # arrives, chunked or not), except POST /upload, whose body may be as large
     # as the upload limit plus the multipart framing.

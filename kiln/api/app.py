@@ -179,6 +179,7 @@ def create_app(
                 pty=PtyService(staged_env),
                 snapshots=vm_service.snapshots,
                 importer=vm_side.importer,
+                builder=vm_side.builder,
                 shares=sharing.shares,
                 domains=domain_service,
                 ssh_keys=SshKeyService(db),

@@ -27,6 +27,7 @@ from kiln.services.guest import GuestTarget, session_target, vm_target
 from kiln.services.pty import PtyService
 from kiln.services.sessions import SessionService
 from kiln.services.shares.service import ShareService
+from kiln.services.snapshots.builds import ImageBuilder
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.ssh_keys import SshKeyService
@@ -62,6 +63,7 @@ class Services:
     pty: PtyService
     snapshots: SnapshotService
     importer: ImageImporter
+    builder: ImageBuilder
     shares: ShareService
     domains: DomainService
     ssh_keys: SshKeyService
@@ -148,6 +150,10 @@ def get_importer(request: Request) -> ImageImporter:
     return get_services(request).importer
 
 
+def get_builder(request: Request) -> ImageBuilder:
+    return get_services(request).builder
+
+
 def get_share_service(request: Request) -> ShareService:
     return get_services(request).shares
 
@@ -213,6 +219,7 @@ Ptys = Annotated[PtyService, Depends(get_pty_service)]
 Staged = Annotated[StagedEnv, Depends(get_staged_env)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
+Builder = Annotated[ImageBuilder, Depends(get_builder)]
 Egress = Annotated[EgressService, Depends(get_egress_service)]
 VolumeServiceDep = Annotated[VolumeService, Depends(get_volume_service)]
 VolumeFiles = Annotated[VolumeFileService, Depends(get_volume_files)]

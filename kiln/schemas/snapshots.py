@@ -22,6 +22,7 @@ class SnapshotRow(Protocol):
     source_vm_id: str | None
     parent_id: str | None
     failure_reason: str | None
+    build_log: str | None
     created_at: datetime
 
 
@@ -39,6 +40,10 @@ class SnapshotRecord(BaseModel):
     # The snapshot whose disk this one's is written on top of (it cannot go first).
     parent_id: str | None
     failure_reason: str | None
+    # The SDK's wait for a build reads the reason of a failure as ``error``.
+    error: str | None
+    # A build's progress (build_args): each step as it starts, with its output's tail.
+    build_log: str | None
     created_at: datetime
 
     @classmethod
@@ -55,6 +60,8 @@ class SnapshotRecord(BaseModel):
             source_vm_id=snapshot.source_vm_id,
             parent_id=snapshot.parent_id,
             failure_reason=snapshot.failure_reason,
+            error=snapshot.failure_reason,
+            build_log=snapshot.build_log,
             created_at=snapshot.created_at,
         )
 
@@ -66,11 +73,15 @@ class VMSnapshotRequest(BaseModel):
 
 
 class SnapshotImportRequest(BaseModel):
-    """POST /v1/snapshots: a snapshot built from an OCI image.
+    """POST /v1/snapshots: a snapshot imported from an OCI image, or built on
+    an image variant of this server.
 
     ``oci_image``: an OCI image layout directory on the server, or a registry
-    reference. ``build_args``: ``env`` (added to the image's Env), ``workdir``
-    (instead of its WorkingDir), ``free_space_mb`` (room on the disk, default 512).
+    reference; its ``build_args``: ``env`` (added to the image's Env),
+    ``workdir`` (instead of its WorkingDir), ``free_space_mb`` (room on the
+    disk, default 512). Or the name of an image variant (``default``, ``node``):
+    a build in a builder VM, whose ``build_args`` are those of
+    ``kiln.services.snapshots.build_plan``.
     ``type``: ``user`` (default) or ``auto``."""
 
     oci_image: str

@@ -12,6 +12,7 @@ from kiln.node.host import build_node
 from kiln.node.launcher import HelperLauncher, PipelineLauncher
 from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Hypervisor, SavedState
+from kiln.runtime.images import UnknownVariant
 from kiln.runtime.snapshots import BaseSnapshots, Shape
 from kiln.services import vm_recovery
 from kiln.services.admission import Admission
@@ -20,6 +21,7 @@ from kiln.services.disk_budget import DiskBudget
 from kiln.services.egress_policy import EgressPolicies
 from kiln.services.host_resources import StoreLedger
 from kiln.services.memory_relief import MemoryReliever
+from kiln.services.snapshots.builds import ImageBuilder
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
@@ -45,6 +47,7 @@ HELPER_SHAPE = Shape(memory_mb=256, vcpu_count=1)
 class VmServices:
     vms: VmService
     importer: ImageImporter
+    builder: ImageBuilder
     background: BackgroundTasks
     volumes: VolumeService
     volume_files: VolumeFileService
@@ -64,6 +67,7 @@ class VmServices:
         await vms.snapshots.housekeeping.start()
         await vms.planner.base.remove_unfinished_builds()
         await self.importer.remove_unfinished()
+        await self.builder.remove_unfinished()
         vms.start_loops()
         self.vault_calls.start()
         self.reliever.start()
@@ -130,6 +134,17 @@ def build_vm_services(
     # The master key first made here, before the egress daemon (which opens what it seals) starts.
     vault_key = derive_key(load_master_key(settings.data_dir, settings.master_key), VAULT_PURPOSE)
     vaults = VaultService(db, vault_key, bindings)
+    builder = ImageBuilder(settings, vms, background, partial(variant_packages, images))
+    reliever = MemoryReliever(settings, vms)
     return VmServices(
-        vms, importer, background, volumes, files, mounts, vaults, VaultCallLog(db, node), MemoryReliever(settings, vms)
+        vms, importer, builder, background, volumes, files, mounts, vaults, VaultCallLog(db, node), reliever
     )
+
+
+def variant_packages(images: ImageSource, variant: str) -> tuple[str, ...]:
+    """The Debian packages the variant's image installs (none known: empty)."""
+    manifest = getattr(images, "manifest", None)
+    try:
+        return tuple(manifest(variant).packages) if manifest is not None else ()
+    except UnknownVariant:
+        return ()

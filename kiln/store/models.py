@@ -199,6 +199,9 @@ class Snapshot(Base):
     # held at the save (``kiln.node.participant.SavedDrive``); a restore
     # mounts those volumes again.
     mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # A snapshot built from build_args (migration 0014): what the build did so
+    # far, step by step with each step's output (its tail); None for the others.
+    build_log: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Volume(Base):

@@ -19,7 +19,9 @@ the public internet. The private host lives in 172.31.0.0/16 (blocked).
 what it received as JSON (the way a debugging endpoint echoes a credential),
 recording it in ``seen.requests``; its certificate is signed by the world's
 own CA (``ca_pem``). ``untrusted.test`` serves HTTPS with a certificate no CA
-of the world signed.
+of the world signed. ``mirror.test`` serves the files a test puts under
+``mirror_root`` over HTTP (a package mirror: files without a suffix are JSON,
+as an npm registry's metadata is), recording each path in ``seen.requests``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
+import http.server
 import ipaddress
 import json
 import os
@@ -171,6 +175,16 @@ class OutsideWorld:
         return self.address(7)
 
     @property
+    def mirror(self) -> str:
+        return self.address(8)
+
+    @property
+    def mirror_root(self) -> Path:
+        """The directory ``mirror.test`` serves."""
+        assert self._workdir is not None
+        return self._workdir / "mirror"
+
+    @property
     def names(self) -> dict[str, str]:
         return {
             "allowed.test": self.allowed,
@@ -182,6 +196,7 @@ class OutsideWorld:
             "api.echo.test": self.echo,
             "other.echo.test": self.echo,
             "untrusted.test": self.untrusted,
+            "mirror.test": self.mirror,
         }
 
     def server_env(self) -> dict[str, str]:
@@ -229,7 +244,7 @@ class OutsideWorld:
                 f"link set {self.uplink} up",
             ],
         )
-        inside = [f"address add {self.address(i)}/{self.subnet.prefixlen} dev eth0" for i in range(2, 8)]
+        inside = [f"address add {self.address(i)}/{self.subnet.prefixlen} dev eth0" for i in range(2, 9)]
         inside += [
             f"address add {self.private}/32 dev eth0",
             "link set eth0 up",
@@ -276,6 +291,8 @@ class OutsideWorld:
         listeners.append(("echo-https", self.echo, 443, self._echo_http("echo-https", echo_tls)))
         listeners.append(("untrusted-https", self.untrusted, 443, self._echo_http("untrusted-https", untrusted_tls)))
         listeners.append(("private-http", self.private, 80, self._http("private-http")))
+        self.mirror_root.mkdir()
+        listeners.append(("mirror-http", self.mirror, 80, self._files("mirror-http")))
         listeners.append(("private-raw", self.private, RAW_PORT, self._echo("private-raw")))
 
         def make_sockets() -> list[tuple[str, socket.socket, Callable[[socket.socket, str], None]]]:
@@ -359,6 +376,15 @@ class OutsideWorld:
 
         return serve
 
+    def _files(self, name: str) -> Callable[[socket.socket, str], None]:
+        handler = functools.partial(MirrorHandler, name, self.seen, directory=str(self.mirror_root))
+
+        def serve(connection: socket.socket, peer: str) -> None:
+            self.seen.add_connection(name, peer)
+            handler(connection, (peer, 0), None)
+
+        return serve
+
     def _https(self, name: str, context: ssl.SSLContext) -> Callable[[socket.socket, str], None]:
         def serve(connection: socket.socket, peer: str) -> None:
             self.seen.add_connection(name, peer)
@@ -404,6 +430,25 @@ class OutsideWorld:
             echo(connection, b"")
 
         return serve
+
+
+class MirrorHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files, one connection at a time; a file without a suffix is JSON."""
+
+    def __init__(self, name: str, seen: Seen, *args: object, **kwargs: object) -> None:
+        self._name, self._seen = name, seen
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def send_head(self) -> object:
+        with self._seen.lock:
+            self._seen.requests.append(EchoedRequest(self._name, self.command, self.path, []))
+        return super().send_head()
+
+    def guess_type(self, path: str | os.PathLike[str]) -> str:
+        return "application/json" if not Path(path).suffix else super().guess_type(path)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
 
 
 def echo(connection: socket.socket, first: bytes) -> None:

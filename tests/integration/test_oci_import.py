@@ -135,7 +135,7 @@ async def test_an_oci_layout_becomes_a_snapshot_that_vms_start_from(
     started = time.monotonic()
     response = await api.client.post(
         "/v1/snapshots", json={"oci_image": str(debian_layout), "name": "debian via oci"},
-        headers=api.auth, timeout=600,
+        params={"wait": True}, headers=api.auth, timeout=600,
     )  # fmt: skip
     took = time.monotonic() - started
     assert response.status_code == 200, response.text
@@ -184,7 +184,9 @@ async def test_an_image_without_python3_is_refused(api: Api, tmp_path: Path) -> 
     layout = new_layout(tmp_path / "layout")
     layer = add_blob(layout, small_tar({"etc/os-release": b"ID=nothing\n", "bin/true": b""}))
     write_layout(layout, [(LAYER_TAR, layer)], {})
-    response = await api.client.post("/v1/snapshots", json={"oci_image": str(layout)}, headers=api.auth)
+    response = await api.client.post(
+        "/v1/snapshots", json={"oci_image": str(layout)}, params={"wait": True}, headers=api.auth
+    )
     assert response.status_code == 422, response.text
     assert "the image has no python3" in response.json()["detail"][0]["msg"]
     assert (await api.client.get("/v1/snapshots?type=user", headers=api.auth)).json() == []
@@ -197,12 +199,12 @@ async def test_a_layer_digest_mismatch_fails_with_the_reason(api: Api, tmp_path:
     write_layout(layout, [(LAYER_TAR, layer)], {})
     blob = layout / "blobs" / "sha256" / layer["digest"].split(":")[1]
     blob.write_bytes(small_tar({"file": b"evil"}))  # same size, other content
-    waited = await api.client.post("/v1/snapshots", json={"oci_image": str(layout)}, headers=api.auth)
-    assert waited.status_code == 422 and "digest mismatch" in waited.json()["detail"][0]["msg"]
-    # Not waited for: the record says why it failed.
-    response = await api.client.post(
-        "/v1/snapshots", json={"oci_image": str(layout)}, params={"wait": False}, headers=api.auth
+    waited = await api.client.post(
+        "/v1/snapshots", json={"oci_image": str(layout)}, params={"wait": True}, headers=api.auth
     )
+    assert waited.status_code == 422 and "digest mismatch" in waited.json()["detail"][0]["msg"]
+    # Not waited for (the default, and all the SDK can do): the record says why it failed.
+    response = await api.client.post("/v1/snapshots", json={"oci_image": str(layout)}, headers=api.auth)
     assert response.status_code == 200 and response.json()["status"] == "creating"
     snapshot_id = response.json()["id"]
     for _ in range(100):
@@ -218,8 +220,9 @@ async def test_a_layer_digest_mismatch_fails_with_the_reason(api: Api, tmp_path:
 async def test_a_registry_reference_fails_clearly_without_a_registry(api: Api) -> None:
     started = time.monotonic()
     response = await api.client.post(
-        "/v1/snapshots", json={"oci_image": "docker.io/library/python:3.12"}, headers=api.auth
-    )
+        "/v1/snapshots", json={"oci_image": "docker.io/library/python:3.12"}, params={"wait": True},
+        headers=api.auth,
+    )  # fmt: skip
     assert time.monotonic() - started < 30
     assert response.status_code == 422, response.text
     message = response.json()["detail"][0]["msg"]

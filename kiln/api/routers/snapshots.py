@@ -11,10 +11,17 @@ and shape, what new VMs are restored from) are listed for everyone and cannot be
 deleted here. Deleting a snapshot that a VM or another snapshot still builds on
 is a 409.
 
-``POST /v1/snapshots`` imports an OCI image (a local image layout or a registry
-reference) as a snapshot; a body the server cannot use (no such layout, no
-python3 in the image, a digest mismatch, an unreachable registry) is a 422 on
-``oci_image``, and with ``wait=false`` the record comes back ``creating``.
+``POST /v1/snapshots`` answers at once with the record ``creating`` (the SDK
+cannot pass ``wait``, and a pull or a build outlasts its timeout); polling
+``GET /v1/snapshots/{id}`` sees it end ``ready``, or ``failed`` with the reason
+(``failure_reason``, also as ``error``). It imports an OCI image (a local image
+layout or a registry reference): a body the server cannot use (no such layout,
+a registry it does not pull from) is a 422 on ``oci_image``, and with
+``wait=true`` a problem of the image itself (no python3, a digest mismatch, an
+unreachable registry) is one too. Or, when ``oci_image`` names an image
+variant (``default``, ``node``), it builds on it from ``build_args``
+(``kiln.services.snapshots.builds``), the progress in ``build_log``; ``wait``
+does not apply to builds.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from kiln.api.deps import CurrentUser, Importer, Snapshots, SshEndpoint, Vms
+from kiln.api.deps import Builder, CurrentUser, Importer, Snapshots, SshEndpoint, Vms
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.snapshots import (
     SnapshotImportRequest,
@@ -85,12 +92,16 @@ async def list_snapshots(
 
 
 @router.post("/v1/snapshots", responses={503: {"model": ErrorMessage}})
-async def import_snapshot(
-    body: SnapshotImportRequest, user: CurrentUser, importer: Importer, wait: Wait = True
+async def create_snapshot(
+    body: SnapshotImportRequest, user: CurrentUser, importer: Importer, builder: Builder, wait: Wait = False
 ) -> SnapshotRecord:
-    """A snapshot built from an OCI image: a local OCI image layout directory or
-    a registry reference (pulled when the server can reach the registry)."""
-    snapshot = await importer.import_image(user.id, body, wait)
+    """A snapshot imported from an OCI image (a local OCI image layout directory
+    or a registry reference, pulled when the server can reach the registry),
+    or built on an image variant from ``build_args``."""
+    if builder.builds_on(body.oci_image):
+        snapshot = await builder.build(user.id, body)
+    else:
+        snapshot = await importer.import_image(user.id, body, wait)
     return SnapshotRecord.from_row(snapshot)
 
 

@@ -34,6 +34,7 @@ from kiln.services.background import BackgroundTasks
 from kiln.services.errors import FieldProblem, ImageNotBuilt, InvalidRequest, Unsupported
 from kiln.services.events.record import record as record_event
 from kiln.services.events.record import snapshot_event
+from kiln.services.snapshots.requests import check_basics
 from kiln.services.snapshots.rows import (
     IMPORTED_ROOTFS_NAME,
     check_snapshot_quota,
@@ -43,7 +44,7 @@ from kiln.services.snapshots.rows import (
     reload,
 )
 from kiln.services.states import SnapshotStatus, SnapshotType
-from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT, ENV_NAME_PATTERN, MAX_SNAPSHOT_NAME_LENGTH
+from kiln.services.vm_policy import DEFAULT_IMAGE_VARIANT, ENV_NAME_PATTERN
 from kiln.store.db import Database
 from kiln.store.models import Snapshot
 from kiln.store.repositories import SnapshotRepository
@@ -54,10 +55,15 @@ log = logging.getLogger(__name__)
 # removed when done; leftovers of a stopped server go at the next start), the
 # and their defaults.
 IMPORTS_DIR_NAME = "imports"
-IMPORT_TYPES = (SnapshotType.USER, SnapshotType.AUTO)
 IMPORT_FREE_SPACE_MB = 512
 IMPORT_MAX_FREE_SPACE_MB = 64 * 1024
 IMPORT_BUILD_ARGS = ("env", "workdir", "free_space_mb")
+# A build's keys (extra_apt_packages, ...) are for image variants, not imports.
+IMPORT_ARGS_ONLY = (
+    f"an OCI import takes {', '.join(IMPORT_BUILD_ARGS)}; a build (extra_apt_packages, "
+    "post_build_cmd, ...) runs on an image variant of this server: give its name "
+    "(e.g. default) as oci_image"
+)
 REGISTRY_CONNECT_TIMEOUT_SECONDS = 10.0
 REGISTRY_PULL_TIMEOUT_SECONDS = 900.0
 
@@ -153,36 +159,12 @@ class ImageImporter:
     async def _check_import(
         self, request: SnapshotImportRequest
     ) -> tuple[ImportPlan, Shape, SnapshotType]:
-        settings = self._settings
         problems: list[FieldProblem] = []
-
-        def within(field: str, value: int | None, default: int, low: int, high: int) -> int:
-            if value is None:
-                return default
-            if not low <= value <= high:
-                problems.append(FieldProblem((field,), f"must be between {low} and {high}"))
-            return value
-
-        memory_mb = within(
-            "memory_mb", request.memory_mb, settings.default_memory_mb,
-            settings.min_memory_mb, settings.vm_max_memory_mb,
-        )  # fmt: skip
-        vcpu_count = within("vcpu_count", request.vcpu_count, settings.default_vcpu_count, 1, settings.vm_max_vcpus)
-        snapshot_type = SnapshotType.USER
-        if request.type is not None:
-            if request.type not in IMPORT_TYPES:
-                problems.append(FieldProblem(("type",), f"must be one of {', '.join(IMPORT_TYPES)}"))
-            else:
-                snapshot_type = SnapshotType(request.type)
-        name = request.name
-        if name is not None and (not 1 <= len(name) <= MAX_SNAPSHOT_NAME_LENGTH or not name.isprintable()):
-            problems.append(FieldProblem(("name",), f"must be 1-{MAX_SNAPSHOT_NAME_LENGTH} printable characters"))
+        shape, snapshot_type = check_basics(request, self._settings, problems)
         args = request.build_args or {}
         for key in args:
             if key not in IMPORT_BUILD_ARGS:
-                problems.append(
-                    FieldProblem(("build_args", key), f"unknown; build_args takes {', '.join(IMPORT_BUILD_ARGS)}")
-                )
+                problems.append(FieldProblem(("build_args", key), f"unknown; {IMPORT_ARGS_ONLY}"))
         env = args.get("env") or {}
         if not isinstance(env, dict) or not all(
             isinstance(k, str) and ENV_NAME_PATTERN.fullmatch(k) and isinstance(v, str) and "\0" not in v
@@ -209,7 +191,7 @@ class ImageImporter:
             raise InvalidRequest(problems)
         assert source is not None
         plan = ImportPlan(source, dict(env), workdir, free_space_mb)
-        return plan, Shape(memory_mb, vcpu_count), snapshot_type
+        return plan, shape, snapshot_type
 
     async def _import_source(self, text: str) -> oci.OciImage | oci.Reference:
         """A local OCI layout (read and checked now), or a registry reference;

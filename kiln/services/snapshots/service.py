@@ -129,6 +129,11 @@ class SnapshotService:
 
     # -- for the VM service ----------------------------------------------------------
 
+    async def save_build(self, vm_id: str, snapshot_id: str) -> None:
+        """Save a builder VM, which keeps running, into its build's record
+        (``builds.ImageBuilder``)."""
+        await self._save(vm_id, snapshot_id, keep_running=True)
+
     async def save_before_teardown(self, vm: Vm, snapshot_type: SnapshotType, name: str | None) -> Snapshot:
         """Save a VM that is about to stop (terminate with snapshot_on_terminate,
         suspend): its process stops and its disk moves into the snapshot."""

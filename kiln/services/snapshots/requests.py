@@ -1,0 +1,42 @@
+"""What every ``POST /v1/snapshots`` body is checked for, import or build: the
+shape, the type and the name."""
+
+from __future__ import annotations
+
+from kiln.config import Settings
+from kiln.runtime.snapshots import Shape
+from kiln.schemas.snapshots import SnapshotImportRequest
+from kiln.services.errors import FieldProblem
+from kiln.services.states import SnapshotType
+from kiln.services.vm_policy import MAX_SNAPSHOT_NAME_LENGTH
+
+CREATE_TYPES = (SnapshotType.USER, SnapshotType.AUTO)
+
+
+def check_basics(
+    request: SnapshotImportRequest, settings: Settings, problems: list[FieldProblem]
+) -> tuple[Shape, SnapshotType]:
+    """The snapshot's shape (the server's defaults within its limits) and type
+    (``user`` unless ``auto``); each problem is added to ``problems``."""
+
+    def within(field: str, value: int | None, default: int, low: int, high: int) -> int:
+        if value is None:
+            return default
+        if not low <= value <= high:
+            problems.append(FieldProblem((field,), f"must be between {low} and {high}"))
+        return value
+
+    memory_mb = within(
+        "memory_mb", request.memory_mb, settings.default_memory_mb, settings.min_memory_mb, settings.vm_max_memory_mb
+    )
+    vcpu_count = within("vcpu_count", request.vcpu_count, settings.default_vcpu_count, 1, settings.vm_max_vcpus)
+    snapshot_type = SnapshotType.USER
+    if request.type is not None:
+        if request.type not in CREATE_TYPES:
+            problems.append(FieldProblem(("type",), f"must be one of {', '.join(CREATE_TYPES)}"))
+        else:
+            snapshot_type = SnapshotType(request.type)
+    name = request.name
+    if name is not None and (not 1 <= len(name) <= MAX_SNAPSHOT_NAME_LENGTH or not name.isprintable()):
+        problems.append(FieldProblem(("name",), f"must be 1-{MAX_SNAPSHOT_NAME_LENGTH} printable characters"))
+    return Shape(memory_mb, vcpu_count), snapshot_type
