@@ -20,6 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from dashboard_views import (
+    check_audit_events,
+    check_shares,
+    check_the_file_browser,
+    check_the_terminal_follows_the_window,
+    check_volumes_and_vaults,
+)
 from live_server import (
     LiveServer,
     destroy_leftover_vms,
@@ -181,6 +188,12 @@ def test_a_user_runs_vms_from_the_browser(
         # Create a VM, then watch the list turn it running without a reload.
         page.get_by_label("Shape").select_option("256x1")
         page.get_by_label("Metadata (KEY=VALUE lines or JSON)").fill("purpose=dashboard-test")
+        # The network fields of POST /v1/vms: a policy of its own, a public share.
+        page.get_by_label("Outbound traffic").select_option("policy")
+        page.get_by_label("Any HTTPS").check()
+        page.get_by_label("Allowed domains (space or comma separated)").fill("pypi.org")
+        page.get_by_label("Share a port").fill("8080")
+        page.get_by_label("Public (no sign-in to reach it)").check()
         page.get_by_role("button", name="Create VM").click()
         vm_id = vm_id_of(page)
         page.goto("/ui/")
@@ -204,7 +217,9 @@ def test_a_user_runs_vms_from_the_browser(
             1, timeout=STEP_MS
         )
         watched.screenshot("vm")
+        check_the_terminal_follows_the_window(page)
         check_the_terminal_socket_wants_this_dashboards_session(server, page, vm_id)
+        check_shares(page, vm_id, watched.screenshot)
 
         # Upload a file and download it back.
         sent = tmp_path / "greeting.txt"
@@ -220,6 +235,10 @@ def test_a_user_runs_vms_from_the_browser(
         assert download.suggested_filename == "greeting.txt"
         assert Path(download.path()).read_bytes() == sent.read_bytes()
         expect(page.locator("#console")).not_to_have_text("")
+        check_the_file_browser(page, sent, "/tmp")
+        watched.screenshot("vm-files")
+        egress = httpx.get(f"{server.url}/v1/egress/vm/{vm_id}", headers={"X-API-Key": users.alice_key}, timeout=30)
+        assert egress.json()["allowed_domains"] == ["pypi.org"] and egress.json()["allow_https"] is True
 
         # A snapshot, and a VM from it.
         page.get_by_label("Snapshot name").fill("dash-snap")
@@ -248,8 +267,9 @@ def test_a_user_runs_vms_from_the_browser(
         expect(page.locator(f'tr[data-vm-id="{clone_id}"]')).to_have_count(0)
         page.goto(f"/ui/vms/{restored_id}")
 
-        # The second user sees none of it, even by its URLs.
+        # The second user sees none of it, even by its URLs; the admin sees it all.
         check_another_user_sees_nothing(browser, server, users, tmp_path, [vm_id, restored_id, snapshot_id])
+        check_the_admin_sees_everyone(browser, server, tmp_path, [vm_id, restored_id])
 
         # Delete both VMs, then the snapshot.
         page.get_by_role("button", name="Delete").click()
@@ -286,6 +306,8 @@ def test_a_user_runs_vms_from_the_browser(
         page.get_by_role("button", name="Revoke dash-key").click()
         expect(page.locator("tr", has_text="dash-key")).to_have_count(0)
         assert new_key not in page.content()
+        check_volumes_and_vaults(page, "dash-secret-value-never-shown", watched.screenshot)
+        check_audit_events(page, vm_id, watched.screenshot)
         page.get_by_role("link", name="Host").click()
         expect(page.locator("#disk")).to_contain_text("GiB free")
         watched.screenshot("host")
@@ -337,6 +359,7 @@ def check_another_user_sees_nothing(
     try:
         sign_in_with_key(watched, users.bob_key)
         expect(page.locator("#vm-rows")).to_contain_text("No live VMs.")
+        expect(page.locator("#user-filter")).to_have_count(0)
         shown = page.content()
         page.goto("/ui/snapshots")
         shown += page.content()
@@ -350,6 +373,26 @@ def check_another_user_sees_nothing(
         assert answer is not None and answer.status == 404
         expect(page.locator("#error-message")).to_contain_text("not found")
         assert bob_key_not_in(page, users.bob_key)
+    finally:
+        watched.close()
+
+
+def check_the_admin_sees_everyone(browser: Browser, server: LiveServer, tmp_path: Path, alice_vms: list[str]) -> None:
+    """The admin's VM list holds alice's VMs (owner shown); filtered to bob, none of them."""
+    watched = Watched(browser, server.url, tmp_path)
+    page = watched.page
+    try:
+        sign_in_with_key(watched, server.admin_key)
+        for vm in alice_vms:
+            expect(page.locator(f'tr[data-vm-id="{vm}"] .owner')).to_have_text("alice")
+        watched.screenshot("admin-vms")
+        page.get_by_label("User", exact=True).select_option("bob")
+        page.get_by_role("button", name="Show").click()
+        expect(page).to_have_url(re.compile(r"/ui/\?user=\d+$"))
+        expect(page.locator("#vm-rows")).to_contain_text("No live VMs.")
+        page.get_by_role("link", name="Audit").click()
+        expect(page.locator("#events")).to_contain_text("alice")  # everyone's events, by user
+        assert watched.errors == [], watched.errors
     finally:
         watched.close()
 
