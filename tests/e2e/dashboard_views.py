@@ -106,3 +106,26 @@ def check_audit_events(page: Page, vm_id: str, shoot: Shoot) -> None:
     expect(page).to_have_url(re.compile(r"event_group=share"))
     expect(page.locator("#events tr", has_text="share.revoked")).to_have_count(1)
     shoot("audit")
+
+
+def check_a_vm_with_a_volume_and_a_vault(page: Page, boot_ms: int, shoot: Shoot) -> None:
+    """The create form's volume and vault fields: the VM runs with both, the
+    volume mounted where asked (its file system's lost+found listed there)."""
+    page.get_by_role("link", name="Volumes").click()
+    volume_id = page.locator("#volumes tr", has_text="dash-vol").get_attribute("data-volume-id")
+    page.get_by_role("link", name="VMs").click()
+    page.get_by_label("Shape").select_option("256x1")
+    page.get_by_label("Volumes (VOLUME_ID:/mount/path lines, :ro for read-only)").fill(f"{volume_id}:/data")
+    page.get_by_label("dash-vault").check()
+    page.get_by_role("button", name="Create VM").click()
+    expect(page.locator("#vm-status")).to_have_text("running", timeout=boot_ms)
+    expect(page.locator("#vm-volumes")).to_contain_text(f"{volume_id} at /data (rw")
+    expect(page.locator("#vm-vaults")).to_contain_text("vault_")
+    page.get_by_label("Directory", exact=True).fill("/data")
+    page.get_by_role("button", name="List").click()
+    expect(page.locator("#dir-table")).to_have_attribute("data-path", "/data")
+    expect(page.locator("#dir-table").get_by_role("link", name="lost+found/")).to_be_visible()
+    shoot("vm-volume")
+    page.get_by_role("button", name="Delete").click()
+    expect(page).to_have_url(re.compile(r"/ui/$"))
+    expect(page.locator("#vm-rows")).to_contain_text("No live VMs.")

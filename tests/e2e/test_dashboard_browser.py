@@ -20,7 +20,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from dashboard_browser import (
+    PASSWORD,
+    STEP_MS,
+    Watched,
+    check_another_user_sees_nothing,
+    check_the_admin_sees_everyone,
+    sign_in_with_password,
+)
 from dashboard_views import (
+    check_a_vm_with_a_volume_and_a_vault,
     check_audit_events,
     check_shares,
     check_the_file_browser,
@@ -36,17 +45,14 @@ from live_server import (
     start_server,
     terminate_live_vms,
 )
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 from unit.harness import add_user
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
-PASSWORD = "a dashboard password"
 BOOT_MS = 240_000  # a VM booting under TCG on a busy 2-core host
-STEP_MS = 60_000
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 expect.set_options(timeout=STEP_MS)
 
 
@@ -112,52 +118,6 @@ def browser(chromium: str, server: LiveServer, users: Users) -> Iterator[Browser
             yield launched
         finally:
             launched.close()
-
-
-class Watched:
-    """A page whose console errors and uncaught exceptions are collected."""
-
-    def __init__(self, browser: Browser, base_url: str, shots: Path) -> None:
-        viewport = {"width": 1366, "height": 900}  # a laptop screen
-        self.context = browser.new_context(base_url=base_url, accept_downloads=True, viewport=viewport)
-        self.page = self.context.new_page()
-        self.page.set_default_timeout(STEP_MS)
-        self.errors: list[str] = []
-        self.page.on("console", self._console)
-        self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
-        self.shots = shots
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":
-            self.errors.append(f"console: {message.text} ({message.location})")
-
-    def screenshot(self, name: str, for_docs: bool = True) -> None:
-        path = self.shots / f"{name}.png"
-        self.page.screenshot(path=str(path), full_page=True)
-        if for_docs and os.environ.get("KILN_SAVE_SCREENSHOTS") == "1":
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, SCREENSHOTS / path.name)
-
-    def close(self) -> None:
-        self.context.close()
-
-
-def sign_in_with_password(watched: Watched, username: str) -> None:
-    page = watched.page
-    page.goto("/")
-    expect(page).to_have_url(re.compile(r"/ui/login$"))
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="VMs")).to_be_visible()
-
-
-def sign_in_with_key(watched: Watched, key: str) -> None:
-    page = watched.page
-    page.goto("/ui/login")
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="VMs")).to_be_visible()
 
 
 def vm_id_of(page: Page) -> str:
@@ -268,7 +228,7 @@ def test_a_user_runs_vms_from_the_browser(
         page.goto(f"/ui/vms/{restored_id}")
 
         # The second user sees none of it, even by its URLs; the admin sees it all.
-        check_another_user_sees_nothing(browser, server, users, tmp_path, [vm_id, restored_id, snapshot_id])
+        check_another_user_sees_nothing(browser, server, users.bob_key, tmp_path, [vm_id, restored_id, snapshot_id])
         check_the_admin_sees_everyone(browser, server, tmp_path, [vm_id, restored_id])
 
         # Delete both VMs, then the snapshot.
@@ -307,6 +267,7 @@ def test_a_user_runs_vms_from_the_browser(
         expect(page.locator("tr", has_text="dash-key")).to_have_count(0)
         assert new_key not in page.content()
         check_volumes_and_vaults(page, "dash-secret-value-never-shown", watched.screenshot)
+        check_a_vm_with_a_volume_and_a_vault(page, BOOT_MS, watched.screenshot)
         check_audit_events(page, vm_id, watched.screenshot)
         page.get_by_role("link", name="Host").click()
         expect(page.locator("#disk")).to_contain_text("GiB free")
@@ -349,53 +310,3 @@ def check_the_terminal_socket_wants_this_dashboards_session(server: LiveServer, 
 
     assert close_code({"Origin": server.url}) == 4401
     assert close_code({"Origin": "http://evil.example", "Cookie": f"kiln_session={cookie}"}) == 4401
-
-
-def check_another_user_sees_nothing(
-    browser: Browser, server: LiveServer, users: Users, tmp_path: Path, ids: list[str]
-) -> None:
-    watched = Watched(browser, server.url, tmp_path)
-    page = watched.page
-    try:
-        sign_in_with_key(watched, users.bob_key)
-        expect(page.locator("#vm-rows")).to_contain_text("No live VMs.")
-        expect(page.locator("#user-filter")).to_have_count(0)
-        shown = page.content()
-        page.goto("/ui/snapshots")
-        shown += page.content()
-        page.goto("/ui/keys")
-        shown += page.content()
-        assert "dash-snap" not in shown
-        for resource in ids:
-            assert resource not in shown, resource
-        # Its URL is a 404 page for anyone else (the browser logs the 404 itself).
-        answer = page.goto(f"/ui/vms/{ids[0]}")
-        assert answer is not None and answer.status == 404
-        expect(page.locator("#error-message")).to_contain_text("not found")
-        assert bob_key_not_in(page, users.bob_key)
-    finally:
-        watched.close()
-
-
-def check_the_admin_sees_everyone(browser: Browser, server: LiveServer, tmp_path: Path, alice_vms: list[str]) -> None:
-    """The admin's VM list holds alice's VMs (owner shown); filtered to bob, none of them."""
-    watched = Watched(browser, server.url, tmp_path)
-    page = watched.page
-    try:
-        sign_in_with_key(watched, server.admin_key)
-        for vm in alice_vms:
-            expect(page.locator(f'tr[data-vm-id="{vm}"] .owner')).to_have_text("alice")
-        watched.screenshot("admin-vms")
-        page.get_by_label("User", exact=True).select_option("bob")
-        page.get_by_role("button", name="Show").click()
-        expect(page).to_have_url(re.compile(r"/ui/\?user=\d+$"))
-        expect(page.locator("#vm-rows")).to_contain_text("No live VMs.")
-        page.get_by_role("link", name="Audit").click()
-        expect(page.locator("#events")).to_contain_text("alice")  # everyone's events, by user
-        assert watched.errors == [], watched.errors
-    finally:
-        watched.close()
-
-
-def bob_key_not_in(page: Page, key: str) -> bool:
-    return key not in page.content() and key not in page.url
