@@ -43,8 +43,15 @@ def check_the_terminal_follows_the_window(page: Page) -> None:
     page.set_viewport_size(size)
 
 
-def check_the_file_browser(page: Page, sent: Path, directory: str) -> None:
-    """List ``/``, open ``directory``, see the uploaded file, download it from the list, go back up."""
+def check_the_file_browser(page: Page, sent: Path, directory: str, errors: list[str]) -> None:
+    """A missing directory is said so in place; then list ``/``, open ``directory``,
+    see the uploaded file, download it from the list, go back up."""
+    page.get_by_label("Directory", exact=True).fill("/no/such/dir")
+    with page.expect_response(lambda answer: "/dir?" in answer.url) as refused:
+        page.get_by_role("button", name="List").click()
+    assert refused.value.status == 404
+    expect(page.locator("#dir-listing").get_by_role("alert")).to_contain_text("/no/such/dir")
+    errors[:] = [e for e in errors if "404" not in e]  # the browser logs the 404 itself
     page.get_by_label("Directory", exact=True).fill("/")
     page.get_by_role("button", name="List").click()
     listing = page.locator("#dir-table")

@@ -195,7 +195,7 @@ def test_a_user_runs_vms_from_the_browser(
         assert download.suggested_filename == "greeting.txt"
         assert Path(download.path()).read_bytes() == sent.read_bytes()
         expect(page.locator("#console")).not_to_have_text("")
-        check_the_file_browser(page, sent, "/tmp")
+        check_the_file_browser(page, sent, "/tmp", watched.errors)
         watched.screenshot("vm-files")
         egress = httpx.get(f"{server.url}/v1/egress/vm/{vm_id}", headers={"X-API-Key": users.alice_key}, timeout=30)
         assert egress.json()["allowed_domains"] == ["pypi.org"] and egress.json()["allow_https"] is True
