@@ -89,7 +89,8 @@ def check_another_user_sees_nothing(
 
 
 def check_the_admin_sees_everyone(browser: Browser, server: LiveServer, tmp_path: Path, alice_vms: list[str]) -> None:
-    """The admin's VM list holds alice's VMs (owner shown); filtered to bob, none of them."""
+    """The admin's VM list holds alice's VMs (owner shown); filtered to bob, none of
+    them; alice's snapshot and events are in the admin's lists too."""
     watched = Watched(browser, server.url, tmp_path)
     page = watched.page
     try:
@@ -101,6 +102,11 @@ def check_the_admin_sees_everyone(browser: Browser, server: LiveServer, tmp_path
         page.get_by_role("button", name="Show").click()
         expect(page).to_have_url(re.compile(r"/ui/\?user=\d+$"))
         expect(page.locator("#vm-rows")).to_contain_text("No live VMs.")
+        page.get_by_role("link", name="Snapshots").click()
+        alices = page.locator("#snapshot-rows tr", has_text="dash-snap")
+        expect(alices.locator(".owner")).to_have_text("alice")
+        expect(alices.get_by_role("button")).to_have_count(0)  # listed; its actions are alice's
+        watched.screenshot("admin-snapshots")
         page.get_by_role("link", name="Audit").click()
         expect(page.locator("#events")).to_contain_text("alice")  # everyone's events, by user
         assert watched.errors == [], watched.errors

@@ -39,6 +39,8 @@ async def test_the_admin_sees_everyones_vms_and_volumes_a_user_only_their_own(
                 assert bob_vm in shown and admin_vm not in shown, path
                 assert 'id="user-filter"' not in shown and 'class="owner"' not in shown
             assert (await bob.get("/ui/volumes?user=1")).status_code == 200
+            for path in ("/ui/snapshots", "/ui/snapshots/rows", "/ui/volumes"):
+                assert 'class="owner"' not in (await bob.get(path)).text, path
 
         everyone = (await client.get("/ui/")).text
         assert admin_vm in everyone and bob_vm in everyone and 'id="user-filter"' in everyone
@@ -47,6 +49,9 @@ async def test_the_admin_sees_everyones_vms_and_volumes_a_user_only_their_own(
         only_bob = (await client.get(f"/ui/vms/rows?user={bob_id}")).text
         assert bob_vm in only_bob and admin_vm not in only_bob and ">bob<" in only_bob
         assert f'hx-get="/ui/vms/rows?user={bob_id}"' in (await client.get(f"/ui/?user={bob_id}")).text
+        for path in ("/ui/snapshots", "/ui/volumes"):
+            assert 'id="user-filter"' in (await client.get(f"{path}?user={bob_id}")).text, path
+        assert f'hx-get="/ui/snapshots/rows?user={bob_id}"' in (await client.get(f"/ui/snapshots?user={bob_id}")).text
         assert (await client.get("/ui/?user=nobody")).status_code == 422
         assert (await client.get("/ui/?user=99999")).status_code == 404
 
