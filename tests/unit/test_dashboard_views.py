@@ -77,7 +77,11 @@ async def test_the_create_form_takes_egress_share_volumes_and_vaults(
         egress = (await client.get(f"/v1/egress/vm/{vm_id}", headers=auth)).json()
         assert egress["allow_https"] is True and egress["allow_http"] is False
         assert egress["allowed_domains"] == ["pypi.org", "example.com"]
+        domain_vm = await make_vm(client, token, share_port="3000", custom_domain="app.example.com")
+        domain = (await client.get(f"/v1/vms/{domain_vm}", headers=auth)).json()["custom_domain"]
+        assert domain["domain"] == "app.example.com", domain
         for bad in (
+            {"custom_domain": "app.example.com"},  # a domain serves a share: none asked for
             {"volumes": "no-colon"},
             {"volumes": "vol-x:relative"},
             {"share_port": "0"},
