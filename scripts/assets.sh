@@ -10,6 +10,7 @@ VENDOR=kiln/api/dashboard/static/vendor
 ASSETS=(
   "htmx.org@2.0.4 sha512-HLxMCdfXDOJirs3vBZl/ZLoY+c7PfM4Ahr2Ad4YXh6d22T5ltbTXFFkpx9Tgb2vvmWFMbIc3LqN2ToNkZJvyYQ== dist/htmx.min.js"
   "@xterm/xterm@5.5.0 sha512-hqJHYaQb5OptNunnyAnkHyM8aCjZ1MEIDTQu1iIbbTD/xops91NB5yq1ZK/dC2JDbVWtF23zUtl9JE2NqwT87A== lib/xterm.js,css/xterm.css"
+  "@xterm/addon-fit@0.10.0 sha512-UFYkDm4HUahf2lnEyHvio51TNGiLK66mqP2JoATy7hRZeXaGMRDr00JiSF7m63vR5WKATF605yEggJKsw0JpMQ== lib/addon-fit.js"
 )
 
 stamp=$VENDOR/.versions

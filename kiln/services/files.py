@@ -50,6 +50,8 @@ MAX_TOOL_ERROR_CHARS = 2000
 UPLOAD_SUFFIX = ".kiln-upload-"
 # A file name is at most 255 bytes; the temporary name adds a dot and the suffix.
 MAX_KEPT_NAME_CHARS = 200
+# Entries of one directory listing, at most.
+MAX_LISTED = 1000
 
 
 class ByteSource(Protocol):
@@ -62,6 +64,13 @@ class ByteSource(Protocol):
 class Uploaded:
     path: str
     size: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    path: str  # the directory, absolute
+    entries: list[dict]  # {"path", "size", "is_dir", "mtime"}, sorted by name
+    truncated: bool
 
 
 @dataclass
@@ -160,6 +169,15 @@ class FileService:
             chunk = await target.agent.call("read_file", path=path, offset=0, length=protocol.CHUNK_BYTES)
         first = base64.b64decode(chunk["data"])
         return Download(path, target, first, bool(chunk["eof"]) or not first, self.max_download_bytes)
+
+    async def list_dir(self, owner_id: int, session_id: str, path: str) -> Listing:
+        """One directory's entries (not recursive; at most ``MAX_LISTED`` of them)."""
+        _check_path(path, "path")
+        target = await session_target(self._vms, owner_id, session_id)
+        with agent_errors(target.vm.id):
+            directory = await self._guest_path(target, path)
+            found = await target.agent.call("list", path=directory, limit=MAX_LISTED)
+        return Listing(directory, found["entries"][:MAX_LISTED], bool(found["truncated"]))
 
     def _check_upload_size(self, size: int | None) -> None:
         if size is not None and size > self.max_upload_bytes:

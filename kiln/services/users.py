@@ -81,6 +81,16 @@ class UserService:
             raise NotFound(f"user {username!r} not found")
         return user
 
+    async def visible_owners(self, viewer: User, only: int | None = None) -> list[User]:
+        """Whose resources ``viewer`` may list: the admin everyone's (or the one
+        user ``only`` names), anyone else only their own, whatever ``only`` says."""
+        if viewer.username != ADMIN_USERNAME:
+            return [viewer]
+        if only is not None:
+            return [await self.get_user(only)]
+        async with self._db.transaction() as session:
+            return await UserRepository(session).list_all()
+
     async def create_api_key(self, owner_id: int, name: str | None = None) -> CreatedApiKey:
         name = _check_key_name(name or "default")
         key = new_api_key()

@@ -49,6 +49,9 @@ class UserRepository:
     async def by_username(self, username: str) -> User | None:
         return await self.session.scalar(select(User).where(User.username == username))
 
+    async def list_all(self) -> list[User]:
+        return list(await self.session.scalars(select(User).order_by(User.username)))
+
 
 class ApiKeyRepository:
     def __init__(self, session: AsyncSession) -> None:

@@ -20,6 +20,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from dashboard_browser import (
+    PASSWORD,
+    STEP_MS,
+    Watched,
+    check_another_user_sees_nothing,
+    check_the_admin_sees_everyone,
+    sign_in_with_password,
+)
+from dashboard_views import (
+    check_a_vm_with_a_volume_and_a_vault,
+    check_audit_events,
+    check_shares,
+    check_the_file_browser,
+    check_the_terminal_follows_the_window,
+    check_volumes_and_vaults,
+)
 from live_server import (
     LiveServer,
     destroy_leftover_vms,
@@ -29,17 +45,14 @@ from live_server import (
     start_server,
     terminate_live_vms,
 )
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 from unit.harness import add_user
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
-PASSWORD = "a dashboard password"
 BOOT_MS = 240_000  # a VM booting under TCG on a busy 2-core host
-STEP_MS = 60_000
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 expect.set_options(timeout=STEP_MS)
 
 
@@ -107,52 +120,6 @@ def browser(chromium: str, server: LiveServer, users: Users) -> Iterator[Browser
             launched.close()
 
 
-class Watched:
-    """A page whose console errors and uncaught exceptions are collected."""
-
-    def __init__(self, browser: Browser, base_url: str, shots: Path) -> None:
-        viewport = {"width": 1366, "height": 900}  # a laptop screen
-        self.context = browser.new_context(base_url=base_url, accept_downloads=True, viewport=viewport)
-        self.page = self.context.new_page()
-        self.page.set_default_timeout(STEP_MS)
-        self.errors: list[str] = []
-        self.page.on("console", self._console)
-        self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
-        self.shots = shots
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":
-            self.errors.append(f"console: {message.text} ({message.location})")
-
-    def screenshot(self, name: str, for_docs: bool = True) -> None:
-        path = self.shots / f"{name}.png"
-        self.page.screenshot(path=str(path), full_page=True)
-        if for_docs and os.environ.get("KILN_SAVE_SCREENSHOTS") == "1":
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, SCREENSHOTS / path.name)
-
-    def close(self) -> None:
-        self.context.close()
-
-
-def sign_in_with_password(watched: Watched, username: str) -> None:
-    page = watched.page
-    page.goto("/")
-    expect(page).to_have_url(re.compile(r"/ui/login$"))
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="VMs")).to_be_visible()
-
-
-def sign_in_with_key(watched: Watched, key: str) -> None:
-    page = watched.page
-    page.goto("/ui/login")
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="VMs")).to_be_visible()
-
-
 def vm_id_of(page: Page) -> str:
     found = re.search(r"/ui/vms/(vm-[^/?]+|[^/?]+)$", page.url.split("?")[0])
     assert found, page.url
@@ -181,6 +148,12 @@ def test_a_user_runs_vms_from_the_browser(
         # Create a VM, then watch the list turn it running without a reload.
         page.get_by_label("Shape").select_option("256x1")
         page.get_by_label("Metadata (KEY=VALUE lines or JSON)").fill("purpose=dashboard-test")
+        # The network fields of POST /v1/vms: a policy of its own, a public share.
+        page.get_by_label("Outbound traffic").select_option("policy")
+        page.get_by_label("Any HTTPS").check()
+        page.get_by_label("Allowed domains (space or comma separated)").fill("pypi.org")
+        page.get_by_label("Share a port").fill("8080")
+        page.get_by_label("Public (no sign-in to reach it)").check()
         page.get_by_role("button", name="Create VM").click()
         vm_id = vm_id_of(page)
         page.goto("/ui/")
@@ -204,7 +177,9 @@ def test_a_user_runs_vms_from_the_browser(
             1, timeout=STEP_MS
         )
         watched.screenshot("vm")
+        check_the_terminal_follows_the_window(page)
         check_the_terminal_socket_wants_this_dashboards_session(server, page, vm_id)
+        check_shares(page, vm_id, watched.screenshot)
 
         # Upload a file and download it back.
         sent = tmp_path / "greeting.txt"
@@ -220,6 +195,10 @@ def test_a_user_runs_vms_from_the_browser(
         assert download.suggested_filename == "greeting.txt"
         assert Path(download.path()).read_bytes() == sent.read_bytes()
         expect(page.locator("#console")).not_to_have_text("")
+        check_the_file_browser(page, sent, "/tmp", watched.errors)
+        watched.screenshot("vm-files")
+        egress = httpx.get(f"{server.url}/v1/egress/vm/{vm_id}", headers={"X-API-Key": users.alice_key}, timeout=30)
+        assert egress.json()["allowed_domains"] == ["pypi.org"] and egress.json()["allow_https"] is True
 
         # A snapshot, and a VM from it.
         page.get_by_label("Snapshot name").fill("dash-snap")
@@ -248,8 +227,9 @@ def test_a_user_runs_vms_from_the_browser(
         expect(page.locator(f'tr[data-vm-id="{clone_id}"]')).to_have_count(0)
         page.goto(f"/ui/vms/{restored_id}")
 
-        # The second user sees none of it, even by its URLs.
-        check_another_user_sees_nothing(browser, server, users, tmp_path, [vm_id, restored_id, snapshot_id])
+        # The second user sees none of it, even by its URLs; the admin sees it all.
+        check_another_user_sees_nothing(browser, server, users.bob_key, tmp_path, [vm_id, restored_id, snapshot_id])
+        check_the_admin_sees_everyone(browser, server, tmp_path, [vm_id, restored_id])
 
         # Delete both VMs, then the snapshot.
         page.get_by_role("button", name="Delete").click()
@@ -286,6 +266,9 @@ def test_a_user_runs_vms_from_the_browser(
         page.get_by_role("button", name="Revoke dash-key").click()
         expect(page.locator("tr", has_text="dash-key")).to_have_count(0)
         assert new_key not in page.content()
+        check_volumes_and_vaults(page, "dash-secret-value-never-shown", watched.screenshot)
+        check_a_vm_with_a_volume_and_a_vault(page, BOOT_MS, watched.screenshot)
+        check_audit_events(page, vm_id, watched.screenshot)
         page.get_by_role("link", name="Host").click()
         expect(page.locator("#disk")).to_contain_text("GiB free")
         watched.screenshot("host")
@@ -327,32 +310,3 @@ def check_the_terminal_socket_wants_this_dashboards_session(server: LiveServer, 
 
     assert close_code({"Origin": server.url}) == 4401
     assert close_code({"Origin": "http://evil.example", "Cookie": f"kiln_session={cookie}"}) == 4401
-
-
-def check_another_user_sees_nothing(
-    browser: Browser, server: LiveServer, users: Users, tmp_path: Path, ids: list[str]
-) -> None:
-    watched = Watched(browser, server.url, tmp_path)
-    page = watched.page
-    try:
-        sign_in_with_key(watched, users.bob_key)
-        expect(page.locator("#vm-rows")).to_contain_text("No live VMs.")
-        shown = page.content()
-        page.goto("/ui/snapshots")
-        shown += page.content()
-        page.goto("/ui/keys")
-        shown += page.content()
-        assert "dash-snap" not in shown
-        for resource in ids:
-            assert resource not in shown, resource
-        # Its URL is a 404 page for anyone else (the browser logs the 404 itself).
-        answer = page.goto(f"/ui/vms/{ids[0]}")
-        assert answer is not None and answer.status == 404
-        expect(page.locator("#error-message")).to_contain_text("not found")
-        assert bob_key_not_in(page, users.bob_key)
-    finally:
-        watched.close()
-
-
-def bob_key_not_in(page: Page, key: str) -> bool:
-    return key not in page.content() and key not in page.url

@@ -7,7 +7,15 @@ import logging
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from kiln.api.dashboard import account_pages, auth_pages, storage_pages, vm_io, vm_pages
+from kiln.api.dashboard import (
+    account_pages,
+    audit_pages,
+    auth_pages,
+    share_pages,
+    storage_pages,
+    vm_io,
+    vm_pages,
+)
 from kiln.api.dashboard.session import SessionStore
 from kiln.api.dashboard.web import HERE
 from kiln.config import Settings
@@ -15,7 +23,7 @@ from kiln.config import Settings
 __all__ = ["install_dashboard"]
 
 log = logging.getLogger(__name__)
-VENDOR_FILES = ("htmx.min.js", "xterm.js", "xterm.css")
+VENDOR_FILES = ("htmx.min.js", "xterm.js", "xterm.css", "addon-fit.js")
 
 
 def install_dashboard(app: FastAPI, settings: Settings) -> None:
@@ -26,5 +34,5 @@ def install_dashboard(app: FastAPI, settings: Settings) -> None:
     app.state.dashboard_sessions = SessionStore()
     app.state.dashboard_settings = settings
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="dashboard-static")
-    for module in (auth_pages, vm_pages, vm_io, account_pages, storage_pages):
+    for module in (auth_pages, vm_pages, vm_io, share_pages, account_pages, storage_pages, audit_pages):
         app.include_router(module.router)

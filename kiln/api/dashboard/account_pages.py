@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 
 from kiln.api.dashboard import forms
+from kiln.api.dashboard.scope import scope_of
 from kiln.api.dashboard.web import Actor, DashboardRoute, PageError, Viewer, page, redirect
 from kiln.api.routers.health import healthz
 from kiln.schemas.snapshots import SnapshotRecord
@@ -14,18 +17,26 @@ router = APIRouter(prefix="/ui", route_class=DashboardRoute, include_in_schema=F
 MAX_KEY_ID = 2**63 - 1
 
 
-async def _snapshot_rows(who: Viewer) -> list[SnapshotRecord]:
-    return [SnapshotRecord.from_row(s) for s in await who.services.snapshots.list(who.user.id, None)]
+async def _snapshot_rows(request: Request, who: Viewer) -> dict[str, Any]:
+    """The snapshots of the owners this user may see, each once (every owner's
+    list holds the base snapshots), with its owner's name (None: a base one)."""
+    scope = await scope_of(request, who)
+    rows: dict[str, dict[str, Any]] = {}
+    for owner in scope.owners:
+        for snapshot in await who.services.snapshots.list(owner.id, None):
+            record = SnapshotRecord.from_row(snapshot)
+            rows.setdefault(record.id, {"s": record, "owner": None if record.type == "base" else owner})
+    return {"snapshots": list(rows.values()), "scope": scope}
 
 
 @router.get("/snapshots")
 async def snapshots_page(request: Request, who: Viewer) -> Response:
-    return page(request, "snapshots.html", {"user": who.user, "snapshots": await _snapshot_rows(who)})
+    return page(request, "snapshots.html", await _snapshot_rows(request, who))
 
 
 @router.get("/snapshots/rows")
 async def snapshot_rows(request: Request, who: Viewer) -> Response:
-    return page(request, "snapshot_rows.html", {"snapshots": await _snapshot_rows(who)})
+    return page(request, "snapshot_rows.html", await _snapshot_rows(request, who))
 
 
 @router.post("/snapshots/{snapshot_id}/vms")

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.datastructures import FormData
 
 from kiln.api.dashboard.web import PageError
-from kiln.schemas.vms import VMCreateRequest
+from kiln.schemas.vms import CustomDomainRequest, ShareRequest, VMCreateRequest, VMVolumeMountRequest
 
 MAX_PAIRS = 256
 
@@ -68,8 +68,49 @@ def shape(form: FormData) -> tuple[int | None, int | None]:
     return int(memory), int(vcpus)
 
 
+def words(form: FormData, name: str) -> list[str]:
+    """Items separated by commas, spaces or new lines."""
+    return [item for item in text(form, name).replace(",", " ").split() if item]
+
+
+def egress_policy(form: FormData) -> dict[str, Any] | None:
+    """None (the server's default) unless the form asks for a policy of its own:
+    then only what is ticked or listed is allowed."""
+    if text(form, "egress") != "policy":
+        return None
+    return {
+        "allow_package_managers": form.get("allow_package_managers") == "on",
+        "allow_http": form.get("allow_http") == "on",
+        "allow_https": form.get("allow_https") == "on",
+        "allowed_domains": words(form, "allowed_domains"),
+        "allowed_cidrs": words(form, "allowed_cidrs"),
+    }
+
+
+def share(form: FormData) -> ShareRequest | None:
+    port = optional_int(form, "share_port", "share port")
+    if port is None:
+        return None
+    return ShareRequest(port=port, is_public=form.get("share_public") == "on")
+
+
+def volumes(form: FormData) -> list[VMVolumeMountRequest] | None:
+    """``VOLUME_ID:/mount/path`` lines, ``:ro`` at the end for read-only."""
+    mounts = []
+    for number, line in enumerate(text(form, "volumes").splitlines(), start=1):
+        if not line.strip():
+            continue
+        volume_id, sep, rest = line.strip().partition(":")
+        path, _, mode = rest.partition(":")
+        if not sep or not volume_id or not path.startswith("/") or mode not in ("", "ro", "rw"):
+            raise PageError(f"volumes, line {number}: write VOLUME_ID:/mount/path (add :ro for read-only)", 422)
+        mounts.append(VMVolumeMountRequest(volume_id=volume_id, mount_path=path, mode=mode or "rw"))
+    return mounts or None
+
+
 def create_request(form: FormData, snapshot_id: str | None = None) -> VMCreateRequest:
     memory_mb, vcpu_count = shape(form)
+    domain = text(form, "custom_domain")
     return VMCreateRequest(
         memory_mb=memory_mb,
         vcpu_count=vcpu_count,
@@ -78,4 +119,9 @@ def create_request(form: FormData, snapshot_id: str | None = None) -> VMCreateRe
         env=pairs(form, "env", "env"),
         metadata=metadata(form),
         snapshot_id=snapshot_id,
+        egress_policy=egress_policy(form),
+        share=share(form),
+        volumes=volumes(form),
+        vault_ids=[str(v) for v in form.getlist("vault_ids") if isinstance(v, str) and v] or None,
+        custom_domain=CustomDomainRequest(domain=domain) if domain else None,
     )

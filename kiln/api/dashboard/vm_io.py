@@ -9,6 +9,7 @@ site, so the handshake's Origin must be this dashboard's own.
 from __future__ import annotations
 
 import posixpath
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response, WebSocket
@@ -18,7 +19,7 @@ from starlette.requests import HTTPConnection
 
 from kiln.api.dashboard import forms
 from kiln.api.dashboard.session import COOKIE_NAME
-from kiln.api.dashboard.web import Actor, DashboardRoute, PageError, Viewer, redirect
+from kiln.api.dashboard.web import Actor, DashboardRoute, PageError, Viewer, page, redirect
 from kiln.api.deps import Services
 from kiln.api.routers.pty import CLOSE_CODES, MAX_CLOSE_REASON, bridge
 from kiln.schemas.pty import PtyCreateRequest
@@ -55,6 +56,26 @@ async def download(vm_id: str, path: str, who: Viewer) -> Response:
         # No Content-Length: the size is known only once the file is read (a cut answer is then visible).
         headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"},
     )
+
+
+@router.get("/dir")
+async def list_dir(request: Request, vm_id: str, path: str, who: Viewer) -> Response:
+    """One directory's listing (the VM page's file browser swaps it in)."""
+    if not path.strip():
+        raise PageError("name the directory to list", 422)
+    vm = await who.services.vms.get(who.user.id, vm_id)
+    listing = await who.services.files.list_dir(who.user.id, vm.session_id, path)
+    entries = [
+        {
+            **entry,
+            "name": posixpath.basename(entry["path"]),
+            "modified": datetime.fromtimestamp(entry["mtime"], UTC).isoformat(timespec="seconds"),
+        }
+        for entry in listing.entries
+    ]
+    parent = (posixpath.dirname(listing.path.rstrip("/")) or "/") if listing.path != "/" else None
+    context = {"vm_id": vm_id, "listing": listing, "entries": entries, "parent": parent}
+    return page(request, "dir.html", context)
 
 
 @router.post("/terminals")

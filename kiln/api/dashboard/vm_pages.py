@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request, Response
 
 from kiln.api.dashboard import forms
+from kiln.api.dashboard.scope import scope_of
+from kiln.api.dashboard.share_pages import shares_of
 from kiln.api.dashboard.web import Actor, DashboardRoute, Viewer, page, redirect
 from kiln.schemas.vms import VMCreateRequest, VMRecord
 
 if TYPE_CHECKING:
-    from kiln.store.models import Vm
+    from kiln.store.models import User, Vm
 
 router = APIRouter(prefix="/ui", route_class=DashboardRoute, include_in_schema=False)
 
@@ -34,7 +36,8 @@ def ago(moment: datetime, now: datetime) -> str:
     return f"in {amount}" if future else f"{amount} ago"
 
 
-def vm_view(vm: Vm) -> dict[str, Any]:
+def vm_view(vm: Vm, owner: User | None = None) -> dict[str, Any]:
+    """A VM as the pages show it; ``owner``: in an admin's list, whose it is."""
     record = VMRecord.from_row(vm)
     now = datetime.now(UTC)
     created = record.created_at if record.created_at.tzinfo else record.created_at.replace(tzinfo=UTC)
@@ -44,20 +47,32 @@ def vm_view(vm: Vm) -> dict[str, Any]:
         "age": ago(created, now),
         "expires": ago(expires, now),
         "metadata": ", ".join(f"{k}={v}" for k, v in sorted(record.metadata.items())),
+        "owner": owner,
     }
+
+
+async def listed_vms(request: Request, who: Viewer) -> dict[str, Any]:
+    """The live VMs of the owners this user may see (the admin: everyone, or the filter's one)."""
+    scope = await scope_of(request, who)
+    views = [
+        vm_view(vm, owner if scope.admin else None)
+        for owner in scope.owners
+        for vm in await who.services.vms.list(owner.id, True)
+    ]
+    return {"vms": views, "scope": scope}
 
 
 @router.get("/")
 async def vms_page(request: Request, who: Viewer) -> Response:
-    vms = await who.services.vms.list(who.user.id, True)
-    return page(request, "vms.html", {"user": who.user, "vms": [vm_view(vm) for vm in vms], "shapes": SHAPES})
+    listed = await listed_vms(request, who)
+    choices = {"shapes": SHAPES, "vaults": await who.services.vaults.list_vaults(who.user.id)}
+    return page(request, "vms.html", {**listed, **choices})
 
 
 @router.get("/vms/rows")
 async def vm_rows(request: Request, who: Viewer) -> Response:
     """The list's rows, which the page polls (htmx) to follow each VM's status."""
-    vms = await who.services.vms.list(who.user.id, True)
-    return page(request, "vm_rows.html", {"vms": [vm_view(vm) for vm in vms]})
+    return page(request, "vm_rows.html", await listed_vms(request, who))
 
 
 @router.post("/vms")
@@ -111,7 +126,8 @@ async def vm_with_usage(who: Viewer, vm_id: str) -> dict[str, Any]:
 
 @router.get("/vms/{vm_id}")
 async def vm_page(request: Request, vm_id: str, who: Viewer) -> Response:
-    return page(request, "vm.html", {"vm": await vm_with_usage(who, vm_id)})
+    view = await vm_with_usage(who, vm_id)
+    return page(request, "vm.html", {"vm": view, "shares": await shares_of(who, vm_id)})
 
 
 @router.get("/vms/{vm_id}/record")

@@ -81,9 +81,9 @@ class ShareService:
             share = await self._add(session, vm, request.port, request.is_public)
         return self.record(share)
 
-    async def list(self, owner_id: int) -> list[ShareRecord]:
+    async def list(self, owner_id: int, vm_id: str | None = None) -> list[ShareRecord]:
         async with self._db.transaction() as session:
-            return [self.record(share) for share in await ShareRepository(session).list(owner_id)]
+            return [self.record(share) for share in await ShareRepository(session).list(owner_id, vm_id)]
 
     async def get(self, owner_id: int, share_id: str) -> ShareRecord:
         async with self._db.transaction() as session:

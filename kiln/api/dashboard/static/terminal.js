@@ -1,5 +1,8 @@
 // A terminal in the VM page: asks the server for a PTY (a POST carrying the CSRF
 // token), then joins it over a WebSocket that the session cookie authenticates.
+// The terminal fills its box (xterm's fit addon); whenever its size changes (the
+// window resized) the PTY hears it as the protocol's control frame
+// {"type": "resize", "cols", "rows"} (kiln/api/routers/pty.py).
 "use strict";
 (function () {
   var button = document.getElementById("open-terminal");
@@ -52,8 +55,12 @@
     }
     var ptyId = (await answer.json()).pty_id;
     var term = new window.Terminal({ cols: COLS, rows: ROWS, convertEol: false });
+    var fit = new window.FitAddon.FitAddon();
+    term.loadAddon(fit);
+    screen.classList.add("open"); // the box it fits, sized by the CSS
     withStyleNonce(function () {
       term.open(screen);
+      fit.fit();
     });
     var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     var socket = new WebSocket(
@@ -61,10 +68,29 @@
         "/terminals/" + encodeURIComponent(ptyId) + "/ws"
     );
     socket.binaryType = "arraybuffer";
+    function sendSize() {
+      if (socket.readyState === WebSocket.OPEN) {
+        socket.send(JSON.stringify({ type: "resize", cols: term.cols, rows: term.rows }));
+      }
+    }
     socket.onopen = function () {
+      sendSize(); // the PTY was made COLS x ROWS; the box may have fitted another size
       say("Connected.");
       term.focus();
     };
+    term.onResize(sendSize);
+    var refit = null;
+    window.addEventListener("resize", function () {
+      // Once per frame, however many resize events the window fires.
+      if (refit === null) {
+        refit = window.requestAnimationFrame(function () {
+          refit = null;
+          withStyleNonce(function () {
+            fit.fit();
+          });
+        });
+      }
+    });
     socket.onmessage = function (event) {
       if (typeof event.data !== "string") {
         term.write(new Uint8Array(event.data));
