@@ -174,7 +174,7 @@ class FileService:
         """One directory's entries (not recursive; at most ``MAX_LISTED`` of them)."""
         _check_path(path, "path")
         target = await session_target(self._vms, owner_id, session_id)
-        with agent_errors(target.vm.id):
+        with agent_errors(target):
             directory = await self._guest_path(target, path)
             found = await target.agent.call("list", path=directory, limit=MAX_LISTED)
         return Listing(directory, found["entries"][:MAX_LISTED], bool(found["truncated"]))
