@@ -29,6 +29,7 @@ from kiln.services.sessions import SessionService
 from kiln.services.shares.service import ShareService
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
+from kiln.services.snapshots.system import SystemSnapshots
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.staged_env import StagedEnv
 from kiln.services.usage import UsageService
@@ -76,6 +77,7 @@ class Services:
     mounts: VolumeMounts
     vaults: VaultService
     vault_calls: VaultCallLog
+    system_snapshots: SystemSnapshots
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
     # Values staged for a VM's next command; the same object the execution and
@@ -148,6 +150,10 @@ def get_importer(request: Request) -> ImageImporter:
     return get_services(request).importer
 
 
+def get_system_snapshots(request: Request) -> SystemSnapshots:
+    return get_services(request).system_snapshots
+
+
 def get_share_service(request: Request) -> ShareService:
     return get_services(request).shares
 
@@ -213,6 +219,7 @@ Ptys = Annotated[PtyService, Depends(get_pty_service)]
 Staged = Annotated[StagedEnv, Depends(get_staged_env)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
+SystemSnapshotsDep = Annotated[SystemSnapshots, Depends(get_system_snapshots)]
 Egress = Annotated[EgressService, Depends(get_egress_service)]
 VolumeServiceDep = Annotated[VolumeService, Depends(get_volume_service)]
 VolumeFiles = Annotated[VolumeFileService, Depends(get_volume_files)]

@@ -22,6 +22,7 @@ from kiln.services.host_resources import StoreLedger
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
+from kiln.services.snapshots.system import SystemSnapshots
 from kiln.services.vault_bindings import VaultBindings, injections_of_vm
 from kiln.services.vault_calls import VaultCallLog
 from kiln.services.vaults import VaultService
@@ -50,6 +51,7 @@ class VmServices:
     mounts: VolumeMounts
     vaults: VaultService
     vault_calls: VaultCallLog
+    system_snapshots: SystemSnapshots
 
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
@@ -126,4 +128,7 @@ def build_vm_services(
     # The master key first made here, before the egress daemon (which opens what it seals) starts.
     vault_key = derive_key(load_master_key(settings.data_dir, settings.master_key), VAULT_PURPOSE)
     vaults = VaultService(db, vault_key, bindings)
-    return VmServices(vms, importer, background, volumes, files, mounts, vaults, VaultCallLog(db, node))
+    system_snapshots = SystemSnapshots(settings, db, node, images, planner, snapshots, disk)
+    return VmServices(
+        vms, importer, background, volumes, files, mounts, vaults, VaultCallLog(db, node), system_snapshots
+    )

@@ -1,4 +1,5 @@
-"""qcow2 disks: overlays, switching a running VM to a new overlay, flattening."""
+"""qcow2 disks: overlays, switching a running VM to a new overlay, flattening,
+copying a save."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import uuid
@@ -150,6 +152,28 @@ async def rebase_saved_disk(directory: Path, backing: Path) -> None:
         )  # fmt: skip
     finally:
         disk.chmod(SAVED_FILE_MODE)
+
+
+async def copy_saved(source: Path, target: Path) -> None:
+    """Copy the save in ``source`` to ``target`` (made here), its disk written
+    on the image alone, so that either save may go first. A base file that a
+    save holds (an imported image's rootfs) comes along into ``target``; the
+    image's own rootfs, in the cache, is shared as every save shares it."""
+    # -a keeps the owner and the read-only modes; reflinks and holes keep it cheap.
+    await run_tool("cp", "-a", "--reflink=auto", "--sparse=always", str(source), str(target))
+    try:
+        await flatten_saved_disk(target)
+        chain = backing_chain(SavedPaths(target).disk)
+        bottom = chain[-1].resolve() if chain else None
+        if bottom is None or not SavedPaths(bottom.parent).description.exists():
+            return  # on the image's rootfs (or on nothing)
+        kept = target / bottom.name
+        if bottom.parent != source.resolve():
+            await run_tool("cp", "--reflink=auto", "--sparse=always", str(bottom), str(kept))
+        await rebase_saved_disk(target, kept)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 def move_file(source: Path, target: Path) -> None:
