@@ -26,7 +26,15 @@ from kiln.runtime.errors import RuntimeFailure
 from kiln.runtime.snapshots import Shape, directory_size
 from kiln.schemas.snapshots import SystemSnapshotRequest
 from kiln.services.disk_budget import DiskBudget
-from kiln.services.errors import Conflict, FieldProblem, Forbidden, InvalidRequest, NotFound, VmStartFailed
+from kiln.services.errors import (
+    Conflict,
+    FieldProblem,
+    Forbidden,
+    ImageNotBuilt,
+    InvalidRequest,
+    NotFound,
+    VmStartFailed,
+)
 from kiln.services.events.audit import is_admin
 from kiln.services.events.record import by_user, snapshot_event
 from kiln.services.events.record import record as record_event
@@ -152,10 +160,14 @@ class SystemSnapshots:
     async def _base_snapshot(self, request: SystemSnapshotRequest) -> Snapshot:
         settings = self._settings
         variant = str(request.image_variant)
+        known = self._images.variants()
+        if variant not in known:
+            raise InvalidRequest.single(
+                ("image_variant",), f"unknown image variant {variant!r} (known: {', '.join(known)})"
+            )
         image = self._images.get(variant)
         if image is None:
-            known = ", ".join(self._images.variants())
-            raise InvalidRequest.single(("image_variant",), f"no built image {variant!r} (built: {known})")
+            raise ImageNotBuilt(f"image {variant!r} is not built; run kiln images build {variant}")
         memory_mb = request.memory_mb or settings.default_memory_mb
         shape = Shape(memory_mb, request.vcpu_count or settings.default_vcpu_count)
         problems = [
