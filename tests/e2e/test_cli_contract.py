@@ -238,15 +238,8 @@ def test_egress_vault_and_volume_commands_work(cli: Cli, tmp_path: Path) -> None
 def test_events_webhooks_and_usage_work(cli: Cli) -> None:
     """The audit log, an endpoint's whole life with a receiver on loopback (the
     server allows private webhook destinations), the usage breakdown."""
-    # One JSON object a line, newest first; the VM tests before made vm events.
-    tail = cli.ok("events", "tail", "--once", "--group", "vm", "--limit", "3", "--json")
-    events = [json.loads(line) for line in tail.splitlines() if line.strip()]
-    assert events and all(event["event_group"] == "vm" for event in events), tail
-    got = cli.json("events", "get", str(events[0]["id"]))
-    assert isinstance(got, dict) and got["event_type"] == events[0]["event_type"]
-    assert "snapshot.ready" in cli.ok("events", "catalog")
     with receiver() as hook:
-        made = cli.json("webhooks", "create", hook.url, "--description", "cli", "--event", "webhook.test")
+        made = cli.json("webhooks", "create", hook.url, "--description", "cli", "--event", "snapshot.ready")
         assert isinstance(made, dict) and made["secret"].startswith("whsec_")
         endpoint = str(made["id"])
         assert endpoint in cli.ok("webhooks", "list")
@@ -268,6 +261,13 @@ def test_events_webhooks_and_usage_work(cli: Cli) -> None:
         assert cli.json("webhooks", "replay", str(queued["id"]))["id"] != queued["id"]  # type: ignore[index]
         cli.ok("webhooks", "delete", endpoint)
     assert endpoint not in cli.ok("webhooks", "list")
+    # One JSON object a line; the endpoint's life above was recorded with each change.
+    tail = cli.ok("events", "tail", "--once", "--group", "webhook", "--limit", "5", "--json")
+    events = [json.loads(line) for line in tail.splitlines() if line.strip()]
+    assert {"webhook.endpoint_created", "webhook.test"} <= {event["event_type"] for event in events}, tail
+    got = cli.json("events", "get", str(events[0]["id"]))
+    assert isinstance(got, dict) and got["event_type"] == events[0]["event_type"]
+    assert "snapshot.ready" in cli.ok("events", "catalog")
     assert "CPU hours" in cli.ok("billing", "usage", "--days", "1")
     WORKED.update({"events tail", "events get", "events catalog", "webhooks create", "webhooks list",
                    "webhooks get", "webhooks update", "webhooks delete", "webhooks verify",
