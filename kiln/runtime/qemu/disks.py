@@ -124,9 +124,14 @@ async def flatten_saved_disk(directory: Path) -> None:
     image = chain[-1]
     flat = disk.with_name(f".{disk.name}.flat")
     try:
+        # A copy of the top layer, rebased in safe mode: every cluster the layers
+        # between it and the image hold is written into it. (`convert -B` would
+        # copy the top layer's clusters only: it takes the new base to equal the
+        # old one, and the layers in between would be lost.)
+        await run_tool("cp", "--reflink=auto", "--sparse=always", str(disk), str(flat))
+        flat.chmod(0o600)
         await run_tool(
-            QEMU_IMG, "convert", "-U", "-O", "qcow2", "-B", image["filename"],
-            "-F", image["format"], str(disk), str(flat),
+            QEMU_IMG, "rebase", "-U", "-f", "qcow2", "-b", image["filename"], "-F", image["format"], str(flat)
         )  # fmt: skip
         original = disk.stat()
         give(flat, Owner(original.st_uid, original.st_gid), SAVED_FILE_MODE)
