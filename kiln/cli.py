@@ -31,6 +31,8 @@ from kiln.store.db import Database
 T = TypeVar("T")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# What `kiln images publish` takes for a snapshot id rather than an image variant.
+SNAPSHOT_ID_PREFIXES = ("snap-", "base-")
 CLIENT_TIMEOUT_SECONDS = 600.0
 
 app = typer.Typer(no_args_is_help=True, help="Kiln: self-hosted microVM sandboxes.")
@@ -321,6 +323,26 @@ def prune_images(
     for path in plan.remove:
         err.print(f"{'would remove' if dry_run else 'remove'} {path.name}")
     print(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.0f} MiB ({len(plan.remove)} directories)")
+
+
+@images_app.command("publish")
+def publish_image(
+    source: Annotated[str, typer.Argument(help="An image variant, or one of the admin's snapshots (snap-...).")],
+    name: Annotated[str | None, typer.Option(help="The system snapshot's name (users find it by it).")] = None,
+    memory_mb: Annotated[int | None, typer.Option("--memory", help="A variant's shape: memory in MB.")] = None,
+    vcpus: Annotated[int | None, typer.Option(help="A variant's shape: vCPUs.")] = None,
+) -> None:
+    """Publish a system snapshot every user can list and create VMs from (through the
+    running server, with the admin's key in KILN_API_KEY)."""
+    body: dict[str, Any] = {"name": name, "memory_mb": memory_mb, "vcpu_count": vcpus}
+    body["snapshot_id" if source.startswith(SNAPSHOT_ID_PREFIXES) else "image_variant"] = source
+    print_json(api_request("POST", "/v1/system-snapshots", json={k: v for k, v in body.items() if v is not None}))
+
+
+@images_app.command("unpublish")
+def unpublish_image(snapshot_id: Annotated[str, typer.Argument(help="The system snapshot's id.")]) -> None:
+    """Remove a system snapshot (refused while a VM or snapshot builds on it)."""
+    print_json(api_request("DELETE", f"/v1/system-snapshots/{snapshot_id}"))
 
 
 # -- vm: a client of a running server ----------------------------------------------------

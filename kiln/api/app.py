@@ -202,6 +202,7 @@ def create_app(
                 mounts=vm_side.mounts,
                 vaults=vm_side.vaults,
                 vault_calls=vm_side.vault_calls,
+                system_snapshots=vm_side.system_snapshots,
                 staged_env=staged_env,
             )
             try:

@@ -30,6 +30,7 @@ from kiln.services.shares.service import ShareService
 from kiln.services.snapshots.builds import ImageBuilder
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
+from kiln.services.snapshots.system import SystemSnapshots
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.staged_env import StagedEnv
 from kiln.services.usage import UsageService
@@ -78,6 +79,7 @@ class Services:
     mounts: VolumeMounts
     vaults: VaultService
     vault_calls: VaultCallLog
+    system_snapshots: SystemSnapshots
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
     # Values staged for a VM's next command; the same object the execution and
@@ -154,6 +156,10 @@ def get_builder(request: Request) -> ImageBuilder:
     return get_services(request).builder
 
 
+def get_system_snapshots(request: Request) -> SystemSnapshots:
+    return get_services(request).system_snapshots
+
+
 def get_share_service(request: Request) -> ShareService:
     return get_services(request).shares
 
@@ -220,6 +226,7 @@ Staged = Annotated[StagedEnv, Depends(get_staged_env)]
 Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
 Builder = Annotated[ImageBuilder, Depends(get_builder)]
+SystemSnapshotsDep = Annotated[SystemSnapshots, Depends(get_system_snapshots)]
 Egress = Annotated[EgressService, Depends(get_egress_service)]
 VolumeServiceDep = Annotated[VolumeService, Depends(get_volume_service)]
 VolumeFiles = Annotated[VolumeFileService, Depends(get_volume_files)]

@@ -20,6 +20,7 @@ from kiln.schemas.errors import ValidationError
 from kiln.services.errors import (
     CapacityExhausted,
     Conflict,
+    Forbidden,
     GuestRefused,
     GuestTimedOut,
     GuestUnavailable,
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     NotFound: status.HTTP_404_NOT_FOUND,
     Conflict: status.HTTP_409_CONFLICT,
+    Forbidden: status.HTTP_403_FORBIDDEN,
     Unauthenticated: status.HTTP_401_UNAUTHORIZED,
     CapacityExhausted: status.HTTP_503_SERVICE_UNAVAILABLE,
     QuotaExceeded: status.HTTP_429_TOO_MANY_REQUESTS,
@@ -66,10 +68,17 @@ def validation_error(*, loc: Iterable[str | int], msg: str) -> RequestValidation
 
 def _validation_body(errors: Iterable[dict[str, Any]]) -> dict[str, Any]:
     detail = [
-        ValidationError(loc=list(error["loc"]), msg=error["msg"], type=error["type"]).model_dump()
+        ValidationError(loc=list(error["loc"]), msg=_message(error), type=error["type"]).model_dump()
         for error in errors
     ]
     return {"detail": detail}
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        # pydantic's "Extra inputs are not permitted" does not say which, nor why.
+        return f"unknown field {error['loc'][-1]!r}: this server does not act on it, so it is refused, not ignored"
+    return str(error["msg"])
 
 
 async def _request_validation_error(request: Request, error: Exception) -> JSONResponse:

@@ -198,6 +198,9 @@ class Node:
     async def rebase_saved_disk(self, directory: Path, backing: Path) -> None:
         await self.hypervisor.rebase_saved_disk(directory, backing)
 
+    async def copy_saved(self, source: Path, target: Path) -> None:
+        await self.hypervisor.copy_saved(source, target)
+
     # -- health
 
     async def console_tail(self, vm_id: str, run_dir: Path, max_bytes: int) -> str:

@@ -215,6 +215,12 @@ class Hypervisor(Protocol):
         No VM may run on the saved disk yet."""
         ...
 
+    async def copy_saved(self, source: Path, target: Path) -> None:
+        """Copy the finished save in ``source`` to ``target`` (made here): the
+        same VM, its disk standing on no other save's, so that either may be
+        removed first."""
+        ...
+
     async def recover_save(
         self, machine: Machine | None, run_dir: Path, directory: Path, *, keep_running: bool
     ) -> SaveRecovery:

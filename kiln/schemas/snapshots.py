@@ -6,13 +6,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class SnapshotRow(Protocol):
     """What a snapshot record is built from (``kiln.store.models.Snapshot``)."""
 
     id: str
+    owner_id: int | None
     name: str | None
     status: str
     type: str
@@ -32,7 +33,9 @@ class SnapshotRecord(BaseModel):
     id: str
     name: str | None
     status: str  # creating, ready, failed
-    type: str  # user, base, auto
+    type: str  # user, auto, base, system
+    # Base and system snapshots: every user lists them and creates VMs from them.
+    is_public: bool
     vcpu_count: int
     memory_mb: int
     size_bytes: int
@@ -54,6 +57,7 @@ class SnapshotRecord(BaseModel):
             name=snapshot.name,
             status=snapshot.status,
             type=snapshot.type,
+            is_public=snapshot.owner_id is None,
             vcpu_count=snapshot.vcpu_count,
             memory_mb=snapshot.memory_mb,
             size_bytes=snapshot.size_bytes,
@@ -90,6 +94,21 @@ class SnapshotImportRequest(BaseModel):
     memory_mb: int | None = None
     build_args: dict[str, Any] | None = None
     type: str | None = None
+
+
+class SystemSnapshotRequest(BaseModel):
+    """POST /v1/system-snapshots (the operator's): publish, for every user, a
+    copy of ``snapshot_id`` (one of the admin's snapshots) or of the base
+    snapshot of ``image_variant`` in a shape (``memory_mb``, ``vcpu_count``:
+    the server's defaults if left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    snapshot_id: str | None = None
+    image_variant: str | None = None
+    memory_mb: int | None = None
+    vcpu_count: int | None = None
+    name: str | None = None
 
 
 class SuccessResponse(BaseModel):

@@ -23,18 +23,36 @@ from kiln.schemas.volumes import MountRow, mount_summary
 JsonObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object"})]
 
 
+def _schema_as_the_seed(schema: dict[str, Any]) -> None:
+    schema.pop("additionalProperties", None)
+
+
+# A create body's field Kiln does not know is a 422 naming it, never ignored
+# (the SDK must not believe a setting took effect that was dropped). pydantic
+# would document that as ``additionalProperties: false``; the seed's schemas
+# have no such key, so the served document leaves it out: the refusal is the
+# server's policy, like its ranges (kiln.services.vm_policy).
+REFUSE_UNKNOWN_FIELDS = ConfigDict(extra="forbid", json_schema_extra=_schema_as_the_seed)
+
+
 class ShareRequest(BaseModel):
+    model_config = REFUSE_UNKNOWN_FIELDS
+
     port: int = Field(ge=1, le=65535)
     is_public: bool = False
 
 
 class CustomDomainRequest(BaseModel):
+    model_config = REFUSE_UNKNOWN_FIELDS
+
     domain: str
     dns_provider: str | None = None
     dns_credentials: dict[str, str] | None = None
 
 
 class VMVolumeMountRequest(BaseModel):
+    model_config = REFUSE_UNKNOWN_FIELDS
+
     volume_id: str
     mount_path: str
     mode: str = "rw"
@@ -42,6 +60,8 @@ class VMVolumeMountRequest(BaseModel):
 
 
 class VMCreateRequest(BaseModel):
+    model_config = REFUSE_UNKNOWN_FIELDS
+
     session_id: str | None = None
     vm_lifetime_seconds: int | None = None
     memory_mb: int | None = None

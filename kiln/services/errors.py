@@ -39,6 +39,11 @@ class NotFound(ServiceError):
     """A resource that does not exist or belongs to someone else (404)."""
 
 
+class Forbidden(ServiceError):
+    """A resource the caller may see but not change, or an operation that is
+    the operator's (403)."""
+
+
 class Conflict(ServiceError):
     """The resource is in a state that does not allow the operation (409)."""
 

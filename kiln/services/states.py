@@ -54,6 +54,9 @@ class SnapshotType(StrEnum):
     USER = "user"
     AUTO = "auto"
     BASE = "base"
+    # Published by the operator (POST /v1/system-snapshots): no owner, listed
+    # for and usable by every user, removed only by the operator.
+    SYSTEM = "system"
     # A suspended VM's saved state. Never listed; removed with its VM.
     SUSPEND = "suspend"
     # A failed snapshot the user deleted while a VM still runs on its disk:
@@ -68,6 +71,8 @@ class SnapshotStatus(StrEnum):
 
 
 # What GET /v1/snapshots shows and ?type= accepts.
-LISTED_TYPES = (SnapshotType.USER, SnapshotType.BASE, SnapshotType.AUTO)
+LISTED_TYPES = (SnapshotType.USER, SnapshotType.BASE, SnapshotType.AUTO, SnapshotType.SYSTEM)
+# Listed for every user; no user owns them (kiln.store.repositories.PUBLIC_SNAPSHOT_TYPES).
+PUBLIC_TYPES = (SnapshotType.BASE, SnapshotType.SYSTEM)
 # Saved states the collector may remove once nothing depends on them.
 COLLECTABLE_TYPES = (SnapshotType.SUSPEND, SnapshotType.LAYER)

@@ -25,6 +25,7 @@ from kiln.services.snapshots.builds import ImageBuilder
 from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
+from kiln.services.snapshots.system import SystemSnapshots
 from kiln.services.vault_bindings import VaultBindings, injections_of_vm
 from kiln.services.vault_calls import VaultCallLog
 from kiln.services.vaults import VaultService
@@ -55,6 +56,7 @@ class VmServices:
     vaults: VaultService
     vault_calls: VaultCallLog
     reliever: MemoryReliever
+    system_snapshots: SystemSnapshots
 
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
@@ -136,8 +138,10 @@ def build_vm_services(
     vaults = VaultService(db, vault_key, bindings)
     builder = ImageBuilder(settings, vms, background, partial(variant_packages, images))
     reliever = MemoryReliever(settings, vms)
+    system_snapshots = SystemSnapshots(settings, db, node, images, planner, snapshots, disk)
     return VmServices(
-        vms, importer, builder, background, volumes, files, mounts, vaults, VaultCallLog(db, node), reliever
+        vms, importer, builder, background, volumes, files, mounts, vaults, VaultCallLog(db, node), reliever,
+        system_snapshots,
     )
 
 

@@ -171,8 +171,9 @@ class Snapshot(Base):
     """A saved VM: memory, device state and disk, in ``directory``.
 
     ``type`` is ``user`` (POST /v1/vms/{id}/snapshot), ``auto`` (taken at
-    terminate), ``base`` (an image booted once, shared by every user: no owner)
-    or ``suspend`` (a suspended VM's state; never listed, removed with its VM).
+    terminate), ``base`` (an image booted once, shared by every user: no owner),
+    ``system`` (published by the operator for every user: no owner), ``suspend``
+    (a suspended VM's state; never listed, removed with its VM) or ``layer``.
     """
 
     __tablename__ = "snapshots"

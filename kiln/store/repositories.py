@@ -247,8 +247,12 @@ class ExecutionTaskRepository:
         return _rows_changed(result)
 
 
+# Snapshots no user owns and every user sees: images booted once, and those the operator published.
+PUBLIC_SNAPSHOT_TYPES = ("base", "system")
+
+
 class SnapshotRepository:
-    """Snapshots of one owner, plus the base snapshots (no owner) everyone sees."""
+    """Snapshots of one owner, plus the public ones (no owner) everyone sees."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -259,11 +263,11 @@ class SnapshotRepository:
         return snapshot
 
     async def get(self, owner_id: int, snapshot_id: str) -> Snapshot | None:
-        """The owner's snapshot, or a base snapshot; never another user's."""
+        """The owner's snapshot, or a public one; never another user's."""
         return await self.session.scalar(
             select(Snapshot).where(
                 Snapshot.id == snapshot_id,
-                or_(Snapshot.owner_id == owner_id, Snapshot.type == "base"),
+                or_(Snapshot.owner_id == owner_id, Snapshot.type.in_(PUBLIC_SNAPSHOT_TYPES)),
             )
         )
 
@@ -272,7 +276,7 @@ class SnapshotRepository:
             select(Snapshot)
             .where(
                 Snapshot.type.in_(types),
-                or_(Snapshot.owner_id == owner_id, Snapshot.type == "base"),
+                or_(Snapshot.owner_id == owner_id, Snapshot.type.in_(PUBLIC_SNAPSHOT_TYPES)),
             )
             .order_by(Snapshot.created_at, Snapshot.id)
         )

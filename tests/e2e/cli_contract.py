@@ -50,8 +50,6 @@ EXTRA_ARGV: dict[str, list[str]] = {
     "browser read": ["--session", "contract-x"],
     "browser screenshot": ["--session", "contract-x"],
     "browser scroll": ["--x", "1"],
-    # It follows the log until interrupted by default: one poll is the call.
-    "events tail": ["--once"],
 }
 
 

@@ -234,6 +234,8 @@ def vm_lifecycle(w: World) -> None:
         assert snapshot["status"] == "ready"
         assert snapshots.get(snapshot_id)["status"] == "ready"
         assert snapshot_id in [s["id"] for s in snapshots.list()]
+        # What the CLI's `snapshot ls --type system` and the cookbooks ask for (none published here).
+        assert snapshot_id not in [s["id"] for s in snapshots.list(snapshot_type="system")]
         clone = vms.clone(vm_id, snapshot_name="contract-clone")
         assert clone["status"] == "running" and clone["vm_id"] != vm_id
         vms.delete(clone["vm_id"])

@@ -93,6 +93,33 @@ async def test_validation_errors_have_the_seed_shape(
     assert "input" not in response.text
 
 
+async def test_a_field_kiln_does_not_act_on_is_refused_by_name(
+    run_app: AppRunner, admin_key: Callable[[], str]
+) -> None:
+    """Nothing of a create body is silently dropped: an unknown field, also inside
+    share, custom_domain or a volume mount, is a 422 naming it, and no VM starts."""
+    body = {
+        "memory_mb": 256, "gpu_count": 1, "share": {"port": 8000, "tls": True},
+        "custom_domain": {"domain": "a.example.com", "ttl": 60},
+        "volumes": [{"volume_id": "vol-1", "mount_path": "/w", "readonly": True}],
+    }  # fmt: skip
+    async with run_app() as client:
+        auth = key_headers(admin_key())
+        response = await client.post("/v1/vms", json=body, headers=auth)
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert sorted(problem["loc"] for problem in detail) == [
+            ["body", "custom_domain", "ttl"], ["body", "gpu_count"], ["body", "share", "tls"],
+            ["body", "volumes", 0, "readonly"],
+        ]  # fmt: skip
+        gpu = next(problem for problem in detail if problem["loc"] == ["body", "gpu_count"])
+        assert "'gpu_count'" in gpu["msg"] and "refused" in gpu["msg"]
+        assert (await client.get("/v1/vms", headers=auth)).json() == []
+        # What the SDK sends beside the seed's fields is known, not refused.
+        sdk = {"memory_mb": 256, "auto_resume": True}
+        assert (await client.post("/v1/vms", json=sdk, headers=auth)).status_code == 200
+
+
 async def test_bad_metadata_filter_is_422(run_app: AppRunner, admin_key: Callable[[], str]) -> None:
     async with run_app() as client:
         for value in ("{not json", "[1, 2]", '"text"'):

@@ -8,8 +8,11 @@ process; ``resume`` restores it under the same ``vm_id``.
 
 Snapshots are per user (another user's is a 404); base snapshots (one per image
 and shape, what new VMs are restored from) are listed for everyone and cannot be
-deleted here. Deleting a snapshot that a VM or another snapshot still builds on
-is a 409.
+deleted here (409). System snapshots are published by the operator
+(``POST /v1/system-snapshots`` with the admin's key, ``kiln images publish``):
+listed for everyone (``?type=system``), usable by everyone, deleted by no one
+here (403; the operator's ``DELETE /v1/system-snapshots/{id}``). Deleting a
+snapshot that a VM or another snapshot still builds on is a 409.
 
 ``POST /v1/snapshots`` answers at once with the record ``creating`` (the SDK
 cannot pass ``wait``, and a pull or a build outlasts its timeout); polling
@@ -30,12 +33,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from kiln.api.deps import Builder, CurrentUser, Importer, Snapshots, SshEndpoint, Vms
+from kiln.api.deps import Builder, CurrentUser, Importer, Snapshots, SshEndpoint, SystemSnapshotsDep, Vms
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.snapshots import (
     SnapshotImportRequest,
     SnapshotRecord,
     SuccessResponse,
+    SystemSnapshotRequest,
     VMSnapshotRequest,
 )
 from kiln.schemas.vms import VMCreateRequest, VMCreateResponse, VMRecord
@@ -44,6 +48,7 @@ router = APIRouter(tags=["snapshots"])
 
 NOT_FOUND = error_responses(404)
 NOT_FOUND_OR_CONFLICT = error_responses(404, 409)
+FORBIDDEN_NOT_FOUND_OR_CONFLICT = error_responses(403, 404, 409)
 Wait = Annotated[bool, Query(description="Wait until it is done")]
 
 
@@ -86,7 +91,7 @@ async def resume_vm(vm_id: str, user: CurrentUser, vms: Vms, ssh: SshEndpoint, w
 async def list_snapshots(
     user: CurrentUser,
     snapshots: Snapshots,
-    type: Annotated[str | None, Query(description="user, base or auto")] = None,
+    type: Annotated[str | None, Query(description="user, auto, base or system")] = None,
 ) -> list[SnapshotRecord]:
     return [SnapshotRecord.from_row(snapshot) for snapshot in await snapshots.list(user.id, type)]
 
@@ -110,7 +115,24 @@ async def get_snapshot(snapshot_id: str, user: CurrentUser, snapshots: Snapshots
     return SnapshotRecord.from_row(await snapshots.get(user.id, snapshot_id))
 
 
-@router.delete("/v1/snapshots/{snapshot_id}", responses=NOT_FOUND_OR_CONFLICT)
+@router.delete("/v1/snapshots/{snapshot_id}", responses=FORBIDDEN_NOT_FOUND_OR_CONFLICT)
 async def delete_snapshot(snapshot_id: str, user: CurrentUser, snapshots: Snapshots) -> SuccessResponse:
     await snapshots.delete(user.id, snapshot_id)
+    return SuccessResponse()
+
+
+@router.post("/v1/system-snapshots", responses=FORBIDDEN_NOT_FOUND_OR_CONFLICT)
+async def publish_system_snapshot(
+    body: SystemSnapshotRequest, user: CurrentUser, system: SystemSnapshotsDep
+) -> SnapshotRecord:
+    """The operator's: a snapshot for every user, copied from one of the admin's
+    snapshots or from an image variant's base snapshot."""
+    return SnapshotRecord.from_row(await system.publish(user, body))
+
+
+@router.delete("/v1/system-snapshots/{snapshot_id}", responses=FORBIDDEN_NOT_FOUND_OR_CONFLICT)
+async def unpublish_system_snapshot(
+    snapshot_id: str, user: CurrentUser, system: SystemSnapshotsDep
+) -> SuccessResponse:
+    await system.unpublish(user, snapshot_id)
     return SuccessResponse()

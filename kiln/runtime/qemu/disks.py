@@ -1,4 +1,5 @@
-"""qcow2 disks: overlays, switching a running VM to a new overlay, flattening."""
+"""qcow2 disks: overlays, switching a running VM to a new overlay, flattening,
+copying a save."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import uuid
@@ -122,9 +124,14 @@ async def flatten_saved_disk(directory: Path) -> None:
     image = chain[-1]
     flat = disk.with_name(f".{disk.name}.flat")
     try:
+        # A copy of the top layer, rebased in safe mode: every cluster the layers
+        # between it and the image hold is written into it. (`convert -B` would
+        # copy the top layer's clusters only: it takes the new base to equal the
+        # old one, and the layers in between would be lost.)
+        await run_tool("cp", "--reflink=auto", "--sparse=always", str(disk), str(flat))
+        flat.chmod(0o600)
         await run_tool(
-            QEMU_IMG, "convert", "-U", "-O", "qcow2", "-B", image["filename"],
-            "-F", image["format"], str(disk), str(flat),
+            QEMU_IMG, "rebase", "-U", "-f", "qcow2", "-b", image["filename"], "-F", image["format"], str(flat)
         )  # fmt: skip
         original = disk.stat()
         give(flat, Owner(original.st_uid, original.st_gid), SAVED_FILE_MODE)
@@ -150,6 +157,28 @@ async def rebase_saved_disk(directory: Path, backing: Path) -> None:
         )  # fmt: skip
     finally:
         disk.chmod(SAVED_FILE_MODE)
+
+
+async def copy_saved(source: Path, target: Path) -> None:
+    """Copy the save in ``source`` to ``target`` (made here), its disk written
+    on the image alone, so that either save may go first. A base file that a
+    save holds (an imported image's rootfs) comes along into ``target``; the
+    image's own rootfs, in the cache, is shared as every save shares it."""
+    # -a keeps the owner and the read-only modes; reflinks and holes keep it cheap.
+    await run_tool("cp", "-a", "--reflink=auto", "--sparse=always", str(source), str(target))
+    try:
+        await flatten_saved_disk(target)
+        chain = backing_chain(SavedPaths(target).disk)
+        bottom = chain[-1].resolve() if chain else None
+        if bottom is None or not SavedPaths(bottom.parent).description.exists():
+            return  # on the image's rootfs (or on nothing)
+        kept = target / bottom.name
+        if bottom.parent != source.resolve():
+            await run_tool("cp", "--reflink=auto", "--sparse=always", str(bottom), str(kept))
+        await rebase_saved_disk(target, kept)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 def move_file(source: Path, target: Path) -> None:

@@ -317,6 +317,9 @@ class QemuHypervisor:
     async def rebase_saved_disk(self, directory: Path, backing: Path) -> None:
         await disks.rebase_saved_disk(directory, backing)
 
+    async def copy_saved(self, source: Path, target: Path) -> None:
+        await disks.copy_saved(source, target)
+
     def disk_growth_left(self, machine: Machine) -> int:
         return disks.growth_left(RunPaths(machine.run_dir).top())
 

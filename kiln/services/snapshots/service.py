@@ -6,7 +6,9 @@ runtime saved a VM into. Types (``kiln.services.states.SnapshotType``):
 ``user`` (``POST /v1/vms/{id}/snapshot`` and clones; the VM keeps running),
 ``auto`` (taken when a VM with ``snapshot_on_terminate`` is terminated),
 ``base`` (an image booted once and saved; no owner, visible to every user,
-deletable by none through the API), ``suspend`` (a suspended VM's saved state;
+deletable by none through the API), ``system`` (published by the operator,
+``kiln.services.snapshots.system``; no owner, visible to and usable by every
+user, read-only to them), ``suspend`` (a suspended VM's saved state;
 never listed), ``layer`` (a failed snapshot the user deleted while a VM still
 runs on its disk; never listed).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from kiln.runtime.errors import SaveError
 from kiln.runtime.snapshots import directory_size, remove_saved
 from kiln.services.background import BackgroundTasks
 from kiln.services.disk_budget import DiskBudget
-from kiln.services.errors import Conflict, InvalidRequest, NotFound
+from kiln.services.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from kiln.services.events.record import by_user, snapshot_event
 from kiln.services.events.record import record as record_event
 from kiln.services.snapshots.housekeeping import Housekeeping
@@ -107,6 +110,17 @@ class SnapshotService:
                 f"snapshot {snapshot_id} is a base snapshot: it belongs to its image, "
                 "and VMs are made from it; it cannot be deleted through the API"
             )
+        if snapshot.type == SnapshotType.SYSTEM:
+            raise Forbidden(
+                f"snapshot {snapshot_id} is a system snapshot: published by the operator for every "
+                "user and read-only to them (the operator removes it: DELETE /v1/system-snapshots/{id})"
+            )
+        await self.remove(snapshot, owner_id)
+
+    async def remove(self, snapshot: Snapshot, actor_id: int) -> None:
+        """Delete the snapshot and its files, unless it is being made or a VM or
+        another snapshot builds on it (409); ``actor_id`` asked for it."""
+        snapshot_id = snapshot.id
         if snapshot.status == SnapshotStatus.CREATING:
             raise Conflict(f"snapshot {snapshot_id} is still being made")
         # Suspended states of ended VMs may be all that still hangs off it.
@@ -123,7 +137,9 @@ class SnapshotService:
                 users = [f"vm {vm}" for vm in vms] + [f"snapshot {child}" for child in children]
                 raise Conflict(f"snapshot {snapshot_id} is in use by {', '.join(users)}")
             await repository.delete(snapshot)
-            await record_event(session, snapshot_event(snapshot, "snapshot.deleted", **by_user(owner_id)))
+            event = snapshot_event(snapshot, "snapshot.deleted", **by_user(actor_id))
+            # A public snapshot has no owner: its event is the operator's who removed it.
+            await record_event(session, replace(event, owner_id=snapshot.owner_id or actor_id))
         await asyncio.to_thread(remove_saved, Path(snapshot.directory))
         await captures.forget(self._node, snapshot.id, snapshot.mounts)
 

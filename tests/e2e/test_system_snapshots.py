@@ -1,0 +1,138 @@
+"""System snapshots against a real ``kiln serve`` with real VMs: the operator
+publishes (``kiln images publish``, the admin's API), another user lists them
+through the SDK, creates VMs from them, and cannot delete or publish any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from contract_server import SMALL, server
+from instavm import InstaVM
+from instavm.exceptions import ForbiddenError
+from live_server import KILN, LiveServer, server_settings
+from unit.harness import add_user
+
+pytestmark = pytest.mark.vm
+__all__ = ["server"]  # the module's live server (a fixture)
+
+
+def kiln(server: LiveServer, *argv: str) -> dict:
+    """``kiln <argv>`` as the operator runs it next to the server, its JSON answer."""
+    env = {**os.environ, "KILN_URL": server.url, "KILN_API_KEY": server.admin_key}
+    done = subprocess.run([str(KILN), *argv], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, f"kiln {' '.join(argv)}: {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def admin(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": server.admin_key}, timeout=600) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def b_key(server: LiveServer) -> str:
+    return asyncio.run(add_user(server_settings(server.data_dir), "user-b"))
+
+
+@pytest.fixture(scope="module")
+def user_b(server: LiveServer, b_key: str) -> InstaVM:
+    return InstaVM(api_key=b_key, base_url=server.url, timeout=600, auto_start_session=False)
+
+
+@pytest.fixture(scope="module")
+def b_http(server: LiveServer, b_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": b_key}, timeout=600) as client:
+        yield client
+
+
+def run(http: httpx.Client, session_id: str, command: str) -> str:
+    answer = http.post("/execute", json={"session_id": session_id, "command": command, "language": "bash"})
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["stdout"])
+
+
+def test_a_published_variant_is_every_users_and_read_only_to_them(
+    server: LiveServer, admin: httpx.Client, user_b: InstaVM, b_http: httpx.Client
+) -> None:
+    published = kiln(
+        server, "images", "publish", "default", "--name", "default-small",
+        "--memory", str(SMALL["memory_mb"]), "--vcpus", str(SMALL["vcpu_count"]),
+    )  # fmt: skip
+    system_id = published["id"]
+    assert (published["type"], published["status"], published["is_public"]) == ("system", "ready", True)
+
+    listed = user_b.snapshots.list(snapshot_type="system")
+    assert [(s["id"], s["name"], s["is_public"]) for s in listed] == [(system_id, "default-small", True)]
+    assert user_b.snapshots.get(system_id)["status"] == "ready"
+    vm = user_b.vms.create(wait=True, snapshot_id=system_id)
+    try:
+        assert vm["status"] == "running"
+        assert "from-system" in run(b_http, vm["session_id"], "echo from-system")
+        assert user_b.vms.get(vm["vm_id"])["snapshot_id"] == system_id
+
+        with pytest.raises(ForbiddenError, match="system snapshot"):
+            user_b.snapshots.delete(system_id)
+        refused = b_http.post("/v1/system-snapshots", json={"image_variant": "default"})
+        assert refused.status_code == 403 and "operator" in refused.json()["detail"]
+        assert b_http.delete(f"/v1/system-snapshots/{system_id}").status_code == 403
+        # Not even the operator deletes it as a user's snapshot; and not while a VM builds on it.
+        assert admin.delete(f"/v1/snapshots/{system_id}").status_code == 403
+        busy = admin.delete(f"/v1/system-snapshots/{system_id}")
+        assert busy.status_code == 409 and vm["vm_id"] in busy.json()["detail"]
+    finally:
+        user_b.vms.delete(vm["vm_id"])
+    assert kiln(server, "images", "unpublish", system_id) == {"success": True}
+    assert user_b.snapshots.list(snapshot_type="system") == []
+
+
+def test_an_admins_snapshot_published_outlives_its_source(
+    server: LiveServer, admin: httpx.Client, user_b: InstaVM, b_http: httpx.Client
+) -> None:
+    created = admin.post("/v1/vms", json=SMALL)
+    assert created.status_code == 200, created.text
+    source_vm = created.json()
+    run(admin, source_vm["session_id"], "echo made-by-the-operator > /root/marker && sync")
+    saved = admin.post(f"/v1/vms/{source_vm['vm_id']}/snapshot", json={"name": "operator-private"}).json()
+    assert saved["status"] == "ready", saved
+    # The admin's own snapshot stays private: user B cannot tell it exists.
+    assert b_http.get(f"/v1/snapshots/{saved['id']}").status_code == 404
+
+    published = admin.post("/v1/system-snapshots", json={"snapshot_id": saved["id"], "name": "with-marker"})
+    assert published.status_code == 200, published.text
+    system = published.json()
+    assert (system["type"], system["status"], system["parent_id"]) == ("system", "ready", None)
+    # The copy stands alone: its source and the VM under it may go.
+    assert admin.delete(f"/v1/vms/{source_vm['vm_id']}").status_code == 200
+    assert admin.delete(f"/v1/snapshots/{saved['id']}").status_code == 200
+
+    assert system["id"] in [s["id"] for s in user_b.snapshots.list()]
+    vm = user_b.vms.create(wait=True, snapshot_id=system["id"])
+    try:
+        # Read from the copied disk, not from the page cache the restored memory holds.
+        read = "echo 3 > /proc/sys/vm/drop_caches && cat /root/marker"
+        assert run(b_http, vm["session_id"], read) == "made-by-the-operator\n"
+    finally:
+        user_b.vms.delete(vm["vm_id"])
+    assert admin.delete(f"/v1/system-snapshots/{system['id']}").json() == {"success": True}
+
+
+def test_publishing_refuses_what_it_cannot_use(admin: httpx.Client) -> None:
+    cases = [
+        ({}, ["body", "snapshot_id"]),
+        ({"image_variant": "default", "snapshot_id": "snap-x"}, ["body", "snapshot_id"]),
+        ({"image_variant": "no-such-variant"}, ["body", "image_variant"]),
+        ({"image_variant": "default", "colour": "blue"}, ["body", "colour"]),
+    ]
+    for body, loc in cases:
+        answer = admin.post("/v1/system-snapshots", json=body)
+        assert answer.status_code == 422, (body, answer.text)
+        assert loc in [problem["loc"] for problem in answer.json()["detail"]], answer.text
+    assert admin.post("/v1/system-snapshots", json={"snapshot_id": "snap-nothing"}).status_code == 404
