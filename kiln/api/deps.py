@@ -16,6 +16,7 @@ from fastapi.security import OAuth2PasswordBearer
 from kiln.api.call_log import note_user
 from kiln.api.metrics import Metrics
 from kiln.services.auth import AuthService
+from kiln.services.browser import BrowserService
 from kiln.services.domains.service import DomainService
 from kiln.services.egress import EgressService
 from kiln.services.errors import Unauthenticated
@@ -76,6 +77,7 @@ class Services:
     mounts: VolumeMounts
     vaults: VaultService
     vault_calls: VaultCallLog
+    browser: BrowserService
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
     # Values staged for a VM's next command; the same object the execution and
