@@ -39,7 +39,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import egress, host, raw, shares, ssh, volumes
+from bench import browser, egress, host, raw, shares, ssh, volumes
 from bench.server import KilnServer, bench_settings, create_user_and_key, link_cache, remove_networking
 from bench.stats import Figure, Figures
 from kiln.config import Settings
@@ -186,6 +186,7 @@ def declare_figures() -> Figures:
     ssh.declare(figures)
     egress.declare(figures)
     volumes.declare(figures)
+    browser.declare(figures)
     return figures
 
 
@@ -247,6 +248,7 @@ class Bench:
                        "volume_hot_attach_ms", "volume_detach_ms")
             self.phase("shares", self.measure_shares, "share_direct_rps", "share_rps", "share_direct_ms", "share_ms",
                        "share_ws_rtt_ms", "share_wake_first_byte_ms")
+            self.phase("browser", self.measure_browser, *browser.FIGURES)
             self.phase("ssh", self.measure_ssh, "exec_true_ms", "ssh_true_ms", "upload_mb_s", "scp_upload_mb_s")
             self.phase("density", self.measure_density, "density_idle_vms", "density_create_ms",
                        "density_rss_mb_per_vm", "density_pss_mb_per_vm", "density_cpu_pct_per_vm",
@@ -572,6 +574,12 @@ class Bench:
                 seconds=2.0 if quick else 10.0, ws_samples=20 if quick else 200, wakes=1 if quick else 3,
             )  # fmt: skip
             self.delete_vm(client, vm_id)
+
+    def measure_browser(self) -> None:
+        browser.prepare(self.real_settings)
+        quick = self.plan.mode == "quick"
+        with self.client() as client:
+            browser.measure(self.figures, client, sessions=2 if quick else 5, actions=3 if quick else 10)
 
     def measure_ssh(self) -> None:
         assert self.server is not None
@@ -931,7 +939,7 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
 
 
 PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
-          "api_list", "density", "raw_touched", "pool", "shares", "ssh", "egress", "volumes")
+          "api_list", "density", "raw_touched", "pool", "shares", "ssh", "egress", "volumes", "browser")
 
 
 def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:

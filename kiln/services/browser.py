@@ -142,13 +142,14 @@ class BrowserService:
             vm = None
         if vm is None or vm.image_variant != BROWSER_VARIANT:
             raise NotFound(f"browser session {session_id} not found")
+        if vm.status not in LIVE_STATUSES:
+            # The SDK reads a 404 as "not found or expired": a closed session is gone.
+            raise NotFound(f"browser session {session_id} not found: it has ended ({vm.status})")
         return vm
 
     async def close(self, owner_id: int, session_id: str) -> Vm:
         """End the session: the browser connection, then the VM. An ended one is 404."""
         vm = await self.get(owner_id, session_id)
-        if vm.status not in LIVE_STATUSES:
-            raise NotFound(f"browser session {session_id} has ended ({vm.status})")
         async with self._lock(vm.id):
             await self._drop(vm.id)
             vm = await self._vms.terminate(owner_id, vm.id)
