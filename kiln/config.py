@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # Browser sessions (kiln/services/browser.py): each is a VM of the browser
     # image of this shape (Chromium wants memory), ended after this lifetime.
     browser_memory_mb: int = 1024
-    browser_vcpu_count: int = 1
+    browser_vcpu_count: int = 2
     browser_lifetime_seconds: int = 1800
 
     # Bearer tokens from POST /v1/auth/token.

@@ -33,9 +33,11 @@ from kiln.browser.errors import (
 from kiln.browser.tunnel import DevtoolsTunnel
 from kiln.runtime.driver import AgentChannel
 
-# How long Chromium may take to answer on DevTools after its start (TCG is slow).
-READY_SECONDS = 120.0
+# How long Chromium may take to answer on DevTools after its start (TCG is slow:
+# a guest busy starting Chromium answers each request slowly too).
+READY_SECONDS = 300.0
 POLL_SECONDS = 0.5
+POLL_TIMEOUT_SECONDS = 30.0
 CLOSED_MARKERS = ("has been closed", "Target closed", "Browser closed", "Connection closed")
 MAX_ELEMENTS = 500
 MAX_CONTENT_CHARS = 100_000
@@ -105,11 +107,15 @@ class BrowserTab:
             self._browser = await playwright.chromium.connect_over_cdp(
                 self._tunnel.endpoint, timeout=READY_SECONDS * 1000
             )
-            self._context = await self._browser.new_context(
-                viewport={"width": self.viewport.width, "height": self.viewport.height},
-                user_agent=self.viewport.user_agent,
-            )
-            self._page = await self._context.new_page()
+            # The browser's own context and its first page: their renderer is running
+            # already (in the base snapshot), a new context would start another (slow under TCG).
+            self._context = self._browser.contexts[0]
+            pages = self._context.pages
+            self._page = pages[0] if pages else await self._context.new_page()
+            await self._page.set_viewport_size({"width": self.viewport.width, "height": self.viewport.height})
+            if self.viewport.user_agent:
+                devtools = await self._context.new_cdp_session(self._page)
+                await devtools.send("Emulation.setUserAgentOverride", {"userAgent": self.viewport.user_agent})
         except PlaywrightError as error:
             raise BrowserGone(f"the browser in the VM did not take the connection: {error.message}") from error
 
@@ -125,7 +131,7 @@ class BrowserTab:
 
     async def _wait_devtools(self) -> None:
         deadline = time.monotonic() + READY_SECONDS
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=POLL_TIMEOUT_SECONDS) as client:
             while True:
                 try:
                     response = await client.get(f"{self._tunnel.endpoint}/json/version")

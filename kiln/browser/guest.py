@@ -41,6 +41,9 @@ CHROMIUM_FLAGS = (
     "--no-zygote",
     "--in-process-gpu",
     "--enable-features=NetworkServiceInProcess2",
+    # One renderer for every page: the one started with the first page is reused.
+    "--renderer-process-limit=1",
+    "--disable-site-isolation-trials",
     "--disable-features=Translate,MediaRouter,OptimizationHints,DialMediaRouteProvider",
     "about:blank",
 )
@@ -71,8 +74,9 @@ async def warm_up(machine: Machine) -> None:
     await launch(machine.agent)
     wait = (
         f"while ! ss -Hltn 'sport = :{DEVTOOLS_PORT}' | grep -q .; do sleep 0.5; done; "
-        # Let its start-up work (first page, profile files) settle before the save.
-        "sleep 2"
+        # Until DevTools answers (the first page is up), then let the start-up settle.
+        f"until curl -fsS -m 30 -o /dev/null http://127.0.0.1:{DEVTOOLS_PORT}/json/version; do sleep 1; done; "
+        "sleep 5"
     )
     result = await machine.agent.call("exec", argv=["/bin/sh", "-c", wait], timeout=WARM_UP_SECONDS)
     if result.get("exit_code") != 0:

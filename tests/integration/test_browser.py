@@ -36,7 +36,8 @@ from kiln.runtime.images import ImageStore
 from kiln.runtime.qemu import QemuHypervisor
 from kiln.runtime.snapshots import BaseSnapshots, Shape
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("quiet_world")]
+# The first run on a host builds the image and its warm base snapshot (minutes).
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("quiet_world"), pytest.mark.timeout(1800)]
 
 WIDTH, HEIGHT = 800, 600
 RED, BLUE = (255, 0, 0), (0, 128, 255)
@@ -107,7 +108,7 @@ def test_a_form_is_filled_clicked_read_and_photographed(api: Api, sdk: InstaVM, 
     assert world.seen.to("allowed-http"), "the page came from the outside world"
     session.fill("#name", "Ada")
     session.click("#go")
-    session.wait_for("visible", "#result", timeout=20_000)
+    session.wait_for("visible", "#result", timeout=120_000)
     content = session.extract_content()
     assert "Hello, Ada!" in content["readable_content"]["content"], content
     assert content["readable_content"]["title"] == "Kiln form"
@@ -157,7 +158,7 @@ def test_the_managers_default_session_serves_its_calls_and_goes_with_close(sdk: 
     manager.fill("#q", "abc")
     manager.type("#q", "d", delay=0)
     manager.click("#go")
-    manager.wait_for("visible", "#done", timeout=20_000)
+    manager.wait_for("visible", "#done", timeout=120_000)
     assert manager.extract_elements("#q", attributes=["value"])[0]["attributes"] == {"value": "abcd"}
     assert "clicked" in manager.extract_content()["readable_content"]["content"]
     assert decode(manager.screenshot(full_page=False)).size == (1920, 1080)  # the SDK's default viewport
