@@ -39,6 +39,7 @@ from kiln.services.errors import (
     FieldProblem,
     GuestRefused,
     GuestUnavailable,
+    ImageNotBuilt,
     InvalidRequest,
     NotFound,
     PolicyRefused,
@@ -112,6 +113,10 @@ class BrowserService:
 
     async def create(self, owner_id: int, width: int, height: int, user_agent: str | None) -> Vm:
         """A new VM with its browser connected and a blank page open."""
+        if BROWSER_VARIANT not in self._vms.image_variants():
+            raise ImageNotBuilt(
+                f"browser sessions need the {BROWSER_VARIANT} image: kiln images build {BROWSER_VARIANT}"
+            )
         metadata: dict[str, Any] = {VIEWPORT_KEY: f"{width}x{height}"}
         if user_agent:
             metadata[USER_AGENT_KEY] = user_agent

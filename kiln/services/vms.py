@@ -286,6 +286,10 @@ class VmService:
             vms = [vm for vm in vms if metadata_contains(vm.labels or {}, metadata)]
         return vms
 
+    def image_variants(self) -> list[str]:
+        """The variants this host has an image of (what a create may ask for)."""
+        return list(self._images.variants())
+
     async def get(self, owner_id: int, vm_id: str) -> Vm:
         async with self.db.transaction() as session:
             vm = await VmRepository(session).get(owner_id, vm_id)
