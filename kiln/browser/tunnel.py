@@ -79,6 +79,9 @@ class DevtoolsTunnel:
                     await self._agent.call("stream_close", stream_id=stream_id)
         except (*AGENT_FAILURES, StopAsyncIteration) as error:
             log.debug("devtools tunnel %s: %s", stream_id, error)
+        except asyncio.CancelledError:
+            # close() ends connections so; asyncio's server callback would report a cancelled task.
+            pass
         finally:
             self._connections.discard(task)
             writer.close()

@@ -114,7 +114,7 @@ class Clip(BaseModel):
 
 class ScreenshotRequest(SessionScoped):
     full_page: bool = True
-    format: Literal["png", "jpeg"] = "png"
+    format: Literal["png", "jpeg", "webp"] = "png"
     clip: Clip | None = None
     quality: int | None = Field(default=None, ge=0, le=100)
 

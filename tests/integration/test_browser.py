@@ -42,6 +42,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("quiet_world"), pytest.mar
 WIDTH, HEIGHT = 800, 600
 RED, BLUE = (255, 0, 0), (0, 128, 255)
 FORM = "http://allowed.test/form"
+# Generous: a page load takes seconds to tens of seconds under TCG on a busy host.
+NAVIGATION_MS = 180_000
 # A page that needs no network (no egress policy is set for the manager's own session).
 LOCAL_PAGE = (
     "data:text/html,<title>local</title><input id=q><button id=go type=button "
@@ -60,7 +62,9 @@ def build_browser_image() -> None:
 @pytest.fixture(scope="module")
 def api(world: OutsideWorld) -> Iterator[Api]:
     build_browser_image()
-    with live_server("kiln-browser-", env=world_env(world)) as served:
+    # A restored browser VM's agent answers only once the guest's Chromium let it
+    # (tens of seconds on a loaded two-core TCG host): more than the default 60 s boot time.
+    with live_server("kiln-browser-", env=world_env(world, KILN_BOOT_TIMEOUT_SECONDS="300")) as served:
         try:
             yield served
         finally:
@@ -103,7 +107,7 @@ def test_a_form_is_filled_clicked_read_and_photographed(api: Api, sdk: InstaVM, 
     assert listed[0]["status"] == "active" and listed[0]["viewport_width"] == WIDTH
     allow_world(sdk, session.session_id)
 
-    page = session.navigate(FORM)
+    page = session.navigate(FORM, wait_timeout=NAVIGATION_MS)
     assert (page["title"], page["url"], page["status"]) == ("Kiln form", FORM, 200), page
     assert world.seen.to("allowed-http"), "the page came from the outside world"
     session.fill("#name", "Ada")
@@ -131,6 +135,8 @@ def test_a_form_is_filled_clicked_read_and_photographed(api: Api, sdk: InstaVM, 
     jpeg = Image.open(io.BytesIO(jpeg_data))
     assert jpeg.format == "JPEG" and jpeg.size == (WIDTH, HEIGHT)
     assert near(jpeg.convert("RGB").getpixel((50, 50)), RED, slack=24)
+    webp = Image.open(io.BytesIO(base64.b64decode(session.screenshot(full_page=False, format="webp"))))
+    assert webp.format == "WEBP" and webp.size == (WIDTH, HEIGHT)
 
     vm_id = listed[0]["vm_id"]
     assert session.close() is True
@@ -142,9 +148,9 @@ def test_a_denied_host_a_missing_element_and_a_timeout_are_named(sdk: InstaVM, w
     with sdk.browser.create_session(viewport_width=WIDTH, viewport_height=HEIGHT) as session:
         allow_world(sdk, session.session_id)
         with pytest.raises(BrowserNavigationError, match="egress policy does not allow http to denied.test"):
-            session.navigate("http://denied.test/form")
+            session.navigate("http://denied.test/form", wait_timeout=NAVIGATION_MS)
         assert world.seen.to("denied-http") == []
-        session.navigate(FORM)
+        session.navigate(FORM, wait_timeout=NAVIGATION_MS)
         with pytest.raises(ElementNotFoundError):
             session.click("#no-such-button", timeout=1000)
         with pytest.raises(BrowserTimeoutError):
@@ -153,7 +159,7 @@ def test_a_denied_host_a_missing_element_and_a_timeout_are_named(sdk: InstaVM, w
 
 def test_the_managers_default_session_serves_its_calls_and_goes_with_close(sdk: InstaVM) -> None:
     manager = sdk.browser
-    page = manager.navigate(LOCAL_PAGE)
+    page = manager.navigate(LOCAL_PAGE, wait_timeout=NAVIGATION_MS)
     assert page["title"] == "local", page
     manager.fill("#q", "abc")
     manager.type("#q", "d", delay=0)
@@ -182,7 +188,7 @@ def test_another_user_sees_nothing_of_a_session(api: Api, sdk: InstaVM, other: I
 def test_a_crashed_browser_is_restarted_and_the_session_says_so(api: Api, sdk: InstaVM) -> None:
     with sdk.browser.create_session(viewport_width=WIDTH, viewport_height=HEIGHT) as session:
         allow_world(sdk, session.session_id)
-        session.navigate(FORM)
+        session.navigate(FORM, wait_timeout=NAVIGATION_MS)
         killed = api.http.post(
             "/execute",
             json={
@@ -195,10 +201,10 @@ def test_a_crashed_browser_is_restarted_and_the_session_says_so(api: Api, sdk: I
         # The action that finds the browser dead either restarts it first or
         # answers that it was restarted; the next one works either way.
         try:
-            session.navigate(FORM)
+            session.navigate(FORM, wait_timeout=NAVIGATION_MS)
         except BrowserNavigationError as error:
             assert "crashed and was restarted" in str(error)
-        assert session.navigate(FORM)["title"] == "Kiln form"
+        assert session.navigate(FORM, wait_timeout=NAVIGATION_MS)["title"] == "Kiln form"
         assert sdk.get_browser_session(session.session_id)["browser_restarts"] == 1
 
 
