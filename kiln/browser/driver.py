@@ -112,6 +112,9 @@ class BrowserTab:
             self._context = self._browser.contexts[0]
             pages = self._context.pages
             self._page = pages[0] if pages else await self._context.new_page()
+            # Visible and focused: a background page gets no animation frames, and
+            # Playwright's clicks wait for two of them (the element is "stable").
+            await self._page.bring_to_front()
             await self._page.set_viewport_size({"width": self.viewport.width, "height": self.viewport.height})
             if self.viewport.user_agent:
                 devtools = await self._context.new_cdp_session(self._page)

@@ -38,6 +38,7 @@ class DevtoolsTunnel:
         self._guest_port = guest_port
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._acks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     @property
@@ -88,6 +89,10 @@ class DevtoolsTunnel:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
+    async def _ack(self, stream_id: str, size: int) -> None:
+        with contextlib.suppress(*AGENT_FAILURES):
+            await self._agent.call("stream_ack", stream_id=stream_id, bytes=size)
+
     async def _host_to_guest(self, reader: asyncio.StreamReader, stream_id: str) -> None:
         with contextlib.suppress(*AGENT_FAILURES, ConnectionError):
             while data := await reader.read(CHUNK_BYTES):
@@ -103,6 +108,9 @@ class DevtoolsTunnel:
                     data = base64.b64decode(frame.get("data") or "")
                     writer.write(data)
                     await writer.drain()
-                    await self._agent.call("stream_ack", stream_id=stream_id, bytes=len(data))
+                    # Not waited for: the next frame need not wait a round trip to the guest.
+                    ack = asyncio.create_task(self._ack(stream_id, len(data)))
+                    self._acks.add(ack)
+                    ack.add_done_callback(self._acks.discard)
             if writer.can_write_eof():
                 writer.write_eof()

@@ -44,6 +44,7 @@ RED, BLUE = (255, 0, 0), (0, 128, 255)
 FORM = "http://allowed.test/form"
 # Generous: a page load takes seconds to tens of seconds under TCG on a busy host.
 NAVIGATION_MS = 180_000
+ACTION_MS = 180_000
 # A page that needs no network (no egress policy is set for the manager's own session).
 LOCAL_PAGE = (
     "data:text/html,<title>local</title><input id=q><button id=go type=button "
@@ -75,15 +76,21 @@ def api(world: OutsideWorld) -> Iterator[Api]:
         assert nothing_left_eventually(served.settings) == []
 
 
+# The SDK's HTTP timeout: a crashed browser's restart is a cold Chromium start (minutes under TCG).
+SDK_TIMEOUT_SECONDS = 900
+
+
 @pytest.fixture(scope="module")
 def sdk(api: Api) -> InstaVM:
-    return InstaVM(api_key=api.server.admin_key, base_url=api.server.url, auto_start_session=False)
+    return InstaVM(
+        api_key=api.server.admin_key, base_url=api.server.url, auto_start_session=False, timeout=SDK_TIMEOUT_SECONDS
+    )
 
 
 @pytest.fixture(scope="module")
 def other(api: Api) -> InstaVM:
     key = asyncio.run(add_user(api.settings, "browser-other"))
-    return InstaVM(api_key=key, base_url=api.server.url, auto_start_session=False)
+    return InstaVM(api_key=key, base_url=api.server.url, auto_start_session=False, timeout=SDK_TIMEOUT_SECONDS)
 
 
 def allow_world(sdk: InstaVM, session_id: str) -> None:
@@ -110,9 +117,9 @@ def test_a_form_is_filled_clicked_read_and_photographed(api: Api, sdk: InstaVM, 
     page = session.navigate(FORM, wait_timeout=NAVIGATION_MS)
     assert (page["title"], page["url"], page["status"]) == ("Kiln form", FORM, 200), page
     assert world.seen.to("allowed-http"), "the page came from the outside world"
-    session.fill("#name", "Ada")
-    session.click("#go")
-    session.wait_for("visible", "#result", timeout=120_000)
+    session.fill("#name", "Ada", timeout=ACTION_MS)
+    session.click("#go", timeout=ACTION_MS)
+    session.wait_for("visible", "#result", timeout=ACTION_MS)
     content = session.extract_content()
     assert "Hello, Ada!" in content["readable_content"]["content"], content
     assert content["readable_content"]["title"] == "Kiln form"
@@ -121,8 +128,8 @@ def test_a_form_is_filled_clicked_read_and_photographed(api: Api, sdk: InstaVM, 
     (result,) = session.extract_elements("#result", ["id", "text"])
     assert (result["tag"], result["text"], result["attributes"]) == ("p", "Hello, Ada!", {"id": "result"})
     assert session.scroll(y=40)["scroll_y"] >= 0 and session.scroll(selector="#go")["success"]
-    session.fill("#name", "")
-    session.type("#name", "Bob", delay=10)
+    session.fill("#name", "", timeout=ACTION_MS)
+    session.type("#name", "Bob", delay=10, timeout=ACTION_MS)
     (field,) = session.extract_elements("#name", ["value"])
     assert field["attributes"]["value"] == "Bob"
 
@@ -161,10 +168,10 @@ def test_the_managers_default_session_serves_its_calls_and_goes_with_close(sdk: 
     manager = sdk.browser
     page = manager.navigate(LOCAL_PAGE, wait_timeout=NAVIGATION_MS)
     assert page["title"] == "local", page
-    manager.fill("#q", "abc")
-    manager.type("#q", "d", delay=0)
-    manager.click("#go")
-    manager.wait_for("visible", "#done", timeout=120_000)
+    manager.fill("#q", "abc", timeout=ACTION_MS)
+    manager.type("#q", "d", delay=0, timeout=ACTION_MS)
+    manager.click("#go", timeout=ACTION_MS)
+    manager.wait_for("visible", "#done", timeout=ACTION_MS)
     assert manager.extract_elements("#q", attributes=["value"])[0]["attributes"] == {"value": "abcd"}
     assert "clicked" in manager.extract_content()["readable_content"]["content"]
     assert decode(manager.screenshot(full_page=False)).size == (1920, 1080)  # the SDK's default viewport
