@@ -20,6 +20,7 @@ import httpx
 
 from bench.stats import Figures
 from kiln.config import Settings
+from kiln.runtime.driver import BootImage
 
 FIGURES = ("browser_create_ms", "browser_navigate_ms", "browser_screenshot_ms")
 PAGE = (
@@ -27,6 +28,8 @@ PAGE = (
     "<h1>Kiln bench</h1><form><input id=q><button id=go type=button>Go</button></form></body>"
 )
 VIEWPORT = {"viewport_width": 800, "viewport_height": 600}
+# A restored browser VM's agent answers once its Chromium lets the guest (tens of seconds under a loaded TCG).
+SERVER_ENV = {"KILN_BOOT_TIMEOUT_SECONDS": "300"}
 
 
 class BrowserFailed(Exception):
@@ -45,7 +48,7 @@ def declare(figures: Figures) -> None:
     figures.declare("browser_screenshot_ms", ms, note="a PNG screenshot of the 800x600 viewport, base64 in JSON")
 
 
-def prepare(settings: Settings) -> None:
+def prepare(settings: Settings) -> BootImage:
     """The browser image and its warm base snapshot in the shape sessions use (untimed)."""
     from kiln.browser.guest import BROWSER_VARIANT, WARM_UPS
     from kiln.runtime.images import ImageStore
@@ -55,6 +58,7 @@ def prepare(settings: Settings) -> None:
     image = ImageStore(settings).build(BROWSER_VARIANT)
     base = BaseSnapshots(settings, QemuHypervisor(settings), warm_ups=WARM_UPS)
     asyncio.run(base.ensure(image, Shape(settings.browser_memory_mb, settings.browser_vcpu_count)))
+    return image
 
 
 def timed(call: Callable[[], httpx.Response]) -> tuple[float, dict]:
