@@ -14,6 +14,7 @@ import shlex
 
 from kiln.runtime.driver import AgentChannel, Machine
 from kiln.runtime.errors import AgentError, AgentTimeout, AgentUnavailable, RuntimeFailure
+from kiln.runtime.snapshots import WarmUp
 
 DEVTOOLS_PORT = 9222
 PROFILE_DIR = "/tmp/kiln-browser"
@@ -53,9 +54,11 @@ WARM_UP_SECONDS = 300.0
 
 
 def launch_script() -> str:
-    """Start Chromium unless its DevTools port is taken already (``ss`` is iproute2's)."""
+    """Wake a Chromium stopped by ``warm_up``; start one unless its DevTools port is
+    taken already (``ss`` is iproute2's)."""
     command = " ".join(shlex.quote(part) for part in ("chromium", *CHROMIUM_FLAGS))
     return (
+        "pkill -CONT -x chromium; "
         f"ss -Hltn 'sport = :{DEVTOOLS_PORT}' | grep -q . && exit 0; "
         f"rm -rf {PROFILE_DIR}; setsid -f {command} >{LOG_FILE} 2>&1 </dev/null"
     )
@@ -76,7 +79,11 @@ async def warm_up(machine: Machine) -> None:
         f"while ! ss -Hltn 'sport = :{DEVTOOLS_PORT}' | grep -q .; do sleep 0.5; done; "
         # Until DevTools answers (the first page is up), then let the start-up settle.
         f"until curl -fsS -m 30 -o /dev/null http://127.0.0.1:{DEVTOOLS_PORT}/json/version; do sleep 1; done; "
-        "sleep 5"
+        "sleep 5; "
+        # Saved stopped: a restored VM's agent answers at once (a running Chromium
+        # catching up with the jump of its clock starves it under TCG), and the
+        # session's first connection wakes it (launch_script).
+        "pkill -STOP -x chromium"
     )
     result = await machine.agent.call("exec", argv=["/bin/sh", "-c", wait], timeout=WARM_UP_SECONDS)
     if result.get("exit_code") != 0:
@@ -86,7 +93,7 @@ async def warm_up(machine: Machine) -> None:
 
 # The variants whose base snapshots are warmed up (kiln.runtime.snapshots.BaseSnapshots).
 BROWSER_VARIANT = "browser"
-WARM_UPS = {BROWSER_VARIANT: warm_up}
+WARM_UPS = {BROWSER_VARIANT: WarmUp("chromium-stopped", warm_up)}
 
 
 async def log_tail(agent: AgentChannel, max_bytes: int = 2000) -> str:

@@ -86,9 +86,14 @@ def remove_saved(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-# What a variant's guest does once booted, before its base snapshot is saved
-# (the browser variant starts Chromium: restored VMs have it running already).
-WarmUp = Callable[[Machine], Awaitable[None]]
+@dataclass(frozen=True)
+class WarmUp:
+    """What a variant's guest does once booted, before its base snapshot is saved
+    (the browser variant starts Chromium: restored VMs have it already). ``tag``
+    names it in the snapshot's key: a changed warm-up must change its tag."""
+
+    tag: str
+    run: Callable[[Machine], Awaitable[None]]
 
 
 class Launcher(Protocol):
@@ -142,7 +147,8 @@ class BaseSnapshots:
             return None  # the image's files are gone (or never were): nothing to boot
         shape_part = f"{shape.memory_mb}m-{shape.vcpu_count}c"
         # A warmed-up snapshot is another snapshot than a bare one of the same image.
-        warmed = "-warm" if image.variant in self._warm_ups else ""
+        warm_up = self._warm_ups.get(image.variant)
+        warmed = f"-{warm_up.tag}" if warm_up is not None else ""
         return f"{image.variant}-{digest}-{shape_part}-{accel}-f{BASE_SNAPSHOT_FORMAT}{warmed}"
 
     def shapes_cached(self, image: BootImage) -> int:
@@ -230,7 +236,7 @@ class BaseSnapshots:
             await machine.wait_ready(self._settings.boot_timeout_seconds)
             warm_up = self._warm_ups.get(image.variant)
             if warm_up is not None:
-                await warm_up(machine)
+                await warm_up.run(machine)
             await self._hypervisor.save(machine, work / "saved", keep_running=False)
             # Known only now under KILN_ACCEL=auto: the boot decided the accelerator.
             key = self.key(image, shape)
