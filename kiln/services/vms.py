@@ -286,9 +286,9 @@ class VmService:
             vms = [vm for vm in vms if metadata_contains(vm.labels or {}, metadata)]
         return vms
 
-    def image_variants(self) -> list[str]:
+    def image_variants(self) -> frozenset[str]:
         """The variants this host has an image of (what a create may ask for)."""
-        return list(self._images.variants())
+        return frozenset(self._images.variants())
 
     async def get(self, owner_id: int, vm_id: str) -> Vm:
         async with self.db.transaction() as session:
