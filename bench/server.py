@@ -65,6 +65,7 @@ def bench_settings(root: Path, **values: Any) -> Settings:
 def remove_networking(settings: Settings) -> None:
     """After the last server: its egress daemon (it outlives servers on purpose)
     and Kiln's nftables table (left for the next server to keep VMs' rules)."""
+
     async def work() -> None:
         await EgressSupervisor(settings).stop()
         await uninstall(settings)
@@ -73,16 +74,20 @@ def remove_networking(settings: Settings) -> None:
 
 
 def link_cache(real_cache: Path, bench_cache: Path, image: BootImage) -> None:
-    images = bench_cache / "images"
-    images.mkdir(parents=True)
+    (bench_cache / "images").mkdir(parents=True)
+    (bench_cache / "base-snapshots").mkdir()
+    link_image(real_cache, bench_cache, image)
+
+
+def link_image(real_cache: Path, bench_cache: Path, image: BootImage) -> None:
+    """One more image build in the bench's cache, and the base snapshots the real cache has now."""
     # ImageStore follows "<variant>.current"; an absolute target pins this build.
-    (images / f"{image.variant}.current").symlink_to(Path(image.kernel).resolve().parent)
+    (bench_cache / "images" / f"{image.variant}.current").symlink_to(Path(image.kernel).resolve().parent)
     base = bench_cache / "base-snapshots"
-    base.mkdir()
     real_base = real_cache / "base-snapshots"
     if real_base.is_dir():
         for entry in real_base.iterdir():
-            if entry.is_dir() and not entry.name.startswith("."):
+            if entry.is_dir() and not entry.name.startswith(".") and not (base / entry.name).exists():
                 (base / entry.name).symlink_to(entry.resolve())
 
 

@@ -39,8 +39,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import egress, host, raw, shares, ssh, volumes
-from bench.server import KilnServer, bench_settings, create_user_and_key, link_cache, remove_networking
+from bench import browser, egress, host, raw, shares, ssh, volumes
+from bench.server import KilnServer, bench_settings, create_user_and_key, link_cache, link_image, remove_networking
 from bench.stats import Figure, Figures
 from kiln.config import Settings
 from kiln.runtime.driver import BootImage, SavedState
@@ -186,6 +186,7 @@ def declare_figures() -> Figures:
     ssh.declare(figures)
     egress.declare(figures)
     volumes.declare(figures)
+    browser.declare(figures)
     return figures
 
 
@@ -255,6 +256,7 @@ class Bench:
             self.phase("raw_touched", self.measure_raw_touched_restore, "raw_restore_touched_ms")
             self.phase("pool", self.measure_pool, "create_pool_ms")
             self.phase("egress", lambda: egress.measure(self), *egress.FIGURES)
+            self.phase("browser", self.measure_browser, *browser.FIGURES)
         finally:
             self.cleanup()
         self.host["load_average_end"] = host.load_average()
@@ -572,6 +574,18 @@ class Bench:
                 seconds=2.0 if quick else 10.0, ws_samples=20 if quick else 200, wakes=1 if quick else 3,
             )  # fmt: skip
             self.delete_vm(client, vm_id)
+
+    def measure_browser(self) -> None:
+        assert self.settings is not None
+        link_image(self.real_settings.cache_dir, self.settings.cache_dir, browser.prepare(self.real_settings))
+        quick = self.plan.mode == "quick"
+        # A server of its own: a restored browser VM's agent may take longer than the default boot time.
+        self.start_server(pool_size=0, log_name="server-browser.log", env=browser.SERVER_ENV)
+        try:
+            with self.client() as client:
+                browser.measure(self.figures, client, sessions=2 if quick else 5, actions=3 if quick else 10)
+        finally:
+            self.stop_server()
 
     def measure_ssh(self) -> None:
         assert self.server is not None
@@ -931,7 +945,7 @@ def print_table(document: dict, figures: Figures, console: Console) -> None:
 
 
 PHASES = ("raw", "create_cold", "create_snapshot", "exec", "snapshot_save", "concurrent",
-          "api_list", "density", "raw_touched", "pool", "shares", "ssh", "egress", "volumes")
+          "api_list", "density", "raw_touched", "pool", "shares", "ssh", "egress", "volumes", "browser")
 
 
 def main(quick: bool, json_path: Path | None, only: str | None = None) -> int:

@@ -251,6 +251,7 @@ def make_base_snapshot(image: Any) -> Any:
     """The image's base snapshot for the default shape (a cold boot if not cached).
     The build's VM comes up through the node's pipeline, confined like every
     VM (no network: its card is unwired)."""
+    from kiln.browser.guest import WARM_UPS
     from kiln.node.host import build_node
     from kiln.node.launcher import PipelineLauncher
     from kiln.node.ledger import MemoryLedger
@@ -264,7 +265,7 @@ def make_base_snapshot(image: Any) -> Any:
     async def make() -> Any:
         node = build_node(settings, hypervisor, MemoryLedger())
         await node.start_host()
-        return await BaseSnapshots(settings, hypervisor, PipelineLauncher(node)).ensure(image, shape)
+        return await BaseSnapshots(settings, hypervisor, PipelineLauncher(node), WARM_UPS).ensure(image, shape)
 
     err.print(f"[bold]{image.variant}[/bold]: making its base snapshot ({shape}) ...")
     return asyncio.run(make())

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     vm_max_vcpus: int = 8
     max_lifetime_seconds: int = 7 * 24 * 3600
 
+    # Browser sessions (kiln/services/browser.py): each is a VM of the browser
+    # image of this shape (Chromium wants memory), ended after this lifetime.
+    browser_memory_mb: int = 1024
+    browser_vcpu_count: int = 2
+    browser_lifetime_seconds: int = 1800
+
     # Bearer tokens from POST /v1/auth/token.
     token_ttl_seconds: int = 3600
 

@@ -31,6 +31,7 @@ from kiln.api.routers import (
     api_keys,
     audit,
     auth,
+    browser,
     egress,
     execution,
     files,
@@ -58,6 +59,7 @@ from kiln.config import Settings
 from kiln.runtime.driver import Hypervisor
 from kiln.schemas.errors import ValidationError
 from kiln.services.auth import ApiKeyCache, AuthService, load_or_create_secret
+from kiln.services.browser import BrowserService
 from kiln.services.cache_prune import CachePrune
 from kiln.services.egress import EgressService
 from kiln.services.events.audit import AuditService
@@ -169,6 +171,7 @@ def create_app(
             webhook_service = start_webhooks(settings, db, telemetry.webhook_outcome)
             calls = CallLog(db)
             calls.start()
+            browser_service = BrowserService(vm_service, settings)
             app.state.services = Services(
                 auth=auth_service,
                 users=user_service,
@@ -203,11 +206,13 @@ def create_app(
                 vaults=vm_side.vaults,
                 vault_calls=vm_side.vault_calls,
                 system_snapshots=vm_side.system_snapshots,
+                browser=browser_service,
                 staged_env=staged_env,
             )
             try:
                 yield
             finally:
+                await browser_service.stop()
                 await calls.stop()
                 await webhook_service.worker.stop()
                 await cache_prune.stop()
@@ -253,6 +258,7 @@ def create_app(
     app.include_router(egress.router)
     app.include_router(vaults.router)
     app.include_router(stage_env.router)
+    app.include_router(browser.router)
     install_dashboard(app, settings)
     # Last: it answers only where no route above (or added later) has the path.
     install_refusals(app)

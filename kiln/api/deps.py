@@ -16,6 +16,7 @@ from fastapi.security import OAuth2PasswordBearer
 from kiln.api.call_log import note_user
 from kiln.api.metrics import Metrics
 from kiln.services.auth import AuthService
+from kiln.services.browser import BrowserService
 from kiln.services.domains.service import DomainService
 from kiln.services.egress import EgressService
 from kiln.services.errors import Unauthenticated
@@ -80,6 +81,7 @@ class Services:
     vaults: VaultService
     vault_calls: VaultCallLog
     system_snapshots: SystemSnapshots
+    browser: BrowserService
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
     # Values staged for a VM's next command; the same object the execution and

@@ -28,12 +28,15 @@ from kiln.services.errors import (
     InvalidRequest,
     NotFound,
     OutOfSpace,
+    PolicyRefused,
     QuotaExceeded,
     ServiceError,
     TooLarge,
     Unauthenticated,
     Unsupported,
+    UpstreamFailed,
     VmStartFailed,
+    WaitTimedOut,
 )
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,9 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     GuestTimedOut: status.HTTP_504_GATEWAY_TIMEOUT,
     OutOfSpace: status.HTTP_507_INSUFFICIENT_STORAGE,
     Unsupported: status.HTTP_400_BAD_REQUEST,
+    WaitTimedOut: status.HTTP_408_REQUEST_TIMEOUT,
+    PolicyRefused: status.HTTP_403_FORBIDDEN,
+    UpstreamFailed: status.HTTP_502_BAD_GATEWAY,
 }
 
 # RFC 6750: a 401 names the scheme the client should use.

@@ -1,7 +1,7 @@
 """Named refusals for the instavm SDK's routes of features Kiln does not have.
 
-The SDK calls routes of features this server lacks (a headless browser,
-computer use, tapes, ...). A bare ``{"detail": "Not Found"}`` would read as a
+The SDK calls routes of features this server lacks (computer use,
+tapes, ...). A bare ``{"detail": "Not Found"}`` would read as a
 wrong URL or a missing resource (the SDK's ``close_browser_session`` even takes
 a 404 for success), so these paths answer 403 with a ``detail`` naming the
 feature. 403, of the 4xx codes, because the SDK raises ``ForbiddenError(detail)``
@@ -44,7 +44,6 @@ class Unbuilt:
 
 # Features Kiln does not have (SDK-SURFACE.md sections 1a, 1d, 1e, 1i, 1l).
 UNBUILT: tuple[Unbuilt, ...] = (
-    Unbuilt("/v1/browser", "the headless browser (browser sessions and interactions)"),
     Unbuilt("/v1/computeruse", "computer use (desktop VMs, their viewer and VNC)"),
     Unbuilt("/v1/recordings", "desktop recordings"),
     Unbuilt("/v1/templates", "devbox templates"),

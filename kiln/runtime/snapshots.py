@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -85,6 +86,16 @@ def remove_saved(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class WarmUp:
+    """What a variant's guest does once booted, before its base snapshot is saved
+    (the browser variant starts Chromium: restored VMs have it already). ``tag``
+    names it in the snapshot's key: a changed warm-up must change its tag."""
+
+    tag: str
+    run: Callable[[Machine], Awaitable[None]]
+
+
 class Launcher(Protocol):
     """How a base-snapshot build starts and stops its VM: straight through the
     hypervisor (``DirectLauncher``), or through the node's pipeline so the
@@ -110,11 +121,16 @@ class BaseSnapshots:
     """Finds and makes base snapshots; one build per key at a time in this process."""
 
     def __init__(
-        self, settings: Settings, hypervisor: Hypervisor, launcher: Launcher | None = None
+        self,
+        settings: Settings,
+        hypervisor: Hypervisor,
+        launcher: Launcher | None = None,
+        warm_ups: Mapping[str, WarmUp] | None = None,
     ) -> None:
         self._settings = settings
         self._hypervisor = hypervisor
         self._launcher = launcher or DirectLauncher(hypervisor)
+        self._warm_ups = dict(warm_ups or {})
         self.root = settings.cache_dir / BASE_SNAPSHOTS_DIR_NAME
         self._build_locks: dict[str, asyncio.Lock] = {}
 
@@ -130,7 +146,10 @@ class BaseSnapshots:
         except OSError:
             return None  # the image's files are gone (or never were): nothing to boot
         shape_part = f"{shape.memory_mb}m-{shape.vcpu_count}c"
-        return f"{image.variant}-{digest}-{shape_part}-{accel}-f{BASE_SNAPSHOT_FORMAT}"
+        # A warmed-up snapshot is another snapshot than a bare one of the same image.
+        warm_up = self._warm_ups.get(image.variant)
+        warmed = f"-{warm_up.tag}" if warm_up is not None else ""
+        return f"{image.variant}-{digest}-{shape_part}-{accel}-f{BASE_SNAPSHOT_FORMAT}{warmed}"
 
     def shapes_cached(self, image: BootImage) -> int:
         """How many shapes of this image build have a base snapshot (or one being made)."""
@@ -215,6 +234,9 @@ class BaseSnapshots:
                 )
             )
             await machine.wait_ready(self._settings.boot_timeout_seconds)
+            warm_up = self._warm_ups.get(image.variant)
+            if warm_up is not None:
+                await warm_up.run(machine)
             await self._hypervisor.save(machine, work / "saved", keep_running=False)
             # Known only now under KILN_ACCEL=auto: the boot decided the accelerator.
             key = self.key(image, shape)

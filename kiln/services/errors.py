@@ -95,3 +95,15 @@ class TooLarge(ServiceError):
 
 class Unsupported(ServiceError):
     """A feature this server does not have yet (400); the message names it."""
+
+
+class WaitTimedOut(ServiceError):
+    """A wait the caller asked for ran out of its own time limit (408, as the SDK expects)."""
+
+
+class PolicyRefused(ServiceError):
+    """The VM's own policy (its egress policy) forbids what was asked (403; the message names it)."""
+
+
+class UpstreamFailed(ServiceError):
+    """What the guest reached for outside failed (502): a page that did not load."""

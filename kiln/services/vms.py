@@ -14,7 +14,6 @@ participants do the rest. Recovery after a restart is ``vm_recovery``.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import logging
 import secrets
 import time
@@ -287,9 +286,9 @@ class VmService:
             vms = [vm for vm in vms if metadata_contains(vm.labels or {}, metadata)]
         return vms
 
-    def image_variants(self) -> builtins.list[str]:
-        """The image variants this server has built."""
-        return self._images.variants()
+    def image_variants(self) -> frozenset[str]:
+        """The variants this host has an image of (what a create may ask for)."""
+        return frozenset(self._images.variants())
 
     async def get(self, owner_id: int, vm_id: str) -> Vm:
         async with self.db.transaction() as session:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+from kiln.browser.guest import WARM_UPS
 from kiln.config import Settings
 from kiln.crypto.master_key import derive_key, load_master_key
 from kiln.node.host import build_node
@@ -95,7 +96,7 @@ def build_vm_services(
 ) -> VmServices:
     node = build_node(settings, hypervisor, StoreLedger(db), injections_of=partial(injections_of_vm, db))
     background = BackgroundTasks()
-    base = BaseSnapshots(settings, hypervisor, PipelineLauncher(node))
+    base = BaseSnapshots(settings, hypervisor, PipelineLauncher(node), WARM_UPS)
     planner = RestorePlanner(db, node, base, background, settings.max_base_shapes)
     disk = DiskBudget(settings.data_dir, settings.disk_floor_mb * 2**20, node.reserved_disk_bytes)
     snapshots = SnapshotService(settings, db, node, background, disk)

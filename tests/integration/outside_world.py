@@ -458,6 +458,31 @@ def echo(connection: socket.socket, first: bytes) -> None:
         connection.sendall(data)
 
 
+# GET /form of the plain HTTP hosts: a page for browser sessions. A red 100x100
+# square at the top left on a blue page (for pixel checks), a form whose button
+# shows a greeting a moment after it is clicked.
+FORM_PAGE = b"""<!doctype html>
+<html><head><title>Kiln form</title><style>
+body { margin: 0; background: rgb(0, 128, 255); font-family: sans-serif; color: white; }
+#mark { position: absolute; left: 0; top: 0; width: 100px; height: 100px; background: rgb(255, 0, 0); }
+main { padding: 120px 20px; }
+</style></head>
+<body><div id="mark"></div><main>
+<h1>Greeting form</h1>
+<p>Type a name and press the button.</p>
+<form onsubmit="return false"><label for="name">Name</label>
+<input id="name" name="name"> <button id="go" type="button">Greet</button></form>
+<p id="result" hidden></p>
+</main><script>
+document.getElementById("go").onclick = () => setTimeout(() => {
+  const result = document.getElementById("result");
+  result.textContent = "Hello, " + document.getElementById("name").value + "!";
+  result.hidden = false;
+}, 300);
+</script></body></html>
+"""
+
+
 def respond_http(connection: socket.socket, name: str, seen: Seen, head: bytes = b"") -> None:
     while b"\r\n\r\n" not in head:
         data = connection.recv(4096)
@@ -479,9 +504,11 @@ def respond_http(connection: socket.socket, name: str, seen: Seen, head: bytes =
             connection.sendall(block[: min(size, len(block))])
             size -= len(block)
         return
-    body = f"{name} host={host}\n".encode()
+    body, kind = f"{name} host={host}\n".encode(), b"text/plain"
+    if target.split(b"?")[0] == b"/form":
+        body, kind = FORM_PAGE, b"text/html; charset=utf-8"
     connection.sendall(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: " + kind + b"\r\nConnection: close\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )

@@ -20,8 +20,6 @@ from kiln.config import Settings
 @pytest.mark.parametrize(
     ("method", "path", "feature"),
     [
-        ("POST", "/v1/browser/sessions/", "headless browser"),
-        ("POST", "/v1/browser/interactions/navigate", "headless browser"),
         ("PATCH", "/v1/computeruse/sess-1/api/whatever/deep", "computer use"),
         ("GET", "/v1/recordings/rec-1/download", "recordings"),
         ("GET", "/v1/templates", "templates"),

@@ -30,6 +30,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "crypto": {"api", "services", "store", "node", "runtime", "net", "volumes", "schemas", "router", "guest"},
     "schemas": {"api", "services", "node", "runtime"},
     "guest": {"api", "services", "store", "node", "runtime", "schemas", "config", "net", "volumes"},
+    # The browser's mechanism (Chromium in a guest, Playwright over CDP): no users, rows or routes.
+    "browser": {"api", "services", "store", "node", "schemas", "net", "volumes", "router", "sshd", "proxy", "vault"},
     # Vaults' mechanisms (crypto, hosts, auth shapes, the CA): a leaf the services and the proxy use.
     "vault": {"api", "services", "store", "node", "runtime", "schemas", "net", "volumes", "guest", "proxy"},
 }
