@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kiln.config import Settings
 from kiln.runtime.prune import BuildInProgress, prune_cache
+from kiln.services.background import Periodic
 from kiln.services.states import SnapshotType
 from kiln.store.db import Database
 from kiln.store.repositories import SnapshotRepository
@@ -35,7 +36,8 @@ class CachePrune:
     def __init__(self, settings: Settings, db: Database) -> None:
         self._settings = settings
         self._db = db
-        self._loop: asyncio.Task[None] | None = None
+        # A wait first: the server's start (adoption, recovery) settles before a pass.
+        self._passes = Periodic("cache-prune", self.prune, settings.image_prune_interval_seconds, wait_first=True)
 
     async def prune(self) -> list[Path]:
         """One pass: the directories removed (none while a build runs)."""
@@ -61,19 +63,7 @@ class CachePrune:
 
     def start(self) -> None:
         if self._settings.image_prune_interval_seconds > 0:
-            self._loop = asyncio.create_task(self._prune_forever(), name="cache-prune")
+            self._passes.start()
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-            self._loop = None
-
-    async def _prune_forever(self) -> None:
-        while True:
-            # A wait first: the server's start (adoption, recovery) settles before a pass.
-            await asyncio.sleep(self._settings.image_prune_interval_seconds)
-            try:
-                await self.prune()
-            except Exception:
-                log.exception("pruning the image cache failed")
+        await self._passes.stop()

@@ -7,11 +7,11 @@ is passed over for the next idlest."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
 from kiln.config import Settings
+from kiln.services.background import Periodic
 from kiln.services.errors import ServiceError
 from kiln.services.memory_pressure import available_mb
 from kiln.services.states import VmStatus
@@ -32,16 +32,13 @@ class MemoryReliever:
         self.floor_mb = settings.memory_reclaim_floor_mb
         self._vms = vms
         self._available = available
-        self._task: asyncio.Task[None] | None = None
+        self._passes = Periodic("memory-reliever", self.check, RELIEF_CHECK_SECONDS)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="memory-reliever")
+        self._passes.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._passes.stop()
 
     async def check(self) -> str | None:
         """One pass: if the host is below the reclaim floor, suspend the running
@@ -71,11 +68,3 @@ class MemoryReliever:
             self._vms.activity.forget(vm.id)
             return vm.id
         return None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except Exception:
-                log.exception("memory relief pass failed")
-            await asyncio.sleep(RELIEF_CHECK_SECONDS)

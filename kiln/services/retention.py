@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
+from kiln.services.background import Periodic
 from kiln.services.execution import TaskStatus
 from kiln.services.states import ENDED_STATUSES
 from kiln.store.db import Database
@@ -48,7 +48,7 @@ class Retention:
         self._db = db
         self._events = timedelta(days=events_days)
         self._rows = timedelta(days=rows_days)
-        self._loop: asyncio.Task[None] | None = None
+        self._passes = Periodic("retention", self.prune, PASS_INTERVAL_SECONDS)
 
     async def prune(self) -> Pruned:
         """One pass; what went, by kind."""
@@ -68,18 +68,7 @@ class Retention:
         return pruned
 
     def start(self) -> None:
-        self._loop = asyncio.create_task(self._prune_forever(), name="retention")
+        self._passes.start()
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-            self._loop = None
-
-    async def _prune_forever(self) -> None:
-        while True:
-            try:
-                await self.prune()
-            except Exception:
-                log.exception("the retention pass failed")
-            await asyncio.sleep(PASS_INTERVAL_SECONDS)
+        await self._passes.stop()

@@ -16,11 +16,11 @@ commit, so a crash of either process neither loses a use nor records one twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime
 
 from kiln.node.node import Node
+from kiln.services.background import Periodic
 from kiln.services.errors import NotFound
 from kiln.services.events.record import record, vault_call_event
 from kiln.store.db import Database
@@ -39,7 +39,7 @@ class VaultCallLog:
         self.db = db
         self.node = node
         self._lock = asyncio.Lock()  # one take at a time (a file is stored, then removed)
-        self._loop: asyncio.Task[None] | None = None
+        self._takes = Periodic("vault-calls", self.take, TAKE_INTERVAL_SECONDS, wait_first=True)
 
     async def take(self) -> int:
         """Store what the daemon journaled; the number of calls stored."""
@@ -88,19 +88,7 @@ class VaultCallLog:
         return len(rows)
 
     def start(self) -> None:
-        self._loop = asyncio.create_task(self._run(), name="vault-calls")
+        self._takes.start()
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
-            self._loop = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(TAKE_INTERVAL_SECONDS)
-            try:
-                await self.take()
-            except Exception:
-                log.exception("taking vault calls failed")
+        await self._takes.stop()

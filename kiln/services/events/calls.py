@@ -14,13 +14,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
+from kiln.services.background import Periodic
 from kiln.services.events.record import NewEvent, record
 from kiln.store.db import Database
-
-log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 1.0
 # Past this many waiting records, new ones are dropped (and counted) until a flush.
@@ -32,7 +28,7 @@ class CallLog:
         self._db = db
         self._pending: list[NewEvent] = []
         self.dropped = 0
-        self._loop: asyncio.Task[None] | None = None
+        self._flushes = Periodic("api-call-log", self.flush, FLUSH_SECONDS, wait_first=True)
 
     def note(self, event: NewEvent) -> None:
         if len(self._pending) >= MAX_PENDING:
@@ -50,19 +46,8 @@ class CallLog:
         return len(batch)
 
     def start(self) -> None:
-        self._loop = asyncio.create_task(self._forever(), name="api-call-log")
+        self._flushes.start()
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-            self._loop = None
+        await self._flushes.stop()
         await self.flush()
-
-    async def _forever(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            try:
-                await self.flush()
-            except Exception:
-                log.exception("writing API call events failed")

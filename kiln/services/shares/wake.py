@@ -13,10 +13,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from kiln.config import Settings
+from kiln.services.background import Periodic
 from kiln.services.errors import ServiceError
 from kiln.services.states import VmStatus
 from kiln.services.vms import VmService, describe
@@ -32,16 +32,13 @@ class IdleSuspender:
     def __init__(self, settings: Settings, vms: VmService) -> None:
         self._idle_seconds = settings.auto_suspend_idle_seconds
         self._vms = vms
-        self._task: asyncio.Task[None] | None = None
+        self._passes = Periodic("idle-suspender", self.check, IDLE_CHECK_SECONDS)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="idle-suspender")
+        self._passes.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._passes.stop()
 
     async def check(self) -> list[str]:
         """One pass: suspend the idle VMs; returns their ids."""
@@ -66,14 +63,6 @@ class IdleSuspender:
             self._vms.activity.forget(vm.id)
             suspended.append(vm.id)
         return suspended
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except Exception:
-                log.exception("idle check failed")
-            await asyncio.sleep(IDLE_CHECK_SECONDS)
 
 
 class RouterRequests:

@@ -10,7 +10,7 @@ from pathlib import Path
 from kiln.config import Settings
 from kiln.node.node import Node
 from kiln.runtime.snapshots import directory_size, remove_saved
-from kiln.services.background import BackgroundTasks
+from kiln.services.background import BackgroundTasks, Periodic
 from kiln.services.snapshots.rows import IMPORTED_ROOTFS_NAME, dependents, record, reload
 from kiln.services.states import COLLECTABLE_TYPES, SnapshotStatus
 from kiln.store.db import Database
@@ -27,17 +27,14 @@ class Housekeeping:
         self._db = db
         self._node = node
         self._background = background
-        self._loop: asyncio.Task[None] | None = None
+        self._passes = Periodic("snapshot-gc", self.collect_garbage, GC_INTERVAL_SECONDS, wait_first=True)
 
     async def start(self) -> None:
         await self.collect_garbage()
-        self._loop = asyncio.create_task(self._collect_garbage_forever(), name="snapshot-gc")
+        self._passes.start()
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-            self._loop = None
+        await self._passes.stop()
 
     async def collect_garbage(self) -> None:
         """Remove what nothing needs any more: suspended states and disk layers
@@ -122,11 +119,3 @@ class Housekeeping:
         if bottom is None or bottom.id == snapshot_id:
             return None
         return bottom.id if (Path(bottom.directory) / IMPORTED_ROOTFS_NAME).exists() else None
-
-    async def _collect_garbage_forever(self) -> None:
-        while True:
-            await asyncio.sleep(GC_INTERVAL_SECONDS)
-            try:
-                await self.collect_garbage()
-            except Exception:
-                log.exception("snapshot garbage collection failed")
