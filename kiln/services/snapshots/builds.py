@@ -30,12 +30,12 @@ from kiln.services.errors import FieldProblem, InvalidRequest
 from kiln.services.events.record import record as record_event
 from kiln.services.events.record import snapshot_event
 from kiln.services.snapshots.build_plan import BuildPlan, BuildStep, check_build_args, egress_policy, steps
-from kiln.services.snapshots.requests import check_basics
-from kiln.services.snapshots.rows import check_snapshot_quota, new_snapshot_id, now, record, reload
+from kiln.services.snapshots.requests import add_creating, check_basics
+from kiln.services.snapshots.rows import record, reload
 from kiln.services.states import LIVE_STATUSES, SnapshotStatus
 from kiln.services.vms import VmService
 from kiln.store.models import Snapshot
-from kiln.store.repositories import SnapshotRepository, VmRepository
+from kiln.store.repositories import VmRepository
 
 log = logging.getLogger(__name__)
 
@@ -92,32 +92,15 @@ class ImageBuilder:
         ``creating`` and start the build; its outcome is on the record."""
         variant = request.oci_image
         problems: list[FieldProblem] = []
-        shape, snapshot_type = check_basics(request, self._settings, problems)
+        checked = check_basics(request, self._settings, problems)
         plan, arg_problems = check_build_args(request.build_args or {}, self._variant_packages(variant), variant)
         problems += arg_problems
         if problems:
             raise InvalidRequest(problems)
-        snapshot_id = new_snapshot_id()
         async with self._db.transaction() as session:
-            await check_snapshot_quota(session, owner_id, self._settings.quota_snapshots)
-            snapshot = await SnapshotRepository(session).add(
-                Snapshot(
-                    id=snapshot_id,
-                    owner_id=owner_id,
-                    name=request.name,
-                    type=snapshot_type,
-                    status=SnapshotStatus.CREATING,
-                    vcpu_count=shape.vcpu_count,
-                    memory_mb=shape.memory_mb,
-                    image_variant=variant,
-                    size_bytes=0,
-                    directory=str((self._settings.snapshots_dir / snapshot_id).resolve()),
-                    created_at=now(),
-                    build_log="",
-                )
-            )
+            snapshot = await add_creating(session, self._settings, owner_id, request, checked, variant, build_log="")
             await record_event(session, snapshot_event(snapshot, "snapshot.created"))
-        self._background.run(self._build(owner_id, snapshot_id, plan), f"build {snapshot_id}")
+        self._background.run(self._build(owner_id, snapshot.id, plan), f"build {snapshot.id}")
         return snapshot
 
     async def _build(self, owner_id: int, snapshot_id: str, plan: BuildPlan) -> None:

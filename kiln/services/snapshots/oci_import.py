@@ -34,12 +34,9 @@ from kiln.services.background import BackgroundTasks
 from kiln.services.errors import FieldProblem, ImageNotBuilt, InvalidRequest, Unsupported
 from kiln.services.events.record import record as record_event
 from kiln.services.events.record import snapshot_event
-from kiln.services.snapshots.requests import check_basics
+from kiln.services.snapshots.requests import add_creating, check_basics
 from kiln.services.snapshots.rows import (
     IMPORTED_ROOTFS_NAME,
-    check_snapshot_quota,
-    new_snapshot_id,
-    now,
     record,
     reload,
 )
@@ -124,23 +121,9 @@ class ImageImporter:
                 f"run kiln images build {DEFAULT_IMAGE_VARIANT}"
             )
         plan, shape, snapshot_type = await self._check_import(request)
-        snapshot_id = new_snapshot_id()
         async with self._db.transaction() as session:
-            await check_snapshot_quota(session, owner_id, self._settings.quota_snapshots)
-            snapshot = await SnapshotRepository(session).add(
-                Snapshot(
-                    id=snapshot_id,
-                    owner_id=owner_id,
-                    name=request.name,
-                    type=snapshot_type,
-                    status=SnapshotStatus.CREATING,
-                    vcpu_count=shape.vcpu_count,
-                    memory_mb=shape.memory_mb,
-                    image_variant=DEFAULT_IMAGE_VARIANT,
-                    size_bytes=0,
-                    directory=str((self._settings.snapshots_dir / snapshot_id).resolve()),
-                    created_at=now(),
-                )
+            snapshot = await add_creating(
+                session, self._settings, owner_id, request, (shape, snapshot_type), DEFAULT_IMAGE_VARIANT
             )
             payload = {"oci_image": request.oci_image}
             await record_event(session, replace(snapshot_event(snapshot, "snapshot.created"), payload=payload))

@@ -1,14 +1,21 @@
-"""What every ``POST /v1/snapshots`` body is checked for, import or build: the
-shape, the type and the name."""
+"""What every ``POST /v1/snapshots`` body is checked for, import or build (the
+shape, the type and the name), and the ``creating`` row it starts as."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.config import Settings
 from kiln.runtime.snapshots import Shape
 from kiln.schemas.snapshots import SnapshotImportRequest
 from kiln.services.errors import FieldProblem
-from kiln.services.states import SnapshotType
+from kiln.services.snapshots.rows import check_snapshot_quota, new_snapshot_id, now
+from kiln.services.states import SnapshotStatus, SnapshotType
 from kiln.services.vm_policy import MAX_SNAPSHOT_NAME_LENGTH
+from kiln.store.models import Snapshot
+from kiln.store.repositories import SnapshotRepository
 
 CREATE_TYPES = (SnapshotType.USER, SnapshotType.AUTO)
 
@@ -40,3 +47,34 @@ def check_basics(
     if name is not None and (not 1 <= len(name) <= MAX_SNAPSHOT_NAME_LENGTH or not name.isprintable()):
         problems.append(FieldProblem(("name",), f"must be 1-{MAX_SNAPSHOT_NAME_LENGTH} printable characters"))
     return Shape(memory_mb, vcpu_count), snapshot_type
+
+
+async def add_creating(
+    session: AsyncSession,
+    settings: Settings,
+    owner_id: int,
+    request: SnapshotImportRequest,
+    checked: tuple[Shape, SnapshotType],
+    image_variant: str,
+    **columns: Any,
+) -> Snapshot:
+    """The request's snapshot row, ``creating`` (within the user's snapshot quota)."""
+    shape, snapshot_type = checked
+    await check_snapshot_quota(session, owner_id, settings.quota_snapshots)
+    snapshot_id = new_snapshot_id()
+    return await SnapshotRepository(session).add(
+        Snapshot(
+            id=snapshot_id,
+            owner_id=owner_id,
+            name=request.name,
+            type=snapshot_type,
+            status=SnapshotStatus.CREATING,
+            vcpu_count=shape.vcpu_count,
+            memory_mb=shape.memory_mb,
+            image_variant=image_variant,
+            size_bytes=0,
+            directory=str((settings.snapshots_dir / snapshot_id).resolve()),
+            created_at=now(),
+            **columns,
+        )
+    )
