@@ -9,6 +9,7 @@ are skipped, with the reason shown).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,7 +28,6 @@ from kiln.config import Settings
 from kiln.store.db import Database
 
 POSTGRES_URL_VARIABLE = "KILN_TEST_POSTGRES_URL"
-HOST_AT_START = pytest.StashKey[HostState]()
 
 
 async def reset_postgres(url: str) -> None:
@@ -129,20 +129,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config.stash[HOST_AT_START] = HostState.now()
+    before = HostState.now()
+    # A cleanup registered first runs last: after the session fixtures' own cleanups.
+    session.config.add_cleanup(lambda: report_leftovers(before))
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    """What the run left on the host (``tests/leftovers.py``), listed under its results."""
-    before = config.stash.get(HOST_AT_START, None)
-    if before is None:
-        return
+def report_leftovers(before: HostState) -> None:
+    """What the run left on the host (``tests/leftovers.py``), printed after everything ended."""
     added = HostState.now().added_since(before)
-    if added:
-        terminalreporter.section("left on the host since the run started (by this run, or by others beside it)")
-        for kind, names in added.items():
-            terminalreporter.write_line(f"{kind}: {' '.join(names) if kind != 'processes' else ''}")
-            if kind == "processes":
-                for line in names:
-                    terminalreporter.write_line(f"  {line}")
-
+    if not added:
+        return
+    lines = ["left on the host since the run started (by this run, or by others beside it):"]
+    for kind, names in added.items():
+        lines += [f"  {kind}:"] + [f"    {name}" for name in names]
+    print("\n".join(lines), file=sys.stderr)
