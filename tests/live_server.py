@@ -140,6 +140,7 @@ def start_server(
     deadline = time.monotonic() + STARTUP_SECONDS
     while True:
         if process.poll() is not None:
+            _remove_daemons_of_failed_start(data_dir)
             raise RuntimeError(f"kiln serve exited at start:\n{server.log_tail()}")
         try:
             if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
@@ -148,8 +149,17 @@ def start_server(
             pass
         if time.monotonic() > deadline:
             server.stop(crash=True)
+            _remove_daemons_of_failed_start(data_dir)
             raise RuntimeError(f"kiln serve did not answer in time:\n{server.log_tail()}")
         time.sleep(0.1)
+
+
+def _remove_daemons_of_failed_start(data_dir: Path) -> None:
+    """A server that never answered leaves what it had started already (its
+    egress daemon, share router, SSH gateway, nft table) to nobody: remove them.
+    Best effort, the start's own error is what the test reports."""
+    with contextlib.suppress(Exception):
+        destroy_leftover_vms(server_settings(data_dir))
 
 
 def terminate_live_vms(url: str, keys: list[str]) -> None:
