@@ -93,7 +93,17 @@ async def test_compare_and_set_lets_one_transition_win(store: Database) -> None:
 
 
 async def test_the_services_work_on_this_database(database_url: str, tmp_path) -> None:
-    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, max_vms=4)
+    # Fakes for the runtime, so nothing of the host either: no networking (it made
+    # the host's default nftables table), no confinement, no memory floor.
+    settings = Settings(
+        data_dir=tmp_path / "var",
+        database_url=database_url,
+        max_vms=4,
+        networking="off",
+        confinement="off",
+        memory_floor_mb=0,
+        memory_reclaim_floor_mb=0,
+    )
     db = Database(settings.database)
     await db.migrate()
     service = build_vm_services(settings, db, FakeHypervisor(), FakeImageStore(tmp_path)).vms
