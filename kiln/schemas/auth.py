@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from kiln.schemas.bodies import RequestBody
 
 
 class TokenResponse(BaseModel):
@@ -24,15 +26,13 @@ class UserResponse(BaseModel):
     created_at: datetime
 
 
-class ApiKeyUpdateRequest(BaseModel):
+class ApiKeyUpdateRequest(RequestBody):
     """``PATCH /v1/api-keys/{id}``: a key's name is all that may change."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str
 
 
-class ApiKeyCreateRequest(BaseModel):
+class ApiKeyCreateRequest(RequestBody):
     name: str | None = None
 
 

@@ -12,11 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from kiln.schemas.bodies import RequestBody
+
 MAX_WAIT_MS = 300_000
 TimeoutMs = Field(default=30_000, ge=0, le=MAX_WAIT_MS)
 
 
-class BrowserSessionCreate(BaseModel):
+class BrowserSessionCreate(RequestBody):
     viewport_width: int = Field(default=1920, ge=100, le=3840)
     viewport_height: int = Field(default=1080, ge=100, le=2160)
     user_agent: str | None = Field(default=None, max_length=512)
@@ -47,7 +49,7 @@ class BrowserSessionClosed(BaseModel):
     status: str
 
 
-class SessionScoped(BaseModel):
+class SessionScoped(RequestBody):
     session_id: str = Field(min_length=1, max_length=128)
 
 

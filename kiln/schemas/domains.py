@@ -7,8 +7,10 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from kiln.schemas.bodies import RequestBody
 
-class CustomDomainCreateRequest(BaseModel):
+
+class CustomDomainCreateRequest(RequestBody):
     """POST /v1/custom-domains. ``dns_provider``: ``rfc2136`` or ``manual``."""
 
     domain: str = Field(max_length=260)

@@ -9,12 +9,12 @@ that Kiln does not know.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, StrictBool
+from pydantic import BaseModel, StrictBool
+
+from kiln.schemas.bodies import RequestBody
 
 
-class EgressPolicyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EgressPolicyRequest(RequestBody):
     allow_package_managers: StrictBool | None = None
     allow_public_repos: StrictBool | None = None
     allow_http: StrictBool = False

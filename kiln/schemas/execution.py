@@ -7,20 +7,20 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from kiln.schemas.bodies import RequestBody
+
 
 class Language(StrEnum):
     PYTHON = "python"
     BASH = "bash"
 
 
-class CommandRequest(BaseModel):
+class CommandRequest(RequestBody):
     """What to run; the session comes from the body or from the route."""
 
     command: str
     language: Language = Language.PYTHON
-    timeout: float | None = Field(
-        default=None, gt=0, description="Seconds; the run is killed after it (output kept)."
-    )
+    timeout: float | None = Field(default=None, gt=0, description="Seconds; the run is killed after it (output kept).")
 
 
 class ExecuteRequest(CommandRequest):

@@ -6,10 +6,12 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from kiln.schemas.bodies import RequestBody
+
 MAX_TERMINAL_SIZE = 1000
 
 
-class PtyCreateRequest(BaseModel):
+class PtyCreateRequest(RequestBody):
     cols: int = Field(default=80, ge=1, le=MAX_TERMINAL_SIZE)
     rows: int = Field(default=24, ge=1, le=MAX_TERMINAL_SIZE)
     # A command line, run by ``/bin/bash -lc`` (pipes, &&, ... work).
@@ -21,7 +23,7 @@ class PtyCreateRequest(BaseModel):
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class PtyResizeRequest(BaseModel):
+class PtyResizeRequest(RequestBody):
     cols: int = Field(ge=1, le=MAX_TERMINAL_SIZE)
     rows: int = Field(ge=1, le=MAX_TERMINAL_SIZE)
 

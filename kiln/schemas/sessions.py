@@ -10,10 +10,11 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
+from kiln.schemas.bodies import RequestBody
 from kiln.schemas.vms import JsonObject, VmRow
 
 
-class SessionCreateRequest(BaseModel):
+class SessionCreateRequest(RequestBody):
     # The instavm SDK authenticates this one call with its key in the body.
     api_key: str | None = None
     vm_lifetime_seconds: int | None = None
@@ -89,7 +90,7 @@ class SessionUsage(BaseModel):
     disk_gib_hours: float
 
 
-class KillRequest(BaseModel):
+class KillRequest(RequestBody):
     session_id: str
 
 

@@ -6,8 +6,10 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from kiln.schemas.bodies import RequestBody
 
-class ShareCreateRequest(BaseModel):
+
+class ShareCreateRequest(RequestBody):
     """POST /v1/shares: one of ``vm_id`` or ``session_id`` names the VM (both: they must agree)."""
 
     port: int = Field(ge=1, le=65535)
@@ -16,14 +18,14 @@ class ShareCreateRequest(BaseModel):
     session_id: str | None = None
 
 
-class ShareUpdateRequest(BaseModel):
+class ShareUpdateRequest(RequestBody):
     """PATCH /v1/shares/{id}: ``revoke: true`` ends the share for good (the router answers 404)."""
 
     is_public: bool | None = None
     revoke: bool | None = None
 
 
-class ShareLinkRequest(BaseModel):
+class ShareLinkRequest(RequestBody):
     """POST /v1/shares/{id}/link: a signed link to a private share, valid this long."""
 
     expires_in: int | None = Field(default=None, ge=1)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from kiln.schemas.bodies import RequestBody
 
 
 class SnapshotRow(Protocol):
@@ -70,13 +72,13 @@ class SnapshotRecord(BaseModel):
         )
 
 
-class VMSnapshotRequest(BaseModel):
+class VMSnapshotRequest(RequestBody):
     """POST /v1/vms/{vm_id}/snapshot."""
 
     name: str | None = None
 
 
-class SnapshotImportRequest(BaseModel):
+class SnapshotImportRequest(RequestBody):
     """POST /v1/snapshots: a snapshot imported from an OCI image, or built on
     an image variant of this server.
 
@@ -96,13 +98,11 @@ class SnapshotImportRequest(BaseModel):
     type: str | None = None
 
 
-class SystemSnapshotRequest(BaseModel):
+class SystemSnapshotRequest(RequestBody):
     """POST /v1/system-snapshots (the operator's): publish, for every user, a
     copy of ``snapshot_id`` (one of the admin's snapshots) or of the base
     snapshot of ``image_variant`` in a shape (``memory_mb``, ``vcpu_count``:
     the server's defaults if left out)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     snapshot_id: str | None = None
     image_variant: str | None = None

@@ -7,11 +7,13 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from kiln.schemas.bodies import RequestBody
+
 # An OpenSSH public key line: an RSA key of 16384 bits is about 2.8 KB.
 MAX_PUBLIC_KEY_CHARS = 16 * 1024
 
 
-class SshKeyCreateRequest(BaseModel):
+class SshKeyCreateRequest(RequestBody):
     """POST /v1/ssh-keys: one public key as OpenSSH writes it (``ssh-ed25519 AAAA... comment``)."""
 
     public_key: str = Field(min_length=1, max_length=MAX_PUBLIC_KEY_CHARS)

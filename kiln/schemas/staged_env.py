@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from kiln.schemas.bodies import RequestBody
 
 
-class StagedEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StagedEntry(RequestBody):
     env_name: str
     value: str
 
 
-class StageEnvRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StageEnvRequest(RequestBody):
     entries: list[StagedEntry] = Field(min_length=1)
 
 

@@ -12,39 +12,41 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from kiln.schemas.bodies import RequestBody
+
 MAX_NAME = 255
 MAX_DESCRIPTION = 4096
 
 
-class VaultCreateRequest(BaseModel):
+class VaultCreateRequest(RequestBody):
     name: str = Field(min_length=1, max_length=MAX_NAME)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
 
 
-class VaultUpdateRequest(BaseModel):
+class VaultUpdateRequest(RequestBody):
     name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
 
 
-class CredentialCreateRequest(BaseModel):
+class CredentialCreateRequest(RequestBody):
     name: str
     value: str  # checked by the service (a 422 that never quotes it)
     credential_type: str = Field(default="api_key", min_length=1, max_length=64)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
 
 
-class CredentialRotateRequest(BaseModel):
+class CredentialRotateRequest(RequestBody):
     value: str
 
 
-class ServiceCreateRequest(BaseModel):
+class ServiceCreateRequest(RequestBody):
     host: str = Field(max_length=MAX_NAME)
     auth_config: dict[str, Any]
     enabled: bool = True
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
 
 
-class TemplatesRequest(BaseModel):
+class TemplatesRequest(RequestBody):
     template_ids: list[str] = Field(min_length=1, max_length=64)
 
 

@@ -7,19 +7,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from kiln.schemas.bodies import RequestBody
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class VolumeCreateRequest(Strict):
+class VolumeCreateRequest(RequestBody):
     name: str
     quota_bytes: int
 
 
-class VolumeUpdateRequest(Strict):
+class VolumeUpdateRequest(RequestBody):
     """PATCH /v1/volumes/{id}: fields left out (or null) stay as they are."""
 
     name: str | None = None
@@ -60,7 +58,7 @@ class VolumeRecord(BaseModel):
         )
 
 
-class CheckpointCreateRequest(Strict):
+class CheckpointCreateRequest(RequestBody):
     name: str | None = None
 
 
@@ -130,7 +128,7 @@ class VolumeUploadResponse(BaseModel):
     size: int
 
 
-class VolumeDownloadRequest(Strict):
+class VolumeDownloadRequest(RequestBody):
     path: str
 
 
@@ -141,7 +139,7 @@ class VolumeDownloadResponse(BaseModel):
     size: int
 
 
-class VmMountRequest(Strict):
+class VmMountRequest(RequestBody):
     """POST /v1/vms/{vm_id}/volumes (the fields of a create's ``volumes`` entry)."""
 
     volume_id: str

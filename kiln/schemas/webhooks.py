@@ -10,7 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from kiln.schemas.bodies import RequestBody
 
 MAX_URL_CHARS = 2048
 MAX_DESCRIPTION_CHARS = 500
@@ -21,9 +23,7 @@ MAX_RETRIES = 10
 Pattern = Field(min_length=1, max_length=64)
 
 
-class WebhookEndpointCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookEndpointCreate(RequestBody):
     url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
     # fnmatch patterns of event types; none given: every type ("*").
@@ -32,9 +32,7 @@ class WebhookEndpointCreate(BaseModel):
     max_retries: int | None = Field(default=None, ge=0, le=MAX_RETRIES)
 
 
-class WebhookEndpointUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookEndpointUpdate(RequestBody):
     url: str | None = Field(default=None, min_length=1, max_length=MAX_URL_CHARS)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
     event_patterns: list[str] | None = Field(default=None, max_length=MAX_PATTERNS)

@@ -150,7 +150,7 @@ class FakeImageStore:
         self.built = set(built)
 
     def variants(self) -> list[str]:
-        return ["default", "minimal"]
+        return sorted({"default", "minimal"} | self.built)
 
     def get(self, variant: str) -> BootImage | None:
         if variant not in self.built:
