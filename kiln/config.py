@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     port: int = 8000
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     pool_size: int = 0
+    # Pool VMs run a bash and a python3 once when made, so a claimed VM's first
+    # exec does not pay for translating them (TCG: 300-500 ms; kiln.node.pool).
+    pool_warm_up: bool = True
 
     # Admission limits: the whole host. None means "derive from the host".
     max_vms: int | None = None

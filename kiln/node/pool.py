@@ -6,7 +6,11 @@ pipeline as every VM (``Node.start``, with no owner): their host resources
 the pool fills, and their identity is set then (the pipeline's restore step:
 its own entropy seed, the clock, and as hostname the ``vm_id`` it keeps when
 claimed); under TCG the first ``post_restore`` after a restore costs 290-500
-ms, which a claim no longer waits for. A claim (``Node.claim``) sets the clock
+ms, which a claim no longer waits for. Then it runs a bash and a python3 once
+(``WARM_UP_COMMANDS``): under TCG a restored VM's translated code starts empty,
+and the first exec in it pays 300-500 ms to translate bash, ld.so and libc (and
+the interpreter) again. Translations are kept by guest physical page, so the
+user's own processes, which map the same pages, find them made. A claim (``Node.claim``) sets the clock
 again and lets every participant apply what is the user's own (egress policy,
 mounts); the VM service applies env.
 
@@ -35,6 +39,7 @@ from pathlib import Path
 from kiln.node.node import Node
 from kiln.node.participant import EgressRules, VmContext
 from kiln.runtime.driver import BootImage, Machine, SavedState
+from kiln.runtime.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,10 @@ RECHECK_SECONDS = 30.0
 RETRY_SECONDS = 5.0
 
 PoolSource = Callable[[], Awaitable[tuple[BootImage, SavedState] | None]]
+
+# What each new pool VM runs once (best effort: a VM whose warm-up fails is kept).
+WARM_UP_COMMANDS = (("/bin/bash", "-c", "true"), ("python3", "-c", "pass"))
+WARM_UP_SECONDS = 30.0
 
 
 @dataclass
@@ -59,8 +68,11 @@ class WarmPool:
         size: int,
         source: PoolSource,
         new_vm_id: Callable[[], str],
+        *,
+        warm_up: bool = True,
     ) -> None:
         self._node = node
+        self._warm_up = warm_up
         self._vms_dir = vms_dir
         self.size = size
         self._source = source
@@ -140,6 +152,13 @@ class WarmPool:
                 egress=EgressRules() if self._node.wires_networks else None,
             )
         )
+        if self._warm_up:
+            try:
+                await warm_up(machine)
+            except BaseException:
+                # Not idle yet, so ``stop`` does not know it (a cancelled fill).
+                await self._node.stop(vm_id)
+                raise
         log.debug("pool VM %s ready in %.2fs", vm_id, time.monotonic() - started)
         return machine
 
@@ -156,3 +175,13 @@ class WarmPool:
             self._wanted.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wanted.wait(), RECHECK_SECONDS)
+
+
+async def warm_up(machine: Machine) -> None:
+    """Run ``WARM_UP_COMMANDS`` in the guest (see the module docstring)."""
+    for argv in WARM_UP_COMMANDS:
+        try:
+            async for _ in machine.agent.stream("exec", timeout=WARM_UP_SECONDS, argv=list(argv), env={}):
+                pass
+        except RuntimeFailure as error:
+            log.warning("pool VM %s: warm-up %s failed: %s", machine.vm_id, argv[0], error)

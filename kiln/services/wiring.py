@@ -111,7 +111,9 @@ def build_vm_services(
             _, saved = await planner.ensure_base_snapshot(image, shape)
             return image, saved
 
-        pool = WarmPool(node, settings.vms_dir, settings.pool_size, default_base, new_vm_id)
+        pool = WarmPool(
+            node, settings.vms_dir, settings.pool_size, default_base, new_vm_id, warm_up=settings.pool_warm_up
+        )
     if node.volumes is not None:
 
         async def helper_base() -> HelperBase:
