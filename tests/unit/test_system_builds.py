@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+from unit.harness import add_user, key_headers
+
 from kiln.config import Settings
 from kiln.services.snapshots.system import OPERATOR_ONLY
 from kiln.store.db import Database
 from kiln.store.repositories import SnapshotRepository
-from unit.harness import add_user, key_headers
 
 
 async def all_snapshot_rows(settings: Settings) -> list[str]:

@@ -11,6 +11,11 @@ it through ``DELETE /v1/snapshots/{id}`` is a 403 for everyone
 (``SnapshotService.delete``): the operator removes it with
 ``DELETE /v1/system-snapshots/{id}``, refused (409) while a VM or snapshot
 builds on it.
+
+The row is made by ``reserve`` (``requests.add_creating``, as every snapshot
+made from a request) and filled by ``fill``; ``publish`` does both, waiting or
+(``wait=false``) in the background. ``system_builds`` uses the same two for a
+build or import published through ``POST /v1/snapshots`` with ``type: system``.
 """
 
 from __future__ import annotations
