@@ -22,6 +22,8 @@ from live_server import (
 )
 
 SMALL = {"memory_mb": 256, "vcpu_count": 1}  # the shape whose base snapshot is cached
+# The SDK contract's webhook receiver listens on loopback.
+SERVER_ENV = {"KILN_WEBHOOK_ALLOW_PRIVATE": "true"}
 CONTRACT_TEMPLATE = "kiln-contract"  # the slug of the devbox template the contract publishes
 
 
@@ -30,8 +32,7 @@ def server() -> Iterator[LiveServer]:
     data_dir = short_data_dir("kiln-contract-")
     settings = server_settings(data_dir)
     ensure_default_image(settings)
-    # The SDK contract's webhook receiver listens on loopback.
-    live = start_server(data_dir, env={"KILN_WEBHOOK_ALLOW_PRIVATE": "true"})
+    live = start_server(data_dir, env=SERVER_ENV)
     try:
         yield live
     finally:

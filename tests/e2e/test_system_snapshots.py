@@ -18,11 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from contract_server import SMALL, server
+from contract_server import SERVER_ENV, SMALL, server
 from devbox_manifest import template_snapshot_name, write_manifest
 from instavm import InstaVM
 from instavm.exceptions import ForbiddenError
-from live_server import KILN, LiveServer, server_settings
+from live_server import KILN, LiveServer, server_settings, start_server
 from sdk_contract import REFUSAL_WORDS, error_text
 from unit.harness import add_user
 
@@ -75,14 +75,16 @@ def until_done(http: httpx.Client, snapshot_id: str) -> dict:
     return dict(record)
 
 
-def rows_of_type(server: LiveServer, snapshot_type: str) -> list[str]:
-    """The server's snapshot rows of a type, from its store (staging rows are never listed)."""
+def rows_of_type(server: LiveServer, snapshot_type: str) -> dict[str, str]:
+    """The server's snapshot rows of a type and their build logs, from its store
+    (staging rows are never listed)."""
 
-    async def read() -> list[str]:
+    async def read() -> dict[str, str]:
         db = Database(server_settings(server.data_dir).database)
         try:
             async with db.transaction() as session:
-                return [s.id for s in await SnapshotRepository(session).list_any_owner([snapshot_type])]
+                rows = await SnapshotRepository(session).list_any_owner([snapshot_type])
+                return {s.id: s.build_log or "" for s in rows}
         finally:
             await db.close()
 
@@ -201,7 +203,7 @@ def test_the_operators_build_is_published_for_every_user(
     failed = until_done(admin, broken.json()["id"])
     assert failed["status"] == "failed" and "exited with 3" in failed["failure_reason"], failed
     # Nothing staged is left, and the admin has no snapshot of their own from either build.
-    assert rows_of_type(server, "staging") == []
+    assert rows_of_type(server, "staging") == {}
     assert [s["id"] for s in admin.get("/v1/snapshots", params={"type": "user"}).json()] == []
 
     assert name in [s["name"] for s in user_b.snapshots.list(snapshot_type="system")]
@@ -235,3 +237,29 @@ def test_a_publish_not_waited_for_answers_creating(server: LiveServer, admin: ht
     assert (ready["status"], ready["type"]) == ("ready", "system"), ready
     assert ready["id"] in [s["id"] for s in user_b.snapshots.list(snapshot_type="system")]
     assert admin.delete(f"/v1/system-snapshots/{ready['id']}").json() == {"success": True}
+
+
+def test_a_system_build_a_crash_cut_short_is_failed_and_unstaged_at_the_next_start(
+    server: LiveServer, admin: httpx.Client
+) -> None:
+    body = {"oci_image": "default", "type": "system", "name": "sysbuild-crashed", **SMALL,
+            "build_args": {"post_build_cmd": "sleep 3600"}}  # fmt: skip
+    made = admin.post("/v1/snapshots", json=body)
+    assert made.status_code == 200, made.text
+    system_id = made.json()["id"]
+    deadline = time.monotonic() + BUILD_SECONDS
+    while not any("== post_build_cmd" in log for log in rows_of_type(server, "staging").values()):
+        assert time.monotonic() < deadline, rows_of_type(server, "staging")
+        time.sleep(1)
+    builders = [vm["vm_id"] for vm in admin.get("/v1/vms").json() if "kiln_build" in (vm.get("metadata") or {})]
+    assert len(builders) == 1
+
+    server.stop(crash=True)
+    # The same port and data dir: the module's clients and teardown go on with the new process.
+    port = int(server.url.rsplit(":", 1)[1])
+    server.process = start_server(server.data_dir, port=port, env=SERVER_ENV).process
+    failed = admin.get(f"/v1/snapshots/{system_id}").json()
+    assert failed["status"] == "failed" and "the server stopped" in failed["failure_reason"], failed
+    assert rows_of_type(server, "staging") == {}
+    assert admin.get(f"/v1/vms/{builders[0]}").json()["status"] == "terminated"
+    assert admin.delete(f"/v1/system-snapshots/{system_id}").json() == {"success": True}
