@@ -200,6 +200,8 @@ def test_the_operators_build_is_published_for_every_user(
     ready = until_done(admin, made["id"])
     assert (ready["status"], ready["type"], ready["parent_id"], ready["name"]) == ("ready", "system", None, name), ready
     assert "== post_build_cmd" in ready["build_log"], ready["build_log"]  # the build's log comes along
+    again = admin.post("/v1/snapshots", json={**broken_body, "name": name})  # refused before anything starts
+    assert again.status_code == 409 and ready["id"] in again.json()["detail"], again.text
     failed = until_done(admin, broken.json()["id"])
     assert failed["status"] == "failed" and "exited with 3" in failed["failure_reason"], failed
     # Nothing staged is left, and the admin has no snapshot of their own from either build.

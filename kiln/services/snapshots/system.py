@@ -96,8 +96,9 @@ class SystemSnapshots:
         return await reload(self._db, snapshot.id)
 
     async def check_name(self, name: str | None) -> None:
-        """409 if a system snapshot has that name already (the SDK's cookbooks
-        and templates find them by name)."""
+        """409 if a system snapshot that is not ``failed`` has that name already
+        (the SDK's cookbooks and templates find them by name; a failed one
+        does not keep the name from a retry)."""
         async with self._db.transaction() as session:
             await self._check_name(SnapshotRepository(session), name)
 
@@ -130,7 +131,8 @@ class SystemSnapshots:
     async def _check_name(repository: SnapshotRepository, name: str | None) -> None:
         if name is None:
             return
-        taken = [s.id for s in await repository.list_any_owner([SnapshotType.SYSTEM]) if s.name == name]
+        systems = await repository.list_any_owner([SnapshotType.SYSTEM])
+        taken = [s.id for s in systems if s.name == name and s.status != SnapshotStatus.FAILED]
         if taken:
             raise Conflict(f"a system snapshot named {name!r} exists already: {taken[0]}")
 
