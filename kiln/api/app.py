@@ -206,6 +206,7 @@ def create_app(
                 vaults=vm_side.vaults,
                 vault_calls=vm_side.vault_calls,
                 system_snapshots=vm_side.system_snapshots,
+                system_builds=vm_side.system_builds,
                 browser=browser_service,
                 staged_env=staged_env,
             )

@@ -32,6 +32,7 @@ from kiln.services.snapshots.builds import ImageBuilder
 from kiln.services.snapshots.oci_import import ImageImporter
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.snapshots.system import SystemSnapshots
+from kiln.services.snapshots.system_builds import SystemBuilds
 from kiln.services.ssh_keys import SshKeyService
 from kiln.services.staged_env import StagedEnv
 from kiln.services.usage import UsageService
@@ -81,6 +82,7 @@ class Services:
     vaults: VaultService
     vault_calls: VaultCallLog
     system_snapshots: SystemSnapshots
+    system_builds: SystemBuilds
     browser: BrowserService
     # The SSH gateway's address as VM records name it (None: no gateway).
     ssh: tuple[str, int] | None = None
@@ -162,6 +164,10 @@ def get_system_snapshots(request: Request) -> SystemSnapshots:
     return get_services(request).system_snapshots
 
 
+def get_system_builds(request: Request) -> SystemBuilds:
+    return get_services(request).system_builds
+
+
 def get_share_service(request: Request) -> ShareService:
     return get_services(request).shares
 
@@ -229,6 +235,7 @@ Snapshots = Annotated[SnapshotService, Depends(get_snapshot_service)]
 Importer = Annotated[ImageImporter, Depends(get_importer)]
 Builder = Annotated[ImageBuilder, Depends(get_builder)]
 SystemSnapshotsDep = Annotated[SystemSnapshots, Depends(get_system_snapshots)]
+SystemBuildsDep = Annotated[SystemBuilds, Depends(get_system_builds)]
 Egress = Annotated[EgressService, Depends(get_egress_service)]
 VolumeServiceDep = Annotated[VolumeService, Depends(get_volume_service)]
 VolumeFiles = Annotated[VolumeFileService, Depends(get_volume_files)]

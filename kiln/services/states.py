@@ -62,6 +62,10 @@ class SnapshotType(StrEnum):
     # A failed snapshot the user deleted while a VM still runs on its disk:
     # only the disk is left, never listed, removed once nothing stands on it.
     LAYER = "layer"
+    # A build or import of the operator's on its way to a system snapshot
+    # (POST /v1/snapshots with type system): never listed; removed once copied
+    # into the system snapshot or failed, and at the next start.
+    STAGING = "staging"
 
 
 class SnapshotStatus(StrEnum):

@@ -27,6 +27,7 @@ from kiln.services.snapshots.oci_import import ImageFiles, ImageImporter
 from kiln.services.snapshots.restore import RestorePlanner
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.snapshots.system import SystemSnapshots
+from kiln.services.snapshots.system_builds import SystemBuilds
 from kiln.services.vault_bindings import VaultBindings, injections_of_vm
 from kiln.services.vault_calls import VaultCallLog
 from kiln.services.vaults import VaultService
@@ -58,6 +59,7 @@ class VmServices:
     vault_calls: VaultCallLog
     reliever: MemoryReliever
     system_snapshots: SystemSnapshots
+    system_builds: SystemBuilds
 
     async def start(self) -> None:
         """Settle what an earlier server left, then start the loops and the pool."""
@@ -71,6 +73,7 @@ class VmServices:
         await vms.planner.base.remove_unfinished_builds()
         await self.importer.remove_unfinished()
         await self.builder.remove_unfinished()
+        await self.system_builds.remove_unfinished()
         vms.start_loops()
         self.vault_calls.start()
         self.reliever.start()
@@ -141,10 +144,11 @@ def build_vm_services(
     vaults = VaultService(db, vault_key, bindings)
     builder = ImageBuilder(settings, vms, background, partial(variant_packages, images))
     reliever = MemoryReliever(settings, vms)
-    system_snapshots = SystemSnapshots(settings, db, node, images, planner, snapshots, disk)
+    system_snapshots = SystemSnapshots(settings, db, node, images, planner, snapshots, disk, background)
+    system_builds = SystemBuilds(db, system_snapshots, builder, importer, snapshots, background)
     return VmServices(
         vms, importer, builder, background, volumes, files, mounts, vaults, VaultCallLog(db, node), reliever,
-        system_snapshots,
+        system_snapshots, system_builds,
     )
 
 

@@ -173,7 +173,8 @@ class Snapshot(Base):
     ``type`` is ``user`` (POST /v1/vms/{id}/snapshot), ``auto`` (taken at
     terminate), ``base`` (an image booted once, shared by every user: no owner),
     ``system`` (published by the operator for every user: no owner), ``suspend``
-    (a suspended VM's state; never listed, removed with its VM) or ``layer``.
+    (a suspended VM's state; never listed, removed with its VM), ``layer`` or
+    ``staging`` (a build on its way to a system snapshot; never listed).
     """
 
     __tablename__ = "snapshots"

@@ -1,13 +1,16 @@
 """The live server the contract tests share the pattern of: one ``kiln serve``
 per test module, every VM deleted through the API at the end, and any VM
-process left despite that destroyed from its run dir (then the test fails)."""
+process left despite that destroyed from its run dir (then the test fails);
+and the system snapshot a devbox template's publish finds on it."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
 
+import httpx
 import pytest
+from devbox_manifest import template_snapshot_name
 from live_server import (
     LiveServer,
     destroy_leftover_vms,
@@ -19,6 +22,9 @@ from live_server import (
 )
 
 SMALL = {"memory_mb": 256, "vcpu_count": 1}  # the shape whose base snapshot is cached
+# The SDK contract's webhook receiver listens on loopback.
+SERVER_ENV = {"KILN_WEBHOOK_ALLOW_PRIVATE": "true"}
+CONTRACT_TEMPLATE = "kiln-contract"  # the slug of the devbox template the contract publishes
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +32,7 @@ def server() -> Iterator[LiveServer]:
     data_dir = short_data_dir("kiln-contract-")
     settings = server_settings(data_dir)
     ensure_default_image(settings)
-    # The SDK contract's webhook receiver listens on loopback.
-    live = start_server(data_dir, env={"KILN_WEBHOOK_ALLOW_PRIVATE": "true"})
+    live = start_server(data_dir, env=SERVER_ENV)
     try:
         yield live
     finally:
@@ -40,3 +45,17 @@ def server() -> Iterator[LiveServer]:
             shutil.rmtree(data_dir, ignore_errors=True)
             live.log_path.unlink(missing_ok=True)
             assert not leftovers, f"VM run dirs left behind: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def template_snapshot(server: LiveServer) -> Iterator[str]:
+    """The operator's system snapshot that ``templates.publish`` of the
+    ``CONTRACT_TEMPLATE`` manifest reuses (its own build would import
+    docker.io/library/ubuntu:24.04, which a test does not pull): publish then
+    gets past its snapshot step to devbox templates, which are refused."""
+    body = {"image_variant": "default", "name": template_snapshot_name(CONTRACT_TEMPLATE), **SMALL}
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": server.admin_key}, timeout=600) as admin:
+        published = admin.post("/v1/system-snapshots", json=body)
+        assert published.status_code == 200 and published.json()["status"] == "ready", published.text
+        yield published.json()["id"]
+        admin.delete(f"/v1/system-snapshots/{published.json()['id']}")

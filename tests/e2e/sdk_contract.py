@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract_server import CONTRACT_TEMPLATE
+from devbox_manifest import write_manifest
 from instavm import InstaVM
 
 TABLE = Path(__file__).with_name("sdk_contract.toml")
@@ -69,6 +71,8 @@ def bound(client: InstaVM, method: str) -> Callable[..., Any]:
 def dummy(name: str, annotation: object, scratch: Path) -> object:
     """A made-up value for a required parameter, by its name and type."""
     text = str(annotation)
+    if name == "dir_or_manifest":  # templates.publish: a devbox manifest
+        return str(write_manifest(scratch / "template", CONTRACT_TEMPLATE))
     if name in ("file_path", "local_path"):
         path = scratch / "dummy.txt"
         path.write_text("contract\n")

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import requests
 import websockets
-from contract_server import SMALL, server
+from contract_server import SMALL, server, template_snapshot
 from instavm import InstaVM
 from instavm.webhooks import verify
 from live_server import LiveServer
@@ -39,7 +39,7 @@ from webhook_receiver import receiver
 pytestmark = pytest.mark.vm
 
 ROWS = load_rows()
-__all__ = ["server"]  # the module's live server (a fixture)
+__all__ = ["server", "template_snapshot"]  # the module's live server and a published snapshot (fixtures)
 WORKED: set[str] = set()
 
 
@@ -107,8 +107,12 @@ def refused_rows(kind: str) -> list[str]:
 
 
 @pytest.mark.parametrize("method", refused_rows("refused"))
-def test_an_unbuilt_feature_is_refused_by_name(bare_client: InstaVM, tmp_path: Path, method: str) -> None:
+def test_an_unbuilt_feature_is_refused_by_name(
+    bare_client: InstaVM, tmp_path: Path, method: str, request: pytest.FixtureRequest
+) -> None:
     feature = ROWS[method].subject
+    if method == "templates.publish":
+        request.getfixturevalue("template_snapshot")  # what its snapshot step finds
     with pytest.raises(Exception) as caught:
         call_with_dummies(bare_client, method, tmp_path)
     text = error_text(caught.value)

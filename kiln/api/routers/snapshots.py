@@ -24,7 +24,10 @@ a registry it does not pull from) is a 422 on ``oci_image``, and with
 unreachable registry) is one too. Or, when ``oci_image`` names an image
 variant (``default``, ``node``), it builds on it from ``build_args``
 (``kiln.services.snapshots.builds``), the progress in ``build_log``; ``wait``
-does not apply to builds.
+does not apply to builds. With ``type: system`` and the admin's key (403 for
+anyone else) the build or import ends as a system snapshot
+(``kiln.services.snapshots.system_builds``); ``POST /v1/system-snapshots``
+takes ``wait`` too (default true; false: answered ``creating``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from kiln.api.deps import Builder, CurrentUser, Importer, Snapshots, SshEndpoint, SystemSnapshotsDep, Vms
+from kiln.api.deps import (
+    Builder,
+    CurrentUser,
+    Importer,
+    Snapshots,
+    SshEndpoint,
+    SystemBuildsDep,
+    SystemSnapshotsDep,
+    Vms,
+)
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.snapshots import (
     SnapshotImportRequest,
@@ -43,6 +55,7 @@ from kiln.schemas.snapshots import (
     VMSnapshotRequest,
 )
 from kiln.schemas.vms import VMCreateRequest, VMCreateResponse, VMRecord
+from kiln.services.states import SnapshotType
 
 router = APIRouter(tags=["snapshots"])
 
@@ -96,14 +109,22 @@ async def list_snapshots(
     return [SnapshotRecord.from_row(snapshot) for snapshot in await snapshots.list(user.id, type)]
 
 
-@router.post("/v1/snapshots", responses={503: {"model": ErrorMessage}})
+@router.post("/v1/snapshots", responses={403: {"model": ErrorMessage}, 503: {"model": ErrorMessage}})
 async def create_snapshot(
-    body: SnapshotImportRequest, user: CurrentUser, importer: Importer, builder: Builder, wait: Wait = False
+    body: SnapshotImportRequest,
+    user: CurrentUser,
+    importer: Importer,
+    builder: Builder,
+    system: SystemBuildsDep,
+    wait: Wait = False,
 ) -> SnapshotRecord:
     """A snapshot imported from an OCI image (a local OCI image layout directory
     or a registry reference, pulled when the server can reach the registry),
-    or built on an image variant from ``build_args``."""
-    if builder.builds_on(body.oci_image):
+    or built on an image variant from ``build_args``; with ``type: system``
+    (the operator's) published for every user once done."""
+    if body.type == SnapshotType.SYSTEM:
+        snapshot = await system.create(user, body, wait)
+    elif builder.builds_on(body.oci_image):
         snapshot = await builder.build(user.id, body)
     else:
         snapshot = await importer.import_image(user.id, body, wait)
@@ -123,11 +144,12 @@ async def delete_snapshot(snapshot_id: str, user: CurrentUser, snapshots: Snapsh
 
 @router.post("/v1/system-snapshots", responses=FORBIDDEN_NOT_FOUND_OR_CONFLICT)
 async def publish_system_snapshot(
-    body: SystemSnapshotRequest, user: CurrentUser, system: SystemSnapshotsDep
+    body: SystemSnapshotRequest, user: CurrentUser, system: SystemSnapshotsDep, wait: Wait = True
 ) -> SnapshotRecord:
     """The operator's: a snapshot for every user, copied from one of the admin's
-    snapshots or from an image variant's base snapshot."""
-    return SnapshotRecord.from_row(await system.publish(user, body))
+    snapshots or from an image variant's base snapshot (``wait=false``: answered
+    ``creating``, copied in the background)."""
+    return SnapshotRecord.from_row(await system.publish(user, body, wait))
 
 
 @router.delete("/v1/system-snapshots/{snapshot_id}", responses=FORBIDDEN_NOT_FOUND_OR_CONFLICT)

@@ -90,6 +90,11 @@ class ImageBuilder:
     async def build(self, owner_id: int, request: SnapshotImportRequest) -> Snapshot:
         """Check the body (every problem a 422 at its key), make the record
         ``creating`` and start the build; its outcome is on the record."""
+        snapshot, _ = await self.start(owner_id, request)
+        return snapshot
+
+    async def start(self, owner_id: int, request: SnapshotImportRequest) -> tuple[Snapshot, asyncio.Task[None]]:
+        """``build``, and the task that runs it (what ``system_builds`` waits for)."""
         variant = request.oci_image
         problems: list[FieldProblem] = []
         checked = check_basics(request, self._settings, problems)
@@ -98,10 +103,11 @@ class ImageBuilder:
         if problems:
             raise InvalidRequest(problems)
         async with self._db.transaction() as session:
-            snapshot = await add_creating(session, self._settings, owner_id, request, checked, variant, build_log="")
+            snapshot = await add_creating(
+                session, self._settings, owner_id, request.name, checked, variant, build_log=""
+            )
             await record_event(session, snapshot_event(snapshot, "snapshot.created"))
-        self._background.run(self._build(owner_id, snapshot.id, plan), f"build {snapshot.id}")
-        return snapshot
+        return snapshot, self._background.run(self._build(owner_id, snapshot.id, plan), f"build {snapshot.id}")
 
     async def _build(self, owner_id: int, snapshot_id: str, plan: BuildPlan) -> None:
         snapshot = await reload(self._db, snapshot_id)

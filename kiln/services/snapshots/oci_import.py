@@ -112,6 +112,21 @@ class ImageImporter:
         waited for, a problem of the image itself (no python3, a digest that
         does not match, an unreachable registry) is a 422 and leaves no record,
         any other failure comes back as the record, ``failed`` with its reason."""
+        snapshot, task = await self.start(owner_id, request)
+        if not wait:
+            return snapshot
+        with contextlib.suppress(Exception):
+            await asyncio.shield(task)
+        error = task.exception() if task.done() and not task.cancelled() else None
+        if isinstance(error, oci.OciError | UnsuitableRootfs):
+            async with self._db.transaction() as session:
+                await SnapshotRepository(session).delete(await reload(self._db, snapshot.id))
+            raise InvalidRequest.single(("oci_image",), str(error))
+        return await reload(self._db, snapshot.id)
+
+    async def start(self, owner_id: int, request: SnapshotImportRequest) -> tuple[Snapshot, asyncio.Task[None]]:
+        """The checked body's record, ``creating``, and the task that imports
+        into it (what ``system_builds`` waits for)."""
         default = self._images.get(DEFAULT_IMAGE_VARIANT) if self._images is not None else None
         if self._images is None:
             raise Unsupported("this server cannot build images, so it cannot import OCI images")
@@ -123,21 +138,11 @@ class ImageImporter:
         plan, shape, snapshot_type = await self._check_import(request)
         async with self._db.transaction() as session:
             snapshot = await add_creating(
-                session, self._settings, owner_id, request, (shape, snapshot_type), DEFAULT_IMAGE_VARIANT
+                session, self._settings, owner_id, request.name, (shape, snapshot_type), DEFAULT_IMAGE_VARIANT
             )
             payload = {"oci_image": request.oci_image}
             await record_event(session, replace(snapshot_event(snapshot, "snapshot.created"), payload=payload))
-        task = self._background.run(self._import(snapshot.id, plan, shape, default), f"import {snapshot.id}")
-        if not wait:
-            return snapshot
-        with contextlib.suppress(Exception):
-            await asyncio.shield(task)
-        error = task.exception() if task.done() and not task.cancelled() else None
-        if isinstance(error, oci.OciError | UnsuitableRootfs):
-            async with self._db.transaction() as session:
-                await SnapshotRepository(session).delete(await reload(self._db, snapshot.id))
-            raise InvalidRequest.single(("oci_image",), str(error))
-        return await reload(self._db, snapshot.id)
+        return snapshot, self._background.run(self._import(snapshot.id, plan, shape, default), f"import {snapshot.id}")
 
     async def _check_import(
         self, request: SnapshotImportRequest

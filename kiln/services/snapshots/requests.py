@@ -1,5 +1,6 @@
 """What every ``POST /v1/snapshots`` body is checked for, import or build (the
-shape, the type and the name), and the ``creating`` row it starts as."""
+shape, the type and the name), and the ``creating`` row every snapshot made
+from a request starts as (imports, builds, system snapshots)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from kiln.services.vm_policy import MAX_SNAPSHOT_NAME_LENGTH
 from kiln.store.models import Snapshot
 from kiln.store.repositories import SnapshotRepository
 
-CREATE_TYPES = (SnapshotType.USER, SnapshotType.AUTO)
+CREATE_TYPES = (SnapshotType.USER, SnapshotType.AUTO, SnapshotType.SYSTEM)
 
 
 def check_basics(
     request: SnapshotImportRequest, settings: Settings, problems: list[FieldProblem]
 ) -> tuple[Shape, SnapshotType]:
     """The snapshot's shape (the server's defaults within its limits) and type
-    (``user`` unless ``auto``); each problem is added to ``problems``."""
+    (``user`` unless ``auto``; ``system`` is the operator's and is made as a
+    ``staging`` row that ``system_builds`` publishes); each problem is added
+    to ``problems``."""
 
     def within(field: str, value: int | None, default: int, low: int, high: int) -> int:
         if value is None:
@@ -43,6 +46,8 @@ def check_basics(
             problems.append(FieldProblem(("type",), f"must be one of {', '.join(CREATE_TYPES)}"))
         else:
             snapshot_type = SnapshotType(request.type)
+            if snapshot_type == SnapshotType.SYSTEM:
+                snapshot_type = SnapshotType.STAGING
     name = request.name
     if name is not None and (not 1 <= len(name) <= MAX_SNAPSHOT_NAME_LENGTH or not name.isprintable()):
         problems.append(FieldProblem(("name",), f"must be 1-{MAX_SNAPSHOT_NAME_LENGTH} printable characters"))
@@ -52,21 +57,23 @@ def check_basics(
 async def add_creating(
     session: AsyncSession,
     settings: Settings,
-    owner_id: int,
-    request: SnapshotImportRequest,
+    owner_id: int | None,
+    name: str | None,
     checked: tuple[Shape, SnapshotType],
     image_variant: str,
     **columns: Any,
 ) -> Snapshot:
-    """The request's snapshot row, ``creating`` (within the user's snapshot quota)."""
+    """A new snapshot row, ``creating``: a user's within their snapshot quota,
+    or (``owner_id`` None) a system snapshot, which counts against no one's."""
     shape, snapshot_type = checked
-    await check_snapshot_quota(session, owner_id, settings.quota_snapshots)
+    if owner_id is not None:
+        await check_snapshot_quota(session, owner_id, settings.quota_snapshots)
     snapshot_id = new_snapshot_id()
     return await SnapshotRepository(session).add(
         Snapshot(
             id=snapshot_id,
             owner_id=owner_id,
-            name=request.name,
+            name=name,
             type=snapshot_type,
             status=SnapshotStatus.CREATING,
             vcpu_count=shape.vcpu_count,

@@ -10,7 +10,8 @@ deletable by none through the API), ``system`` (published by the operator,
 ``kiln.services.snapshots.system``; no owner, visible to and usable by every
 user, read-only to them), ``suspend`` (a suspended VM's saved state;
 never listed), ``layer`` (a failed snapshot the user deleted while a VM still
-runs on its disk; never listed).
+runs on its disk; never listed), ``staging`` (a build or import of the
+operator's on its way to a system snapshot, ``system_builds``; never listed).
 
 Disks form chains: a saved disk is written on top of its parent snapshot's disk
 (``parent_id``), and a VM's own overlay on top of ``Vm.disk_snapshot_id``. So a

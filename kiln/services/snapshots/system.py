@@ -11,6 +11,11 @@ it through ``DELETE /v1/snapshots/{id}`` is a 403 for everyone
 (``SnapshotService.delete``): the operator removes it with
 ``DELETE /v1/system-snapshots/{id}``, refused (409) while a VM or snapshot
 builds on it.
+
+The row is made by ``reserve`` (``requests.add_creating``, as every snapshot
+made from a request) and filled by ``fill``; ``publish`` does both, waiting or
+(``wait=false``) in the background. ``system_builds`` uses the same two for a
+build or import published through ``POST /v1/snapshots`` with ``type: system``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from kiln.node.node import Node
 from kiln.runtime.errors import RuntimeFailure
 from kiln.runtime.snapshots import Shape, directory_size
 from kiln.schemas.snapshots import SystemSnapshotRequest
+from kiln.services.background import BackgroundTasks
 from kiln.services.disk_budget import DiskBudget
 from kiln.services.errors import (
     Conflict,
@@ -38,8 +44,9 @@ from kiln.services.errors import (
 from kiln.services.events.audit import is_admin
 from kiln.services.events.record import by_user, snapshot_event
 from kiln.services.events.record import record as record_event
+from kiln.services.snapshots.requests import add_creating
 from kiln.services.snapshots.restore import RestorePlanner
-from kiln.services.snapshots.rows import new_snapshot_id, now, record, reload
+from kiln.services.snapshots.rows import record, reload
 from kiln.services.snapshots.service import SnapshotService
 from kiln.services.states import LISTED_TYPES, SnapshotStatus, SnapshotType
 from kiln.services.vm_policy import MAX_SNAPSHOT_NAME_LENGTH
@@ -63,6 +70,7 @@ class SystemSnapshots:
         planner: RestorePlanner,
         snapshots: SnapshotService,
         disk: DiskBudget,
+        background: BackgroundTasks,
     ) -> None:
         self._settings = settings
         self._db = db
@@ -71,45 +79,62 @@ class SystemSnapshots:
         self._planner = planner
         self._snapshots = snapshots
         self._disk = disk
+        self._background = background
 
-    async def publish(self, user: User, request: SystemSnapshotRequest) -> Snapshot:
-        """A new system snapshot, ``ready`` (or ``failed`` with the reason if the copy failed)."""
+    async def publish(self, user: User, request: SystemSnapshotRequest, wait: bool = True) -> Snapshot:
+        """A new system snapshot: ``ready`` (or ``failed`` with the reason if the
+        copy failed), or with ``wait`` false ``creating``, copied in the background."""
         if not is_admin(user):
             raise Forbidden(OPERATOR_ONLY)
         source, name = await self._source(user, request)
+        snapshot = await self.reserve(user, name, source, published_from=source.id)
+        copy = self.fill(snapshot.id, source)
+        if not wait:
+            self._background.run(copy, f"publish {snapshot.id}")
+            return snapshot
+        await copy
+        return await reload(self._db, snapshot.id)
+
+    async def check_name(self, name: str | None) -> None:
+        """409 if a system snapshot that is not ``failed`` has that name already
+        (the SDK's cookbooks and templates find them by name; a failed one
+        does not keep the name from a retry)."""
         async with self._db.transaction() as session:
-            repository = SnapshotRepository(session)
-            taken = [s.id for s in await repository.list_any_owner([SnapshotType.SYSTEM]) if s.name == name]
-            if taken:
-                raise Conflict(f"a system snapshot named {name!r} exists already: {taken[0]}")
-            snapshot_id = new_snapshot_id()
-            snapshot = await repository.add(
-                Snapshot(
-                    id=snapshot_id,
-                    owner_id=None,
-                    name=name,
-                    type=SnapshotType.SYSTEM,
-                    status=SnapshotStatus.CREATING,
-                    vcpu_count=source.vcpu_count,
-                    memory_mb=source.memory_mb,
-                    image_variant=source.image_variant,
-                    size_bytes=0,
-                    directory=str((self._settings.snapshots_dir / snapshot_id).resolve()),
-                    created_at=now(),
-                )
-            )
+            await self._check_name(SnapshotRepository(session), name)
+
+    async def reserve(self, user: User, name: str | None, shape_of: Snapshot, published_from: str) -> Snapshot:
+        """The system snapshot's row, ``creating`` in the shape of ``shape_of``, so
+        that garbage collection leaves its directory alone while it is filled."""
+        async with self._db.transaction() as session:
+            await self._check_name(SnapshotRepository(session), name)
+            checked = (Shape(shape_of.memory_mb, shape_of.vcpu_count), SnapshotType.SYSTEM)
+            snapshot = await add_creating(session, self._settings, None, name, checked, shape_of.image_variant)
             event = snapshot_event(snapshot, "snapshot.created", **by_user(user.id))
-            payload = {**event.payload, "published_from": source.id}
+            payload = {**event.payload, "published_from": published_from}
             await record_event(session, replace(event, owner_id=user.id, payload=payload))
+        return snapshot
+
+    async def fill(self, snapshot_id: str, source: Snapshot, **columns: object) -> None:
+        """Copy ``source``'s save into the reserved row's directory; the row ends
+        ``ready`` (with ``columns``) or ``failed`` with the reason."""
+        directory = Path((await reload(self._db, snapshot_id)).directory)
         try:
-            await self._node.copy_saved(Path(source.directory), Path(snapshot.directory))
-        except (RuntimeFailure, OSError) as error:
+            await self._node.copy_saved(Path(source.directory), directory)
+        except Exception as error:  # a copy in the background has nobody else to record it
             log.warning("publishing %s as system snapshot %s failed: %s", source.id, snapshot_id, error)
             await record(self._db, snapshot_id, None, status=SnapshotStatus.FAILED, failure_reason=str(error))
-            return await reload(self._db, snapshot_id)
-        size = await asyncio.to_thread(directory_size, Path(snapshot.directory))
-        await record(self._db, snapshot_id, None, status=SnapshotStatus.READY, size_bytes=size)
-        return await reload(self._db, snapshot_id)
+            return
+        size = await asyncio.to_thread(directory_size, directory)
+        await record(self._db, snapshot_id, None, status=SnapshotStatus.READY, size_bytes=size, **columns)
+
+    @staticmethod
+    async def _check_name(repository: SnapshotRepository, name: str | None) -> None:
+        if name is None:
+            return
+        systems = await repository.list_any_owner([SnapshotType.SYSTEM])
+        taken = [s.id for s in systems if s.name == name and s.status != SnapshotStatus.FAILED]
+        if taken:
+            raise Conflict(f"a system snapshot named {name!r} exists already: {taken[0]}")
 
     async def unpublish(self, user: User, snapshot_id: str) -> None:
         """Remove a system snapshot (409 while a VM or snapshot builds on it)."""
