@@ -233,6 +233,11 @@ class Hypervisor(Protocol):
         """How many more bytes the VM's disk may take on the host (blocking)."""
         ...
 
+    async def grow_root_disk(self, machine: Machine, size_bytes: int) -> None:
+        """Make the running VM's root disk ``size_bytes`` large (never smaller);
+        the guest sees a bigger block device, its file system is the caller's."""
+        ...
+
     def cap_console(self, run_dir: Path) -> bool:
         """Keep the VM's console log under its cap (blocking); True if it was cut."""
         ...

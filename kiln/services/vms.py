@@ -290,6 +290,11 @@ class VmService:
         """The variants this host has an image of (what a create may ask for)."""
         return frozenset(self._images.variants())
 
+    def image_disk_bytes(self, variant: str) -> int:
+        """How large the disk of a VM of ``variant`` is when it starts from the image (0: not built)."""
+        image = self._images.get(variant)
+        return disk_bytes(image) if image is not None else 0
+
     async def get(self, owner_id: int, vm_id: str) -> Vm:
         async with self.db.transaction() as session:
             vm = await VmRepository(session).get(owner_id, vm_id)
@@ -466,8 +471,7 @@ class VmService:
 
     def _disk_mb(self, vm: Vm) -> int:
         """What the VM's disk may grow to (the usage ledger's disk)."""
-        image = self._images.get(vm.image_variant)
-        return disk_bytes(image) >> 20 if image is not None else 0
+        return self.image_disk_bytes(vm.image_variant) >> 20
 
     async def reload(self, vm_id: str) -> Vm:
         async with self.db.transaction() as session:

@@ -177,12 +177,42 @@ def test_a_failing_step_fails_the_build_with_its_reason(sdk: InstaVM) -> None:
 def test_unusable_build_args_are_a_422_naming_them(api: Api) -> None:
     response = api.http.post(
         "/v1/snapshots",
-        json={"oci_image": "default", "build_args": {"disk_size_gb": 20, "extra_npm_packages": [NPM_PACKAGE],
+        json={"oci_image": "default", "build_args": {"disk_size_gb": 0, "extra_npm_packages": [NPM_PACKAGE],
                                                      "extra_apt_packages": ["-o", "x"], "nope": 1}},
     )  # fmt: skip
     assert response.status_code == 422, response.text
     named = {entry["loc"][-1] for entry in response.json()["detail"]}
     assert named == {"disk_size_gb", "extra_npm_packages", "extra_apt_packages", "nope"}, response.json()
+    assert [s for s in api.http.get("/v1/snapshots?type=user").json()] == []
+
+
+def test_disk_size_gb_grows_the_disk_of_the_build_and_of_every_vm_made_from_it(sdk: InstaVM) -> None:
+    # The default image's disk is about 1.1 GiB with under 1 GiB free: 1.5 GiB
+    # (allocated, not written: fast under TCG) only fits on the grown disk.
+    created = sdk.snapshots.create(
+        oci_image="default",
+        build_args={"disk_size_gb": 3, "post_build_cmd": "fallocate -l 1536M /var/tmp/room && rm /var/tmp/room"},
+    )
+    ready = sdk.templates._wait_for_snapshot(created["id"])
+    assert "== grow the root file system to 3 GiB" in ready["build_log"], ready
+    vm = sdk.vms.create(snapshot_id=created["id"], wait=True)
+    try:
+        device = int(run(sdk, vm["vm_id"], "cat /sys/block/vda/size")) * 512
+        filesystem = int(run(sdk, vm["vm_id"], "df -B1 --output=size / | tail -1"))
+        assert device == 3 << 30
+        # ext4's own metadata aside, the file system fills the disk.
+        assert filesystem > (3 << 30) * 0.9, filesystem
+        run(sdk, vm["vm_id"], "fallocate -l 1536M /var/tmp/room && rm /var/tmp/room")
+    finally:
+        sdk.vms.delete(vm["vm_id"])
+    sdk.snapshots.delete(created["id"])
+
+
+def test_unusable_disk_sizes_are_a_422_naming_disk_size_gb(api: Api) -> None:
+    for size in (1, 0, -1, 2.5, "3", 10_000):
+        response = api.http.post("/v1/snapshots", json={"oci_image": "default", "build_args": {"disk_size_gb": size}})
+        assert response.status_code == 422, (size, response.text)
+        assert [entry["loc"] for entry in response.json()["detail"]] == [["body", "build_args", "disk_size_gb"]]
     assert [s for s in api.http.get("/v1/snapshots?type=user").json()] == []
 
 

@@ -102,7 +102,8 @@ async def create_snapshot(
 ) -> SnapshotRecord:
     """A snapshot imported from an OCI image (a local OCI image layout directory
     or a registry reference, pulled when the server can reach the registry),
-    or built on an image variant from ``build_args``."""
+    or built on an image variant from ``build_args`` (packages, a clone, commands,
+    ``envs``; ``disk_size_gb`` grows the root disk to that many GiB first)."""
     if builder.builds_on(body.oci_image):
         snapshot = await builder.build(user.id, body)
     else:
