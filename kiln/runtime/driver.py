@@ -40,6 +40,8 @@ class SavedState:
     memory_file: Path | None = None
     # The frozen disk: restored VMs get an overlay on top of it.
     disk: Path | None = None
+    # The disk's virtual size (what a restored VM's overlay may grow to; 0: unknown).
+    disk_bytes: int = 0
 
 
 class SaveOutcome(StrEnum):

@@ -14,6 +14,7 @@ participants do the rest. Recovery after a restart is ``vm_recovery``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -33,7 +34,7 @@ from kiln.node.node import Node
 from kiln.node.participant import SavedDrive, VmContext
 from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Machine, SavedState
-from kiln.runtime.errors import AgentError
+from kiln.runtime.errors import AgentError, RuntimeFailure
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.activity import Activity
 from kiln.services.admission import Admission
@@ -67,7 +68,7 @@ from kiln.services.vault_bindings import VaultBindings
 from kiln.services.vm_policy import CreatePlan, check_create, check_update
 from kiln.services.volumes.mounts import MountPlan, VolumeMounts, vm_mounts
 from kiln.store.db import Database
-from kiln.store.models import Vm
+from kiln.store.models import Snapshot, Vm
 from kiln.store.repositories import HostResourceRepository, SessionRepository, VmRepository
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class VmService:
         # base snapshot of a new shape). _admit checks again, atomically with the insert.
         async with self.db.transaction() as session:
             await self.admission.check(session, owner_id, plan.memory_mb, plan.vcpu_count)
-        await asyncio.to_thread(self.disk.check_create, disk_bytes(image))
+        await asyncio.to_thread(lambda: self.disk.check_create(self._disk_bytes_from(image, source)))
         # Fastest first: restore a saved VM (its snapshot, else the image's base
         # snapshot); cold boot only when there is none yet.
         restore = await self.planner.plan_restore(plan, image, source)
@@ -289,6 +290,14 @@ class VmService:
     def image_variants(self) -> frozenset[str]:
         """The variants this host has an image of (what a create may ask for)."""
         return frozenset(self._images.variants())
+
+    def _disk_bytes_from(self, image: BootImage, source: Snapshot | None) -> int:
+        """How large a new VM's disk may grow (blocking): its snapshot's, which
+        a build's ``disk_size_gb`` may have made larger than its image's."""
+        if source is not None:
+            with contextlib.suppress(RuntimeFailure):
+                return max(self.node.saved_state(Path(source.directory)).disk_bytes, disk_bytes(image))
+        return disk_bytes(image)
 
     def image_disk_bytes(self, variant: str) -> int:
         """How large the disk of a VM of ``variant`` is when it starts from the image (0: not built)."""

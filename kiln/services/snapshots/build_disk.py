@@ -25,9 +25,7 @@ ROOT_DEVICE = "vda"
 SEEN_POLLS, SEEN_POLL_SECONDS = 150, 0.2
 
 
-def check_disk_size(
-    args: dict[str, Any], image_disk_bytes: int, max_gb: int
-) -> tuple[int | None, list[FieldProblem]]:
+def check_disk_size(args: dict[str, Any], image_disk_bytes: int, max_gb: int) -> tuple[int | None, list[FieldProblem]]:
     """The root disk's new size in bytes (None: the variant's as it is), and
     the problem of ``build_args.disk_size_gb`` if it is not a usable size."""
     value = args.get(KEY)
@@ -43,9 +41,7 @@ def check_disk_size(
     if value < 1 or value > max_gb:
         return refuse(f"must be between 1 and {max_gb} GiB (KILN_MAX_BUILD_DISK_GB)")
     if value * GIB < image_disk_bytes:
-        return refuse(
-            f"must be at least the image's disk ({image_disk_bytes / GIB:.2f} GiB); a build never shrinks it"
-        )
+        return refuse(f"must be at least the image's disk ({image_disk_bytes / GIB:.2f} GiB); a build never shrinks it")
     return value * GIB, []
 
 
