@@ -69,7 +69,7 @@ from kiln.services.vm_policy import CreatePlan, check_create, check_update
 from kiln.services.volumes.mounts import MountPlan, VolumeMounts, vm_mounts
 from kiln.store.db import Database
 from kiln.store.models import Snapshot, Vm
-from kiln.store.repositories import HostResourceRepository, SessionRepository, VmRepository
+from kiln.store.repositories import HostResourceRepository, SessionRepository, SnapshotRepository, VmRepository
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +292,8 @@ class VmService:
         return frozenset(self._images.variants())
 
     def _disk_bytes_from(self, image: BootImage, source: Snapshot | None) -> int:
-        """How large a new VM's disk may grow (blocking): its snapshot's, which
-        a build's ``disk_size_gb`` may have made larger than its image's."""
+        """How large a VM's disk may grow (blocking): that of the snapshot it
+        stands on, which a build's ``disk_size_gb`` may have made larger than its image's."""
         if source is not None:
             with contextlib.suppress(RuntimeFailure):
                 return max(self.node.saved_state(Path(source.directory)).disk_bytes, disk_bytes(image))
@@ -475,12 +475,19 @@ class VmService:
             vm = await vms.get_any_owner(vm_id)
             if vm is not None:
                 await record(session, transition_event(vm, current, target, fields.get("failure_reason")))
-                await ledger_transition(session, vm, current, target, self._disk_mb(vm))
+                await ledger_transition(session, vm, current, target, await self._disk_mb(session, vm))
             return True
 
-    def _disk_mb(self, vm: Vm) -> int:
-        """What the VM's disk may grow to (the usage ledger's disk)."""
-        return self.image_disk_bytes(vm.image_variant) >> 20
+    async def _disk_mb(self, session: AsyncSession, vm: Vm) -> int:
+        """What the VM's disk may grow to (the usage ledger's disk): its saved
+        disk's size when it stands on one (a build may have grown it), else its image's."""
+        image = self._images.get(vm.image_variant)
+        if image is None:
+            return 0
+        saved = None
+        if vm.disk_snapshot_id is not None:
+            saved = await SnapshotRepository(session).get_any_owner(vm.disk_snapshot_id)
+        return (await asyncio.to_thread(self._disk_bytes_from, image, saved)) >> 20
 
     async def reload(self, vm_id: str) -> Vm:
         async with self.db.transaction() as session:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -186,7 +187,7 @@ def test_unusable_build_args_are_a_422_naming_them(api: Api) -> None:
     assert [s for s in api.http.get("/v1/snapshots?type=user").json()] == []
 
 
-def test_disk_size_gb_grows_the_disk_of_the_build_and_of_every_vm_made_from_it(sdk: InstaVM) -> None:
+def test_disk_size_gb_grows_the_disk_of_the_build_and_of_every_vm_made_from_it(api: Api, sdk: InstaVM) -> None:
     # The default image's disk is about 1.1 GiB with under 1 GiB free: 1.5 GiB
     # (allocated, not written: fast under TCG) only fits on the grown disk.
     created = sdk.snapshots.create(
@@ -203,6 +204,10 @@ def test_disk_size_gb_grows_the_disk_of_the_build_and_of_every_vm_made_from_it(s
         # ext4's own metadata aside, the file system fills the disk.
         assert filesystem > (3 << 30) * 0.9, filesystem
         run(sdk, vm["vm_id"], "fallocate -l 1536M /var/tmp/room && rm /var/tmp/room")
+        # The usage ledger counts the disk it may grow to: the grown one.
+        with sqlite3.connect(api.server.data_dir / "kiln.db") as db:
+            counted = db.execute("SELECT disk_mb FROM usage_intervals WHERE vm_id = ?", (vm["vm_id"],)).fetchall()
+        assert counted == [(3 << 10,)], counted
     finally:
         sdk.vms.delete(vm["vm_id"])
     sdk.snapshots.delete(created["id"])
