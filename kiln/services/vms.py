@@ -400,7 +400,9 @@ class VmService:
             image = self._images.get(vm.image_variant)
             if image is None:
                 raise ImageNotBuilt(f"image '{vm.image_variant}' is not built")
-            await asyncio.to_thread(self.disk.check_create, disk_bytes(image))
+            async with self.db.transaction() as session:
+                needed = await self._disk_bytes_of(session, vm, image)
+            await asyncio.to_thread(self.disk.check_create, needed)
             if not await self.set_status(vm_id, S.SUSPENDED, S.RESUMING):
                 raise Conflict(f"vm {vm_id} changed state meanwhile; try again")
             # Read again: a policy stored while it was suspended is the one it resumes with.
@@ -479,15 +481,17 @@ class VmService:
             return True
 
     async def _disk_mb(self, session: AsyncSession, vm: Vm) -> int:
-        """What the VM's disk may grow to (the usage ledger's disk): its saved
-        disk's size when it stands on one (a build may have grown it), else its image's."""
+        """What the VM's disk may grow to (the usage ledger's disk)."""
         image = self._images.get(vm.image_variant)
-        if image is None:
-            return 0
+        return (await self._disk_bytes_of(session, vm, image)) >> 20 if image is not None else 0
+
+    async def _disk_bytes_of(self, session: AsyncSession, vm: Vm, image: BootImage) -> int:
+        """What the VM's disk may grow to: its saved disk's size when it stands
+        on one (a build may have grown it), else its image's."""
         saved = None
         if vm.disk_snapshot_id is not None:
             saved = await SnapshotRepository(session).get_any_owner(vm.disk_snapshot_id)
-        return (await asyncio.to_thread(self._disk_bytes_from, image, saved)) >> 20
+        return await asyncio.to_thread(self._disk_bytes_from, image, saved)
 
     async def reload(self, vm_id: str) -> Vm:
         async with self.db.transaction() as session:

@@ -204,10 +204,18 @@ def test_disk_size_gb_grows_the_disk_of_the_build_and_of_every_vm_made_from_it(a
         # ext4's own metadata aside, the file system fills the disk.
         assert filesystem > (3 << 30) * 0.9, filesystem
         run(sdk, vm["vm_id"], "fallocate -l 1536M /var/tmp/room && rm /var/tmp/room")
-        # The usage ledger counts the disk it may grow to: the grown one.
+        # A suspend saves the grown disk; the resumed VM goes on with it.
+        assert sdk.vms.suspend(vm["vm_id"])["status"] == "suspended"
+        assert sdk.vms.resume(vm["vm_id"], wait=True)["status"] == "running"
+        assert int(run(sdk, vm["vm_id"], "df -B1 --output=size / | tail -1")) == filesystem
+        # The usage ledger counts the disk it may grow to: the grown one (running,
+        # then suspended with its memory, then running again).
         with sqlite3.connect(api.server.data_dir / "kiln.db") as db:
-            counted = db.execute("SELECT disk_mb FROM usage_intervals WHERE vm_id = ?", (vm["vm_id"],)).fetchall()
-        assert counted == [(3 << 10,)], counted
+            counted = db.execute(
+                "SELECT disk_mb FROM usage_intervals WHERE vm_id = ? ORDER BY id", (vm["vm_id"],)
+            ).fetchall()
+        memory = sdk.vms.get(vm["vm_id"])["memory_mb"]
+        assert counted == [(3 << 10,), ((3 << 10) + memory,), (3 << 10,)], counted
     finally:
         sdk.vms.delete(vm["vm_id"])
     sdk.snapshots.delete(created["id"])
