@@ -5,7 +5,7 @@ local outside world (``mirror.test``, never the internet), and the SDK's own
 
 The server's mirror settings point apt, pip and npm at ``mirror.test``; the
 builder may reach that host alone. A VM made from the built snapshot has the
-packages.
+packages; one built with ``disk_size_gb`` has the grown disk and file system.
 """
 
 from __future__ import annotations
