@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     npm_registry: str | None = None
     # How long one step of a build (an install, a clone, post_build_cmd) may run.
     build_step_timeout_seconds: float = 1800.0
+    # The largest root disk a build's disk_size_gb may ask for (GiB).
+    max_build_disk_gb: int = 32
 
     # Request and transfer limits (413 past them). A request body (counted as it
     # arrives, chunked or not), except POST /upload, whose body may be as large

@@ -207,6 +207,15 @@ class Node:
         """The last ``max_bytes`` of the VM's console ("" once its run dir is gone)."""
         return await asyncio.to_thread(self.hypervisor.console_tail, run_dir, max_bytes)
 
+    async def grow_root_disk(self, vm_id: str, size_bytes: int) -> None:
+        """Grow the running VM's root disk to ``size_bytes`` (its file system is
+        the guest's), under its save lock: a save switches the disk's top node."""
+        async with self.machines.save_lock(vm_id):
+            machine = self.machines.get(vm_id)
+            if machine is None:
+                raise LookupError(f"vm {vm_id} has no running process here")
+            await self.hypervisor.grow_root_disk(machine, size_bytes)
+
     def reserved_disk_bytes(self) -> int:
         """What the running VMs may still write to the host's disk (blocking)."""
         return sum(self.hypervisor.disk_growth_left(machine) for _, machine in self.machines.items())

@@ -40,6 +40,8 @@ class SavedState:
     memory_file: Path | None = None
     # The frozen disk: restored VMs get an overlay on top of it.
     disk: Path | None = None
+    # The disk's virtual size (what a restored VM's overlay may grow to; 0: unknown).
+    disk_bytes: int = 0
 
 
 class SaveOutcome(StrEnum):
@@ -231,6 +233,11 @@ class Hypervisor(Protocol):
 
     def disk_growth_left(self, machine: Machine) -> int:
         """How many more bytes the VM's disk may take on the host (blocking)."""
+        ...
+
+    async def grow_root_disk(self, machine: Machine, size_bytes: int) -> None:
+        """Make the running VM's root disk ``size_bytes`` large (never smaller);
+        the guest sees a bigger block device, its file system is the caller's."""
         ...
 
     def cap_console(self, run_dir: Path) -> bool:

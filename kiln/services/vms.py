@@ -14,6 +14,7 @@ participants do the rest. Recovery after a restart is ``vm_recovery``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -33,7 +34,7 @@ from kiln.node.node import Node
 from kiln.node.participant import SavedDrive, VmContext
 from kiln.node.pool import WarmPool
 from kiln.runtime.driver import BootImage, Machine, SavedState
-from kiln.runtime.errors import AgentError
+from kiln.runtime.errors import AgentError, RuntimeFailure
 from kiln.schemas.vms import VMCreateRequest, VMUpdateRequest
 from kiln.services.activity import Activity
 from kiln.services.admission import Admission
@@ -67,8 +68,8 @@ from kiln.services.vault_bindings import VaultBindings
 from kiln.services.vm_policy import CreatePlan, check_create, check_update
 from kiln.services.volumes.mounts import MountPlan, VolumeMounts, vm_mounts
 from kiln.store.db import Database
-from kiln.store.models import Vm
-from kiln.store.repositories import HostResourceRepository, SessionRepository, VmRepository
+from kiln.store.models import Snapshot, Vm
+from kiln.store.repositories import HostResourceRepository, SessionRepository, SnapshotRepository, VmRepository
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class VmService:
         # base snapshot of a new shape). _admit checks again, atomically with the insert.
         async with self.db.transaction() as session:
             await self.admission.check(session, owner_id, plan.memory_mb, plan.vcpu_count)
-        await asyncio.to_thread(self.disk.check_create, disk_bytes(image))
+        await asyncio.to_thread(lambda: self.disk.check_create(self._disk_bytes_from(image, source)))
         # Fastest first: restore a saved VM (its snapshot, else the image's base
         # snapshot); cold boot only when there is none yet.
         restore = await self.planner.plan_restore(plan, image, source)
@@ -289,6 +290,19 @@ class VmService:
     def image_variants(self) -> frozenset[str]:
         """The variants this host has an image of (what a create may ask for)."""
         return frozenset(self._images.variants())
+
+    def _disk_bytes_from(self, image: BootImage, source: Snapshot | None) -> int:
+        """How large a VM's disk may grow (blocking): that of the snapshot it
+        stands on, which a build's ``disk_size_gb`` may have made larger than its image's."""
+        if source is not None:
+            with contextlib.suppress(RuntimeFailure):
+                return max(self.node.saved_state(Path(source.directory)).disk_bytes, disk_bytes(image))
+        return disk_bytes(image)
+
+    def image_disk_bytes(self, variant: str) -> int:
+        """How large the disk of a VM of ``variant`` is when it starts from the image (0: not built)."""
+        image = self._images.get(variant)
+        return disk_bytes(image) if image is not None else 0
 
     async def get(self, owner_id: int, vm_id: str) -> Vm:
         async with self.db.transaction() as session:
@@ -386,7 +400,9 @@ class VmService:
             image = self._images.get(vm.image_variant)
             if image is None:
                 raise ImageNotBuilt(f"image '{vm.image_variant}' is not built")
-            await asyncio.to_thread(self.disk.check_create, disk_bytes(image))
+            async with self.db.transaction() as session:
+                needed = await self._disk_bytes_of(session, vm, image)
+            await asyncio.to_thread(self.disk.check_create, needed)
             if not await self.set_status(vm_id, S.SUSPENDED, S.RESUMING):
                 raise Conflict(f"vm {vm_id} changed state meanwhile; try again")
             # Read again: a policy stored while it was suspended is the one it resumes with.
@@ -461,13 +477,21 @@ class VmService:
             vm = await vms.get_any_owner(vm_id)
             if vm is not None:
                 await record(session, transition_event(vm, current, target, fields.get("failure_reason")))
-                await ledger_transition(session, vm, current, target, self._disk_mb(vm))
+                await ledger_transition(session, vm, current, target, await self._disk_mb(session, vm))
             return True
 
-    def _disk_mb(self, vm: Vm) -> int:
+    async def _disk_mb(self, session: AsyncSession, vm: Vm) -> int:
         """What the VM's disk may grow to (the usage ledger's disk)."""
         image = self._images.get(vm.image_variant)
-        return disk_bytes(image) >> 20 if image is not None else 0
+        return (await self._disk_bytes_of(session, vm, image)) >> 20 if image is not None else 0
+
+    async def _disk_bytes_of(self, session: AsyncSession, vm: Vm, image: BootImage) -> int:
+        """What the VM's disk may grow to: its saved disk's size when it stands
+        on one (a build may have grown it), else its image's."""
+        saved = None
+        if vm.disk_snapshot_id is not None:
+            saved = await SnapshotRepository(session).get_any_owner(vm.disk_snapshot_id)
+        return await asyncio.to_thread(self._disk_bytes_from, image, saved)
 
     async def reload(self, vm_id: str) -> Vm:
         async with self.db.transaction() as session:

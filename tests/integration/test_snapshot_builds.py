@@ -5,7 +5,7 @@ local outside world (``mirror.test``, never the internet), and the SDK's own
 
 The server's mirror settings point apt, pip and npm at ``mirror.test``; the
 builder may reach that host alone. A VM made from the built snapshot has the
-packages.
+packages; one built with ``disk_size_gb`` has the grown disk and file system.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -177,13 +178,47 @@ def test_a_failing_step_fails_the_build_with_its_reason(sdk: InstaVM) -> None:
 def test_unusable_build_args_are_a_422_naming_them(api: Api) -> None:
     response = api.http.post(
         "/v1/snapshots",
-        json={"oci_image": "default", "build_args": {"disk_size_gb": 20, "extra_npm_packages": [NPM_PACKAGE],
+        json={"oci_image": "default", "build_args": {"disk_size_gb": 0, "extra_npm_packages": [NPM_PACKAGE],
                                                      "extra_apt_packages": ["-o", "x"], "nope": 1}},
     )  # fmt: skip
     assert response.status_code == 422, response.text
     named = {entry["loc"][-1] for entry in response.json()["detail"]}
     assert named == {"disk_size_gb", "extra_npm_packages", "extra_apt_packages", "nope"}, response.json()
     assert [s for s in api.http.get("/v1/snapshots?type=user").json()] == []
+
+
+def test_disk_size_gb_grows_the_disk_of_the_build_and_of_every_vm_made_from_it(api: Api, sdk: InstaVM) -> None:
+    # The default image's disk is about 1.1 GiB with under 1 GiB free: 1.5 GiB
+    # (allocated, not written: fast under TCG) only fits on the grown disk.
+    created = sdk.snapshots.create(
+        oci_image="default",
+        build_args={"disk_size_gb": 3, "post_build_cmd": "fallocate -l 1536M /var/tmp/room && rm /var/tmp/room"},
+    )
+    ready = sdk.templates._wait_for_snapshot(created["id"])
+    assert "== grow the root file system to 3 GiB" in ready["build_log"], ready
+    vm = sdk.vms.create(snapshot_id=created["id"], wait=True)
+    try:
+        device = int(run(sdk, vm["vm_id"], "cat /sys/block/vda/size")) * 512
+        filesystem = int(run(sdk, vm["vm_id"], "df -B1 --output=size / | tail -1"))
+        assert device == 3 << 30
+        # ext4's own metadata aside, the file system fills the disk.
+        assert filesystem > (3 << 30) * 0.9, filesystem
+        run(sdk, vm["vm_id"], "fallocate -l 1536M /var/tmp/room && rm /var/tmp/room")
+        # A suspend saves the grown disk; the resumed VM goes on with it.
+        assert sdk.vms.suspend(vm["vm_id"])["status"] == "suspended"
+        assert sdk.vms.resume(vm["vm_id"], wait=True)["status"] == "running"
+        assert int(run(sdk, vm["vm_id"], "df -B1 --output=size / | tail -1")) == filesystem
+        # The usage ledger counts the disk it may grow to: the grown one (running,
+        # then suspended with its memory, then running again).
+        with sqlite3.connect(api.server.data_dir / "kiln.db") as db:
+            counted = db.execute(
+                "SELECT disk_mb FROM usage_intervals WHERE vm_id = ? ORDER BY id", (vm["vm_id"],)
+            ).fetchall()
+        memory = sdk.vms.get(vm["vm_id"])["memory_mb"]
+        assert counted == [(3 << 10,), ((3 << 10) + memory,), (3 << 10,)], counted
+    finally:
+        sdk.vms.delete(vm["vm_id"])
+    sdk.snapshots.delete(created["id"])
 
 
 def test_instavm_snapshot_build(api: Api, sdk: InstaVM, tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ class FakeHypervisor:
     def __init__(self) -> None:
         self.machines: dict[str, FakeMachine] = {}
         self.destroyed: list[str] = []
+        self.grown: dict[str, int] = {}  # vm_id -> the size its root disk was grown to
         self.start_error: Exception | None = None
         # Behaviour of the next machines started.
         self.agent_failures: dict[str, Exception] = {}
@@ -126,6 +127,9 @@ class FakeHypervisor:
 
     def disk_growth_left(self, machine: FakeMachine) -> int:
         return 0
+
+    async def grow_root_disk(self, machine: FakeMachine, size_bytes: int) -> None:
+        self.grown[machine.vm_id] = size_bytes
 
     def cap_console(self, run_dir: Path) -> bool:
         return False

@@ -4,6 +4,7 @@ the mirrors written into the guest and the builder's egress."""
 from __future__ import annotations
 
 from kiln.config import Settings
+from kiln.services.snapshots.build_disk import GIB, check_disk_size, filesystem_step
 from kiln.services.snapshots.build_plan import BuildPlan, check_build_args, egress_policy, repository_name, steps
 
 
@@ -12,7 +13,7 @@ def problems_of(args: dict, packages: tuple[str, ...] = ()) -> dict[str, str]:
     return {str(problem.loc[-1]): problem.msg for problem in problems}
 
 
-def test_every_key_the_sdk_sends_is_taken_and_disk_size_is_refused_by_name() -> None:
+def test_every_key_the_sdk_sends_is_taken() -> None:
     plan, problems = check_build_args(
         {
             "extra_apt_packages": "jq, curl",
@@ -24,6 +25,7 @@ def test_every_key_the_sdk_sends_is_taken_and_disk_size_is_refused_by_name() -> 
             "envs": {"A": "1"},
             "template_app_cmd": "python3 -m http.server",
             "template_app_cwd": "/app",
+            "disk_size_gb": 8,  # build_disk's
         },
         ("nodejs", "npm"),
         "node",
@@ -31,9 +33,6 @@ def test_every_key_the_sdk_sends_is_taken_and_disk_size_is_refused_by_name() -> 
     assert problems == []
     assert plan.apt == ("jq", "curl") and plan.npm == ("left-pad", "@scope/pkg@1.2.3")
     assert plan.pip == ("requests==2.31", "rich[jupyter]>=13")
-    assert problems_of({"disk_size_gb": 20}) == {
-        "disk_size_gb": "not supported: a build's disk is the one of its image variant (its free space)"
-    }
     assert "unknown" in problems_of({"free_space_mb": 1})["free_space_mb"]
 
 
@@ -78,3 +77,30 @@ def test_without_mirrors_the_builder_reaches_the_package_manager_group() -> None
     git = egress_policy(BuildPlan(git_url="https://10.0.0.1/r.git"), settings)
     assert git == {"allow_package_managers": False, "allowed_cidrs": ["10.0.0.1/32"]}
     assert repository_name("https://h/org/app.git") == "app" and repository_name("https://h/") == "repository"
+
+
+def test_disk_size_gb_is_a_whole_number_of_gib_from_the_image_disk_to_the_limit() -> None:
+    image = int(1.1 * GIB)
+    assert check_disk_size({}, image, 32) == (None, [])
+    assert check_disk_size({"disk_size_gb": 2}, image, 32) == (2 * GIB, [])
+    assert check_disk_size({"disk_size_gb": 32}, image, 32) == (32 * GIB, [])
+    refused = {
+        "smaller than the image's disk": (1, "at least the image's disk (1.10 GiB)"),
+        "zero": (0, "between 1 and 32 GiB (KILN_MAX_BUILD_DISK_GB)"),
+        "negative": (-4, "between 1 and 32 GiB"),
+        "over the server's limit": (33, "between 1 and 32 GiB"),
+        "not a whole number": (2.5, "whole number of GiB"),
+        "a string": ("4", "whole number of GiB"),
+        "a boolean": (True, "whole number of GiB"),
+    }
+    for case, (value, message) in refused.items():
+        size, problems = check_disk_size({"disk_size_gb": value}, image, 32)
+        assert size is None and [p.loc for p in problems] == [("build_args", "disk_size_gb")], case
+        assert message in problems[0].msg, (case, problems[0].msg)
+
+
+def test_the_guest_grows_its_file_system_once_it_sees_the_bigger_disk() -> None:
+    step = filesystem_step(4 * GIB)
+    assert step.title == "grow the root file system to 4 GiB"
+    assert f"-lt {4 * GIB} ]" in step.shell and "/sys/block/vda/size" in step.shell
+    assert step.shell.endswith("resize2fs /dev/vda && df -h /")

@@ -120,8 +120,9 @@ async def create_snapshot(
 ) -> SnapshotRecord:
     """A snapshot imported from an OCI image (a local OCI image layout directory
     or a registry reference, pulled when the server can reach the registry),
-    or built on an image variant from ``build_args``; with ``type: system``
-    (the operator's) published for every user once done."""
+    or built on an image variant from ``build_args`` (packages, a clone, commands,
+    ``envs``; ``disk_size_gb`` grows the root disk to that many GiB first); with
+    ``type: system`` (the operator's) published for every user once done."""
     if body.type == SnapshotType.SYSTEM:
         snapshot = await system.create(user, body, wait)
     elif builder.builds_on(body.oci_image):

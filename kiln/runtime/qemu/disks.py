@@ -91,6 +91,16 @@ async def root_disk(qmp: QmpConnection) -> dict:
     raise QemuError("the VM has no root disk")
 
 
+async def grow_root_disk(qmp: QmpConnection, size_bytes: int) -> None:
+    """``block_resize`` of the root disk's top node (its overlay): its virtual
+    size becomes ``size_bytes``; the virtio device tells the guest. A save
+    records the new size, so overlays of restores are made that large too."""
+    top = await root_disk(qmp)
+    if int(top["image"]["virtual-size"]) > size_bytes:
+        raise QemuError(f"the root disk is {top['image']['virtual-size']} bytes; it is never shrunk")
+    await qmp.run("block_resize", {"node-name": str(top["node-name"]), "size": size_bytes})
+
+
 async def switch_to_overlay(qmp: QmpConnection, overlay: Path) -> None:
     """Put ``overlay`` (whose backing file is the current top's file) on top of
     the root disk's chain; the old top becomes its read-only backing node.

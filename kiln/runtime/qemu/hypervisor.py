@@ -323,6 +323,9 @@ class QemuHypervisor:
     def disk_growth_left(self, machine: Machine) -> int:
         return disks.growth_left(RunPaths(machine.run_dir).top())
 
+    async def grow_root_disk(self, machine: Machine, size_bytes: int) -> None:
+        await disks.grow_root_disk(_qemu(machine).qmp, size_bytes)
+
     def cap_console(self, run_dir: Path) -> bool:
         return console.cap(RunPaths(run_dir.resolve()).console_log)
 

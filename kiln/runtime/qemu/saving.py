@@ -80,6 +80,7 @@ def saved_state_from(directory: Path, description: dict) -> SavedState:
         vcpu_count=description["vcpu_count"],
         memory_file=paths.memory if description["memory"] == "file" else None,
         disk=paths.disk,
+        disk_bytes=int(description.get("disk_size", 0)),
     )
 
 

@@ -6,9 +6,10 @@ background a builder VM is created for the caller (a VM like theirs, restored
 from the variant's base snapshot, labelled ``kiln_build: <snapshot id>``, its
 egress limited to the build's mirrors or the package-manager group:
 ``build_plan.egress_policy``), the steps of ``build_plan.steps`` run in it one
-by one, each step's title and output going to the record's ``build_log`` as
-they come, ``envs`` are given to the agent (kept in ``/etc/environment``), and
-the VM is saved into the record, which ends ``ready`` (a user snapshot like
+by one (after the disk is grown to ``disk_size_gb``: ``build_disk``), each
+step's title and output going to the record's ``build_log`` as they come,
+``envs`` are given to the agent (kept in ``/etc/environment``), and the VM is
+saved into the record, which ends ``ready`` (a user snapshot like
 any other) or ``failed`` with the reason. The builder VM is terminated either
 way; one a stopped server left is terminated at the next start.
 """
@@ -21,14 +22,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from kiln.config import Settings
 from kiln.schemas.snapshots import SnapshotImportRequest
 from kiln.schemas.vms import VMCreateRequest
 from kiln.services.background import BackgroundTasks
-from kiln.services.errors import FieldProblem, InvalidRequest
+from kiln.services.errors import CapacityExhausted, FieldProblem, InvalidRequest
 from kiln.services.events.record import record as record_event
 from kiln.services.events.record import snapshot_event
+from kiln.services.snapshots.build_disk import check_disk_size, filesystem_step
 from kiln.services.snapshots.build_plan import BuildPlan, BuildStep, check_build_args, egress_policy, steps
 from kiln.services.snapshots.requests import add_creating, check_basics
 from kiln.services.snapshots.rows import record, reload
@@ -99,9 +102,15 @@ class ImageBuilder:
         problems: list[FieldProblem] = []
         checked = check_basics(request, self._settings, problems)
         plan, arg_problems = check_build_args(request.build_args or {}, self._variant_packages(variant), variant)
-        problems += arg_problems
+        disk_bytes, disk_problems = check_disk_size(
+            request.build_args or {}, self._vms.image_disk_bytes(variant), self._settings.max_build_disk_gb
+        )
+        problems += arg_problems + disk_problems
         if problems:
             raise InvalidRequest(problems)
+        if disk_bytes is not None:
+            await self._check_disk_room(disk_bytes, disk_bytes)
+            plan = replace(plan, disk_bytes=disk_bytes)
         async with self._db.transaction() as session:
             snapshot = await add_creating(
                 session, self._settings, owner_id, request.name, checked, variant, build_log=""
@@ -139,6 +148,12 @@ class ImageBuilder:
             # From here a restart settles the save as any other (settle_interrupted_save).
             await record(self._db, snapshot_id, None, source_vm_id=vm_id, parent_id=vm.disk_snapshot_id)
             await progress.add(f"   {vm_id} running\n", now=True)
+            if plan.disk_bytes is not None:
+                # Checked again: the builder holds its image's disk; the growth is what is new.
+                await self._check_disk_room(plan.disk_bytes - self._vms.image_disk_bytes(snapshot.image_variant),
+                                            plan.disk_bytes)  # fmt: skip
+                await self._vms.node.grow_root_disk(vm_id, plan.disk_bytes)
+                await self._run_step(owner_id, vm_id, filesystem_step(plan.disk_bytes), plan.envs, progress)
             for step in steps(plan, self._settings):
                 await self._run_step(owner_id, vm_id, step, plan.envs, progress)
             if plan.envs:
@@ -189,6 +204,13 @@ class ImageBuilder:
         if code != 0:
             last = tail.strip().splitlines()[-1:] or [""]
             raise BuildFailed(f"step {step.title!r} exited with {code}: {last[0]}")
+
+    async def _check_disk_room(self, needed_bytes: int, disk_bytes: int) -> None:
+        """503 (a failed build, once it runs) when the host's disk cannot hold the bigger disk."""
+        try:
+            await asyncio.to_thread(self._vms.disk.check_create, needed_bytes)
+        except CapacityExhausted as error:
+            raise CapacityExhausted(f"build_args.disk_size_gb={disk_bytes >> 30}: {error}") from error
 
     async def remove_unfinished(self) -> None:
         """Builder VMs a stopped server left (their builds were failed by
