@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -24,41 +21,21 @@ import pytest
 from cli_contract import cli_commands, dummy_argv, load_rows
 from contract_server import CONTRACT_TEMPLATE, SMALL, server, template_snapshot
 from devbox_manifest import write_manifest
+from instavm_cli import INSTAVM, Cli
 from live_server import LiveServer
 from webhook_receiver import receiver
 
 pytestmark = pytest.mark.vm
 
-INSTAVM = Path(sys.executable).with_name("instavm")
 ROWS = load_rows()
 COMMANDS = cli_commands()
 WORKED: set[str] = set()
 __all__ = ["server", "template_snapshot"]  # the module's live server and a published snapshot (fixtures)
 
 
-@dataclass
-class Cli:
-    env: dict[str, str]
-
-    def run(self, *argv: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(INSTAVM), *argv], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-
-    def ok(self, *argv: str) -> str:
-        done = self.run(*argv)
-        assert done.returncode == 0, f"instavm {' '.join(argv)}: {done.returncode}\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-    def json(self, *argv: str) -> dict | list:
-        return json.loads(self.ok(*argv, "--json"))
-
-
 @pytest.fixture(scope="module")
-def cli(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    home = tmp_path_factory.mktemp("cli-home")
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERM": "xterm", "LANG": "C.UTF-8"}
-    yield Cli({**env, "INSTAVM_BASE_URL": server.url, "INSTAVM_API_KEY": server.admin_key})
+def cli(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    return Cli.of(server.url, server.admin_key, tmp_path_factory.mktemp("cli-home"))
 
 
 def test_every_cli_command_has_a_row_and_every_row_a_command() -> None:
@@ -74,21 +51,32 @@ def rows_of(kind: str) -> list[str]:
     return sorted(row.method for row in ROWS.values() if row.kind == kind)
 
 
-@pytest.mark.parametrize("command", rows_of("refused"))
+# Refusals that need a real session: these desktop commands read its VM first
+# (test_desktop_commands_on_a_session_vm runs them).
+REFUSED_ON_A_SESSION = {"desktop start", "desktop viewer"}
+REFUSALS_SEEN: set[str] = set()
+
+
+def assert_refused(runner: Cli, command: str, *argv: str) -> None:
+    done = runner.run(*command.split(), *argv, timeout=60)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    assert ROWS[command].subject in said, said
+    REFUSALS_SEEN.add(command)
+
+
+@pytest.mark.parametrize("command", sorted(set(rows_of("refused")) - REFUSED_ON_A_SESSION))
 def test_a_command_of_an_unbuilt_feature_says_so(
     cli: Cli, command: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     # `login` with a key configured only says so; without one it asks the server.
     runner = Cli({k: v for k, v in cli.env.items() if k != "INSTAVM_API_KEY"}) if command == "login" else cli
-    argv = dummy_argv(command, COMMANDS[command])
+    argv = dummy_argv(command, COMMANDS[command])[len(command.split()) :]
     if command == "template publish":
         # A devbox manifest whose system snapshot is published: publish gets past its snapshot step.
         request.getfixturevalue("template_snapshot")
-        argv = ["template", "publish", str(write_manifest(tmp_path / "template", CONTRACT_TEMPLATE))]
-    done = runner.run(*argv, timeout=60)
-    said = done.stdout + done.stderr
-    assert done.returncode != 0, said
-    assert ROWS[command].subject in said, said
+        argv = [str(write_manifest(tmp_path / "template", CONTRACT_TEMPLATE))]
+    assert_refused(runner, command, *argv)
 
 
 def test_vm_commands_work(cli: Cli) -> None:
@@ -283,6 +271,76 @@ def test_events_webhooks_and_usage_work(cli: Cli) -> None:
                    "billing usage"})  # fmt: skip
 
 
+def test_desktop_commands_on_a_session_vm(cli: Cli) -> None:
+    """A desktop is a session's VM of the computer-use image, which Kiln does not
+    build. On a session of the default image, `desktop status` and `desktop stop`
+    do what they say (its VM's status, without a viewer; the VM stopped); `desktop
+    viewer` of it, and `desktop start` of it once stopped, get computer use's refusal."""
+    created = cli.json("create", "--memory", str(SMALL["memory_mb"]), "--vcpu", str(SMALL["vcpu_count"]))
+    assert isinstance(created, dict)
+    session_id, vm_id = created["session_id"], created["vm_id"]
+    try:
+        status = cli.ok("desktop", "status", vm_id)
+        assert f"Session: {session_id}\nVM: {vm_id}\nStatus: active\n" == status, status
+        assert_refused(cli, "desktop viewer", vm_id)
+        assert f"Stopping {vm_id}" in cli.ok("desktop", "stop", vm_id)
+        assert "Desktop is already stopped." in cli.ok("desktop", "stop", vm_id)
+        assert_refused(cli, "desktop start", vm_id)  # a new VM of the computer-use image
+    finally:
+        cli.run("rm", vm_id)
+    WORKED.update({"desktop status", "desktop stop"})
+
+
+# A cookbook that needs a vault for one host (and runs nothing here: vault setup provisions no VM).
+VAULTED_COOKBOOK = """\
+schema_version: 1
+slug: vaulted
+title: Vaulted
+version: "1.0.0"
+summary: A cookbook whose service calls an API with a vaulted key
+category: test
+runtime: python
+deploy:
+  kind: upload_and_run
+source:
+  include: ["app.py"]
+  setup_command: "true"
+vm:
+  memory_mb: 256
+  vcpu_count: 1
+run:
+  workdir: "."
+  start_command: "python3 app.py"
+app:
+  port: 8000
+  healthcheck_path: /health
+  readiness_timeout_seconds: 90
+secrets: []
+post_deploy_notes: []
+vault:
+  required: true
+  hosts: ["api.cookbook.test"]
+"""
+
+
+def test_vault_setup_bootstraps_a_cookbooks_vault_once(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "instavm.yaml").write_text(VAULTED_COOKBOOK)
+    # Its prompts: bootstrap a vault? create one named vaulted-vault? the key's value.
+    done = cli.run("vault", "setup", str(tmp_path), stdin="y\ny\ncookbook-s3cret\n")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Vault setup complete." in done.stdout and "cookbook-s3cret" not in done.stdout + done.stderr
+    vaults = cli.json("vault", "list")
+    listed = vaults["vaults"] if isinstance(vaults, dict) else vaults
+    (vault,) = [entry for entry in listed if entry["name"] == "vaulted-vault"]
+    try:
+        assert "api.cookbook.test" in cli.ok("vault", "service", "list", vault["id"])
+        again = cli.ok("vault", "setup", str(tmp_path))  # the vault's binding is found this time
+        assert "Already covered: 1 vault(s) bind all 1 declared host(s)" in again, again
+    finally:
+        cli.ok("vault", "delete", vault["id"], "--yes")
+    WORKED.add("vault setup")
+
+
 def read_until(stream: IO[bytes], marker: bytes) -> bytes:
     """What ``stream`` gives up to ``marker`` (the test's timeout bounds the wait)."""
     seen = b""
@@ -298,3 +356,4 @@ def test_zz_count_of_working_commands(capsys: pytest.CaptureFixture[str]) -> Non
     with capsys.disabled():
         print(f"\nCLI contract: {len(WORKED)} of {len(ROWS)} CLI commands work against real VMs")
     assert not missing, f"works rows no test ran to the end: {sorted(missing)}"
+    assert not set(rows_of("refused")) - REFUSALS_SEEN, "refused rows no test checked"

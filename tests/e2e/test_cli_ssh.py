@@ -1,7 +1,7 @@
 """The official ``instavm`` CLI, unmodified, over SSH into Kiln VMs: ``ssh-key
-add/list/remove``, ``whoami``, ``connect`` and ``deploy`` (which registers a
-key, waits for SSH, uploads its bundle with ``scp -O``, runs the setup and the
-service over ``ssh``, shares the app and checks the share).
+add/list/remove``, ``whoami``, ``connect``, ``deploy`` and ``cookbook deploy``
+(each deploy registers a key, waits for SSH, uploads its bundle with ``scp -O``,
+runs the setup and the service over ``ssh``, shares the app and checks the share).
 
 The CLI runs with a HOME of its own (its key in ``~/.ssh``) and calls
 Debian's OpenSSH client as any user's would; the gateway's port comes from an
@@ -146,9 +146,10 @@ def home(tmp_path_factory: pytest.TempPathFactory, server: LiveServer, share_por
 
 
 def cli(
-    server: LiveServer, home: Path, share_port: int, *args: str, stdin: str | None = None
+    server: LiveServer, home: Path, share_port: int, *args: str, stdin: str | None = None, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
     env = {
+        **extra_env,
         **os.environ,
         "HOME": str(home),
         "PATH": f"{home / 'bin'}:{os.environ['PATH']}",
@@ -188,18 +189,26 @@ def test_ssh_keys_and_whoami_through_the_cli(server: LiveServer, home: Path, sha
     assert fingerprint not in [key["fingerprint"] for key in after["keys"]]
 
 
+# `deploy` takes a cookbook's directory, `cookbook deploy` its slug in the catalog
+# INSTAVM_COOKBOOKS_DIR names (instead of a clone of InstaVM's); the deploy is the same.
+DEPLOYS = {"deploy": ["deploy", "{project}", "--yes"], "cookbook deploy": ["cookbook", "deploy", "hello-ssh"]}
+
+
+@pytest.mark.parametrize("command", DEPLOYS)
 def test_deploy_uploads_with_scp_and_serves_the_app(
-    server: LiveServer, home: Path, share_port: int, http: httpx.Client, tmp_path: Path
+    server: LiveServer, home: Path, share_port: int, http: httpx.Client, tmp_path: Path, command: str
 ) -> None:
-    project = tmp_path / "project"
+    project = tmp_path / "catalog" / "hello-ssh"
     (project / "data").mkdir(parents=True)
     (project / "instavm.yaml").write_text(MANIFEST)
     (project / "app.py").write_text(APP)
     blob = os.urandom(3 * 1024 * 1024)
     (project / "data" / "blob").write_bytes(blob)
-    # No key on the account yet: deploy registers the one in ~/.ssh.
-    assert http.get("/v1/ssh-keys").json()["keys"] == []
-    deployed = cli(server, home, share_port, "deploy", str(project), "--yes", "--no-vault", "--json")
+    # No key on the account before the first deploy: it registers the one in ~/.ssh.
+    assert len(http.get("/v1/ssh-keys").json()["keys"]) == (0 if command == "deploy" else 1)
+    argv = [arg.format(project=project) for arg in DEPLOYS[command]]
+    catalog = {"INSTAVM_COOKBOOKS_DIR": str(project.parent)}
+    deployed = cli(server, home, share_port, *argv, "--no-vault", "--json", **catalog)
     payload = json.loads(deployed.stdout)
     # Every step up to the share went through the gateway (ssh-key, ssh, scp -O,
     # ssh again for setup, the service and its health check). The CLI's last step

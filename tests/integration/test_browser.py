@@ -14,6 +14,7 @@ import asyncio
 import base64
 import io
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from instavm.exceptions import (
     BrowserTimeoutError,
     ElementNotFoundError,
 )
+from instavm_cli import Cli
 from live_api import Api, live_server
 from outside_world import OutsideWorld
 from PIL import Image
@@ -149,6 +151,40 @@ def test_a_form_is_filled_clicked_read_and_photographed(api: Api, sdk: InstaVM, 
     assert session.close() is True
     assert sdk.list_browser_sessions() == []
     assert api.vm(vm_id)["status"] == "terminated"
+
+
+def test_the_cli_drives_one_session_command_by_command(api: Api, world: OutsideWorld, tmp_path: Path) -> None:
+    """Every ``instavm browser`` command, run as a user runs it, in one session
+    (the CLI contract's rows of them point here: a browser session is this module's world)."""
+    (tmp_path / "home").mkdir()
+    cli = Cli.of(api.server.url, api.server.admin_key, tmp_path / "home")
+    created = cli.json("browser", "session", "create", "--width", str(WIDTH), "--height", str(HEIGHT))
+    assert isinstance(created, dict)
+    sid = created["session_id"]
+    try:
+        assert f"{sid}  active" in cli.ok("browser", "session", "ls")
+        cli.ok("egress", "set", "--session", sid, "--no-allow-package-managers", "--allow-http", "--deny-https",
+               "--domain", "allowed.test")  # fmt: skip
+        page = cli.ok("browser", "navigate", FORM, "--session", sid, "--wait-timeout", str(NAVIGATION_MS))
+        assert "Title: Kiln form" in page, page
+        on = ("--session", sid, "--timeout", str(ACTION_MS))
+        assert "Filled: #name" in cli.ok("browser", "fill", "#name", "Ad", *on)
+        assert "Typed into: #name" in cli.ok("browser", "type", "#name", "a", "--delay", "0", *on)
+        assert "Clicked: #go" in cli.ok("browser", "click", "#go", *on)
+        assert "Condition met: visible" in cli.ok("browser", "wait", "visible", "--selector", "#result", *on)
+        (result,) = cli.json("browser", "extract", "--session", sid, "--selector", "#result")["elements"]  # type: ignore[call-overload]
+        assert (result["tag"], result["text"]) == ("p", "Hello, Ada!"), result
+        read = cli.json("browser", "read", "--session", sid)
+        assert isinstance(read, dict) and "Hello, Ada!" in read["readable_content"]["content"], read
+        assert "Scrolled: y=40" in cli.ok("browser", "scroll", "--session", sid, "--y", "40")
+        shot = tmp_path / "shot.png"
+        cli.ok("browser", "screenshot", "--session", sid, "--out", str(shot), "--no-full-page")
+        image = Image.open(shot).convert("RGB")
+        assert image.size == (WIDTH, HEIGHT) and near(image.getpixel((50, 50)), RED)
+    finally:
+        closed = cli.run("browser", "session", "close", sid)
+    assert closed.returncode == 0 and f"Closed session {sid}" in closed.stdout, closed
+    assert "No active browser sessions." in cli.ok("browser", "session", "ls")
 
 
 def test_a_denied_host_a_missing_element_and_a_timeout_are_named(sdk: InstaVM, world: OutsideWorld) -> None:

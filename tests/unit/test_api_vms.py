@@ -93,6 +93,19 @@ async def test_validation_errors_have_the_seed_shape(
     assert "input" not in response.text
 
 
+async def test_the_image_of_an_unbuilt_feature_is_refused_naming_it(
+    run_app: AppRunner, admin_key: Callable[[], str]
+) -> None:
+    """`instavm desktop start` asks for the computer-use image: the answer names computer use."""
+    async with run_app() as client:
+        body = {"image_variant": "computer-use"}
+        response = await client.post("/v1/vms", json=body, headers=key_headers(admin_key()))
+    assert response.status_code == 422
+    (problem,) = response.json()["detail"]
+    assert problem["loc"] == ["body", "image_variant"] and "computer use" in problem["msg"], problem
+    assert "not available on this server" in problem["msg"]
+
+
 async def test_a_field_kiln_does_not_act_on_is_refused_by_name(
     run_app: AppRunner, admin_key: Callable[[], str]
 ) -> None:
