@@ -5,6 +5,8 @@ like any client (the instavm SDK, httpx, websockets, the CLI). ``stop()`` ends
 it the way an operator does (SIGTERM: VMs keep running for the next start) or
 the way a crash does (SIGKILL). ``destroy_leftover_vms`` is the safety net that
 kills any VM process a test left behind, whatever happened to the server.
+``serving`` is the whole lifetime a test module's server fixture wants: start,
+yield, delete every VM, stop, destroy what is left, remove its files.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +155,47 @@ def start_server(
             _remove_daemons_of_failed_start(data_dir)
             raise RuntimeError(f"kiln serve did not answer in time:\n{server.log_tail()}")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serving(
+    prefix: str,
+    env: dict[str, str] | None = None,
+    *,
+    build_image: bool = True,
+    users: Callable[[], Iterable[str]] = list,
+    after_stop: Callable[[LiveServer], None] | None = None,
+) -> Iterator[LiveServer]:
+    """A server over a fresh data dir (named from ``prefix``), started with the
+    extra environment ``env`` (see ``start_server``), for as long as the block runs.
+
+    At the end every live VM of the admin and of ``users`` (API keys, asked for
+    then: users made during the tests) is deleted through the API, the server
+    stopped, anything it left destroyed, and no VM run dir may remain.
+    ``after_stop`` runs the module's own checks of the stopped server (its log,
+    its daemons) before its files are removed. ``build_image``: make sure the
+    default image is built from this tree first (``ensure_default_image``)."""
+    data_dir = short_data_dir(prefix)
+    settings = server_settings(data_dir)
+    if build_image:
+        ensure_default_image(settings)
+    live = start_server(data_dir, env=env)
+    try:
+        yield live
+    finally:
+        try:
+            terminate_live_vms(live.url, [live.admin_key, *users()])
+        finally:
+            live.stop()
+            destroy_leftover_vms(settings)
+            leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
+            try:
+                assert not leftovers, f"VM run dirs left behind: {leftovers}"
+                if after_stop is not None:
+                    after_stop(live)
+            finally:
+                shutil.rmtree(data_dir, ignore_errors=True)
+                live.log_path.unlink(missing_ok=True)
 
 
 def _remove_daemons_of_failed_start(data_dir: Path) -> None:
