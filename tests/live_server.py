@@ -206,6 +206,25 @@ def _remove_daemons_of_failed_start(data_dir: Path) -> None:
         destroy_leftover_vms(server_settings(data_dir))
 
 
+def run_cli(
+    data_dir: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The real ``kiln`` CLI on the database of the server of ``data_dir``, as an
+    operator runs it on that host (``env``: more of its environment). It must succeed."""
+    environment = {**os.environ, **(env or {}), "KILN_DATA_DIR": str(data_dir)}
+    environment.pop("KILN_DATABASE_URL", None)
+    done = subprocess.run(
+        [str(KILN), *args], env=environment, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def cli(server: LiveServer, *args: str, stdin: str | None = None) -> str:
+    """What ``run_cli`` on ``server``'s data dir prints."""
+    return run_cli(server.data_dir, *args, stdin=stdin).stdout
+
+
 def terminate_live_vms(url: str, keys: list[str]) -> None:
     """DELETE every live VM of these users through the API."""
     for key in keys:

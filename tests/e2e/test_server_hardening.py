@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import os
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -22,7 +21,7 @@ import httpx
 import pytest
 import websockets
 from instavm import InstaVM
-from live_server import KILN, LiveServer, serving
+from live_server import LiveServer, cli, serving
 
 pytestmark = pytest.mark.vm
 
@@ -50,17 +49,6 @@ def server() -> Iterator[LiveServer]:
 def user_keys() -> list[str]:
     """The user's key once ``user_key`` made it (for the teardown: that user's VMs go too)."""
     return [value for name, value in SECRETS_USED.items() if name == "user key"]
-
-
-def cli(server: LiveServer, *args: str, stdin: str | None = None) -> str:
-    """The real ``kiln`` CLI on the server's database (as an operator runs it)."""
-    env = {**os.environ, "KILN_DATA_DIR": str(server.data_dir)}
-    env.pop("KILN_DATABASE_URL", None)
-    done = subprocess.run(
-        [str(KILN), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
