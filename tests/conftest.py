@@ -51,6 +51,15 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Database]:
+    """A migrated database of each kind ``database_url`` gives."""
+    database = Database(database_url)
+    await database.migrate()
+    yield database
+    await database.close()
+
+
+@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     data_dir = tmp_path / "var"
     return Settings(

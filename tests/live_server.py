@@ -5,6 +5,8 @@ like any client (the instavm SDK, httpx, websockets, the CLI). ``stop()`` ends
 it the way an operator does (SIGTERM: VMs keep running for the next start) or
 the way a crash does (SIGKILL). ``destroy_leftover_vms`` is the safety net that
 kills any VM process a test left behind, whatever happened to the server.
+``serving`` is the whole lifetime a test module's server fixture wants: start,
+yield, delete every VM, stop, destroy what is left, remove its files.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,12 +157,72 @@ def start_server(
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def serving(
+    prefix: str,
+    env: dict[str, str] | None = None,
+    *,
+    build_image: bool = True,
+    users: Callable[[], Iterable[str]] = list,
+    after_stop: Callable[[LiveServer], None] | None = None,
+) -> Iterator[LiveServer]:
+    """A server over a fresh data dir (named from ``prefix``), started with the
+    extra environment ``env`` (see ``start_server``), for as long as the block runs.
+
+    At the end every live VM of the admin and of ``users`` (API keys, asked for
+    then: users made during the tests) is deleted through the API, the server
+    stopped, anything it left destroyed, and no VM run dir may remain.
+    ``after_stop`` runs the module's own checks of the stopped server (its log,
+    its daemons) before its files are removed. ``build_image``: make sure the
+    default image is built from this tree first (``ensure_default_image``)."""
+    data_dir = short_data_dir(prefix)
+    settings = server_settings(data_dir)
+    if build_image:
+        ensure_default_image(settings)
+    live = start_server(data_dir, env=env)
+    try:
+        yield live
+    finally:
+        try:
+            terminate_live_vms(live.url, [live.admin_key, *users()])
+        finally:
+            live.stop()
+            destroy_leftover_vms(settings)
+            leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
+            try:
+                assert not leftovers, f"VM run dirs left behind: {leftovers}"
+                if after_stop is not None:
+                    after_stop(live)
+            finally:
+                shutil.rmtree(data_dir, ignore_errors=True)
+                live.log_path.unlink(missing_ok=True)
+
+
 def _remove_daemons_of_failed_start(data_dir: Path) -> None:
     """A server that never answered leaves what it had started already (its
     egress daemon, share router, SSH gateway, nft table) to nobody: remove them.
     Best effort, the start's own error is what the test reports."""
     with contextlib.suppress(Exception):
         destroy_leftover_vms(server_settings(data_dir))
+
+
+def run_cli(
+    data_dir: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The real ``kiln`` CLI on the database of the server of ``data_dir``, as an
+    operator runs it on that host (``env``: more of its environment). It must succeed."""
+    environment = {**os.environ, **(env or {}), "KILN_DATA_DIR": str(data_dir)}
+    environment.pop("KILN_DATABASE_URL", None)
+    done = subprocess.run(
+        [str(KILN), *args], env=environment, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def cli(server: LiveServer, *args: str, stdin: str | None = None) -> str:
+    """What ``run_cli`` on ``server``'s data dir prints."""
+    return run_cli(server.data_dir, *args, stdin=stdin).stdout
 
 
 def terminate_live_vms(url: str, keys: list[str]) -> None:

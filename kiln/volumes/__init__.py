@@ -3,6 +3,7 @@ virtio-scsi, and file access that never mounts a user's image on the host.
 See README.md."""
 
 from kiln.volumes.attachments import Attachment
+from kiln.volumes.checkpoint_ops import CheckpointInfo
 from kiln.volumes.errors import (
     CheckpointNotFound,
     GuestVolumeError,
@@ -21,7 +22,7 @@ from kiln.volumes.errors import (
 from kiln.volumes.files import FileEntry
 from kiln.volumes.helper import HelperBase, HelperVms
 from kiln.volumes.participant import VolumeParticipant
-from kiln.volumes.volumes import CheckpointInfo, VolumeInfo, Volumes
+from kiln.volumes.volumes import VolumeInfo, Volumes
 
 __all__ = [
     "Attachment",

@@ -319,14 +319,7 @@ def op_freeze(args: dict) -> dict:
     token = os.urandom(8).hex()
     with open(freeze_token_path(path), "w") as file:
         file.write(token)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.ioctl(fd, FIFREEZE, 0)
-    except OSError as error:
-        if error.errno != errno.EBUSY:  # EBUSY: frozen already
-            raise refuse_oserror(error, f"freeze {path}") from None
-    finally:
-        os.close(fd)
+    fs_ioctl(path, FIFREEZE, errno.EBUSY, "freeze")  # EBUSY: frozen already
     start_watchdog(path, token, max_seconds)
     return {}
 
@@ -358,12 +351,18 @@ def start_watchdog(path: str, token: str, max_seconds: float) -> None:
 
 
 def thaw(path: str) -> None:
+    fs_ioctl(path, FITHAW, errno.EINVAL, "thaw")  # EINVAL: not frozen
+
+
+def fs_ioctl(path: str, request: int, harmless: int, doing: str) -> None:
+    """``request`` on the filesystem mounted at ``path``; the errno ``harmless``
+    means it is in that state already."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.ioctl(fd, FITHAW, 0)
+        fcntl.ioctl(fd, request, 0)
     except OSError as error:
-        if error.errno != errno.EINVAL:  # EINVAL: not frozen
-            raise refuse_oserror(error, f"thaw {path}") from None
+        if error.errno != harmless:
+            raise refuse_oserror(error, f"{doing} {path}") from None
     finally:
         os.close(fd)
 

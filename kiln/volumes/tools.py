@@ -209,33 +209,22 @@ async def check_ext4(
     )
     if preen.returncode & ~3 == 0:
         return FsckOutcome(preen.returncode, preen.stdout + preen.stderr)
-    full = await run(
-        "e2fsck",
-        "-f",
-        "-y",
-        str(device),
-        check=False,
-        as_user=as_user,
-        pass_fds=pass_fds,
-    )
+    full = await _e2fsck_fix_all(device, as_user, pass_fds)
     return FsckOutcome(
         full.returncode, preen.stdout + preen.stderr + full.stdout + full.stderr
     )
+
+
+async def _e2fsck_fix_all(device: Path, as_user: Identity, pass_fds: tuple[int, ...]) -> ToolResult:
+    """A forced full check that answers yes to every repair."""
+    return await run("e2fsck", "-f", "-y", str(device), check=False, as_user=as_user, pass_fds=pass_fds)
 
 
 async def resize_ext4(
     device: Path, size_bytes: int, as_user: Identity, pass_fds: tuple[int, ...]
 ) -> ToolResult:
     """Offline grow or shrink to ``size_bytes``; resize2fs wants a checked fs first."""
-    await run(
-        "e2fsck",
-        "-f",
-        "-y",
-        str(device),
-        check=False,
-        as_user=as_user,
-        pass_fds=pass_fds,
-    )
+    await _e2fsck_fix_all(device, as_user, pass_fds)
     return await run(
         "resize2fs",
         str(device),

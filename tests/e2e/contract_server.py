@@ -5,21 +5,12 @@ and the system snapshot a devbox template's publish finds on it."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from devbox_manifest import template_snapshot_name
-from live_server import (
-    LiveServer,
-    destroy_leftover_vms,
-    ensure_default_image,
-    server_settings,
-    short_data_dir,
-    start_server,
-    terminate_live_vms,
-)
+from live_server import LiveServer, serving
 
 SMALL = {"memory_mb": 256, "vcpu_count": 1}  # the shape whose base snapshot is cached
 # The SDK contract's webhook receiver listens on loopback.
@@ -29,22 +20,8 @@ CONTRACT_TEMPLATE = "kiln-contract"  # the slug of the devbox template the contr
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    data_dir = short_data_dir("kiln-contract-")
-    settings = server_settings(data_dir)
-    ensure_default_image(settings)
-    live = start_server(data_dir, env=SERVER_ENV)
-    try:
+    with serving("kiln-contract-", env=SERVER_ENV) as live:
         yield live
-    finally:
-        try:
-            terminate_live_vms(live.url, [live.admin_key])
-        finally:
-            live.stop()
-            destroy_leftover_vms(settings)
-            leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
-            shutil.rmtree(data_dir, ignore_errors=True)
-            live.log_path.unlink(missing_ok=True)
-            assert not leftovers, f"VM run dirs left behind: {leftovers}"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,16 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import (
-    LiveServer,
-    destroy_leftover_vms,
-    free_port,
-    server_settings,
-    short_data_dir,
-    ssh_port,
-    start_server,
-    terminate_live_vms,
-)
+from live_server import LiveServer, free_port, server_settings, serving, ssh_port
 
 from kiln.sshd.supervisor import SshGatewaySupervisor
 
@@ -94,23 +84,15 @@ def share_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(share_port: int) -> Iterator[LiveServer]:
-    data_dir = short_data_dir("kiln-clissh-")
-    settings = server_settings(data_dir)
-    live = start_server(data_dir, env={"KILN_SHARE_HTTP_PORT": str(share_port)})
-    try:
+    gateway_pid: int | None = None  # the gateway of the server, as the tests leave it
+
+    def gateway_stopped(_: LiveServer) -> None:
+        assert gateway_pid is not None and not _running(gateway_pid), "the gateway was left running"
+
+    env = {"KILN_SHARE_HTTP_PORT": str(share_port)}
+    with serving("kiln-clissh-", env=env, build_image=False, after_stop=gateway_stopped) as live:
         yield live
-    finally:
-        try:
-            terminate_live_vms(live.url, [live.admin_key])
-        finally:
-            gateway_pid = SshGatewaySupervisor(settings).pid()
-            live.stop()
-            destroy_leftover_vms(settings)
-            leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
-            shutil.rmtree(data_dir, ignore_errors=True)
-            live.log_path.unlink(missing_ok=True)
-            assert not leftovers, f"VM run dirs left behind: {leftovers}"
-            assert gateway_pid is not None and not _running(gateway_pid), "the gateway was left running"
+        gateway_pid = SshGatewaySupervisor(server_settings(live.data_dir)).pid()
 
 
 def _running(pid: int) -> bool:

@@ -36,15 +36,7 @@ from dashboard_views import (
     check_the_terminal_follows_the_window,
     check_volumes_and_vaults,
 )
-from live_server import (
-    LiveServer,
-    destroy_leftover_vms,
-    ensure_default_image,
-    server_settings,
-    short_data_dir,
-    start_server,
-    terminate_live_vms,
-)
+from live_server import LiveServer, server_settings, serving
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from unit.harness import add_user
 from websockets.exceptions import ConnectionClosed
@@ -62,28 +54,14 @@ class Users:
     bob_key: str
 
 
+# The users' API keys, for the server's teardown: it deletes every live VM of theirs.
+USER_KEYS: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    data_dir = short_data_dir("kiln-dash-")
-    settings = server_settings(data_dir)
-    ensure_default_image(settings)
-    live = start_server(data_dir)
-    try:
+    with serving("kiln-dash-", users=lambda: USER_KEYS) as live:
         yield live
-    finally:
-        try:
-            keys = [live.admin_key]
-            keys_file = data_dir / "dashboard-test-keys"
-            if keys_file.exists():
-                keys += keys_file.read_text().split()
-            terminate_live_vms(live.url, keys)
-        finally:
-            live.stop()
-            destroy_leftover_vms(settings)
-            leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
-            shutil.rmtree(data_dir, ignore_errors=True)
-            live.log_path.unlink(missing_ok=True)
-            assert not leftovers, f"VM run dirs left behind: {leftovers}"
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +69,7 @@ def users(server: LiveServer) -> Users:
     settings = server_settings(server.data_dir)
     alice = asyncio.run(add_user(settings, "alice", PASSWORD))
     bob = asyncio.run(add_user(settings, "bob"))
-    # For the teardown's safety net: it deletes every live VM of these users.
-    (server.data_dir / "dashboard-test-keys").write_text(f"{alice}\n{bob}\n")
+    USER_KEYS[:] = [alice, bob]
     return Users(alice, bob)
 
 

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import time
@@ -29,16 +28,7 @@ import requests
 import websockets
 from instavm import InstaVM
 from instavm.exceptions import ExecutionError, InstaVMError
-from live_server import (
-    KILN,
-    LiveServer,
-    destroy_leftover_vms,
-    ensure_default_image,
-    server_settings,
-    short_data_dir,
-    start_server,
-    terminate_live_vms,
-)
+from live_server import KILN, LiveServer, server_settings, serving
 from unit.harness import add_user
 
 pytestmark = pytest.mark.vm
@@ -51,27 +41,15 @@ SESSION_LIFETIME_SECONDS = 900
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    data_dir = short_data_dir("kiln-sdk-")
-    settings = server_settings(data_dir)
-    ensure_default_image(settings)
-    live = start_server(data_dir)
-    try:
+    with serving("kiln-sdk-", after_stop=the_admin_key_is_logged_once) as live:
         yield live
-    finally:
-        try:
-            terminate_live_vms(live.url, [live.admin_key])
-        finally:
-            live.stop()
-            destroy_leftover_vms(settings)
-            leftovers = list(settings.vms_dir.glob("*")) if settings.vms_dir.exists() else []
-            log = live.log_path.read_text(errors="replace")
-            admin_key = live.admin_key
-            shutil.rmtree(data_dir, ignore_errors=True)
-            live.log_path.unlink(missing_ok=True)
-            assert not leftovers, f"VM run dirs left behind: {leftovers}"
-            # The key went in headers and in the PTY WebSocket's ?api_key= all along:
-            # it is in the log once, where the first start printed it (CONTRACT.md).
-            assert log.count(admin_key) == 1, "the admin's API key reached the server's log"
+
+
+def the_admin_key_is_logged_once(live: LiveServer) -> None:
+    # The key went in headers and in the PTY WebSocket's ?api_key= all along:
+    # it is in the log once, where the first start printed it (CONTRACT.md).
+    log = live.log_path.read_text(errors="replace")
+    assert log.count(live.admin_key) == 1, "the admin's API key reached the server's log"
 
 
 @pytest.fixture(scope="module")

@@ -3,30 +3,24 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 import requests
 from instavm import InstaVM
-from live_server import LiveServer, destroy_leftover_vms, server_settings, short_data_dir, start_server
+from live_server import LiveServer, serving
 
 VALUE = "sk-e2e-58f2b7c1d0a9"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    data_dir = short_data_dir("kiln-sdkv-")
-    live = start_server(data_dir, env={"KILN_LOG_LEVEL": "debug"})
-    try:
+    with serving("kiln-sdkv-", env={"KILN_LOG_LEVEL": "debug"}, build_image=False, after_stop=no_value_logged) as live:
         yield live
-    finally:
-        live.stop()
-        destroy_leftover_vms(server_settings(data_dir))
-        log = live.log_path.read_text(errors="replace")
-        shutil.rmtree(data_dir, ignore_errors=True)
-        live.log_path.unlink(missing_ok=True)
-        assert VALUE not in log, "a credential value reached the server's log"
+
+
+def no_value_logged(live: LiveServer) -> None:
+    assert VALUE not in live.log_path.read_text(errors="replace"), "a credential value reached the server's log"
 
 
 def test_every_vault_method_of_the_sdk(server: LiveServer) -> None:

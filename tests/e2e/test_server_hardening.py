@@ -14,8 +14,6 @@ import asyncio
 import hashlib
 import os
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -23,16 +21,7 @@ import httpx
 import pytest
 import websockets
 from instavm import InstaVM
-from live_server import (
-    KILN,
-    LiveServer,
-    destroy_leftover_vms,
-    ensure_default_image,
-    server_settings,
-    short_data_dir,
-    start_server,
-    terminate_live_vms,
-)
+from live_server import LiveServer, cli, serving
 
 pytestmark = pytest.mark.vm
 
@@ -53,32 +42,13 @@ SECRETS_USED: dict[str, str] = {"password": PASSWORD}
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    data_dir = short_data_dir("kiln-hard-")
-    settings = server_settings(data_dir)
-    ensure_default_image(settings)
-    live = start_server(data_dir, env=SERVER_ENV)
-    try:
+    with serving("kiln-hard-", env=SERVER_ENV, users=user_keys) as live:
         yield live
-    finally:
-        try:
-            keys = [live.admin_key] + [v for k, v in SECRETS_USED.items() if k == "user key"]
-            terminate_live_vms(live.url, keys)
-        finally:
-            live.stop()
-            destroy_leftover_vms(settings)
-            shutil.rmtree(data_dir, ignore_errors=True)
-            live.log_path.unlink(missing_ok=True)
 
 
-def cli(server: LiveServer, *args: str, stdin: str | None = None) -> str:
-    """The real ``kiln`` CLI on the server's database (as an operator runs it)."""
-    env = {**os.environ, "KILN_DATA_DIR": str(server.data_dir)}
-    env.pop("KILN_DATABASE_URL", None)
-    done = subprocess.run(
-        [str(KILN), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+def user_keys() -> list[str]:
+    """The user's key once ``user_key`` made it (for the teardown: that user's VMs go too)."""
+    return [value for name, value in SECRETS_USED.items() if name == "user key"]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ namespace of their own. Nothing of it is on the real network:
     host namespace                      world namespace <prefix>d
     <prefix>dh  <gateway>/28  ========  eth0  dns (knot :53), acme (pebble :14000, management :15000)
 
-The /28 is one of TEST-NET-3 that no route on the host uses (as the outside
-world's). The zone is ``example.test`` (NS ``ns1.example.test`` = the DNS
+The /28 is one of TEST-NET-3 that no route on the host uses, wired as the
+outside world's is (``outside_world.wire_world``). The zone is ``example.test`` (NS ``ns1.example.test`` = the DNS
 address); ``update.kiln`` is the TSIG key allowed to update it. Pebble's own
 HTTPS certificate is signed by a CA made here (``ca_pem``: what Kiln must
 trust to reach it); the certificates it issues chain to a root it makes at
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import ipaddress
 import json
 import os
@@ -46,7 +45,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from outside_world import free_world_subnet
+from outside_world import (
+    certificate_builder,
+    free_world_subnet,
+    private_pem,
+    stop_process,
+    unwire_world,
+    wire_world,
+)
 
 from kiln.net import netns
 
@@ -123,7 +129,7 @@ class DomainWorld:
     async def create(cls, prefix: str) -> DomainWorld:
         world = cls(prefix, free_world_subnet(), Path(tempfile.mkdtemp(prefix=f"{prefix}-domains-")))
         try:
-            await world._wire()
+            await wire_world(world.netns, world.host_link, world.subnet, [world.dns, world.acme])
             world._start_knot()
             world._start_pebble()
             world._wait_until_up()
@@ -131,20 +137,6 @@ class DomainWorld:
             await world.close()
             raise
         return world
-
-    async def _wire(self) -> None:
-        await netns.add(self.netns)
-        await netns.run_ip(["link", "add", self.host_link, "type", "veth", "peer", "name", "eth0", "netns", self.netns])
-        await netns.run_ip(
-            [],
-            batch=[
-                f"address add {self.gateway}/{self.subnet.prefixlen} dev {self.host_link}",
-                f"link set {self.host_link} up",
-            ],
-        )
-        inside = [f"address add {self.address(i)}/{self.subnet.prefixlen} dev eth0" for i in (2, 3)]
-        inside += ["link set eth0 up", "link set lo up", f"route add default via {self.gateway}"]
-        await netns.run_ip(["-n", self.netns], batch=inside)
 
     def _start_knot(self) -> None:
         zones = self.workdir / "zones"
@@ -246,17 +238,9 @@ zone:
 
     async def close(self) -> None:
         for process in self._processes:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process)
         with contextlib.suppress(netns.NetnsError):
-            await netns.run_ip(["link", "delete", self.host_link])
-        with contextlib.suppress(netns.NetnsError):
-            await netns.delete(self.netns)
+            await unwire_world(self.netns, self.host_link)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def running(self) -> list[int]:
@@ -308,15 +292,8 @@ zone:
 def _certificate_authority() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kiln test pebble CA")])
-    now = datetime.datetime.now(datetime.UTC)
     certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        certificate_builder(name, name, key.public_key())
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -340,22 +317,13 @@ def _certificate_authority() -> tuple[ec.EllipticCurvePrivateKey, x509.Certifica
 
 def _leaf(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, address: str) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)])
     certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        certificate_builder(subject, ca.subject, key.public_key())
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+    return private_pem(key), certificate.public_bytes(serialization.Encoding.PEM)

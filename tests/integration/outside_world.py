@@ -42,7 +42,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +80,63 @@ def free_world_subnet() -> ipaddress.IPv4Network:
     if not candidates:
         raise RuntimeError("every /28 of 203.0.113.0/24 is in use on this host")
     return random.choice(candidates)
+
+
+async def wire_world(
+    namespace: str, host_link: str, subnet: ipaddress.IPv4Network, addresses: Iterable[str], extra: Iterable[str] = ()
+) -> None:
+    """A namespace joined to the host by a veth pair: the host's end ``host_link``
+    holds the subnet's first address (the gateway); the namespace's ``eth0`` holds
+    ``addresses`` (in the subnet) and ``extra`` ones (with their own prefix), and
+    routes everything through the gateway."""
+    gateway = f"{subnet.network_address + 1}/{subnet.prefixlen}"
+    await netns.add(namespace)
+    await netns.run_ip(["link", "add", host_link, "type", "veth", "peer", "name", "eth0", "netns", namespace])
+    await netns.run_ip([], batch=[f"address add {gateway} dev {host_link}", f"link set {host_link} up"])
+    inside = [f"address add {address}/{subnet.prefixlen} dev eth0" for address in addresses]
+    inside += [f"address add {address} dev eth0" for address in extra]
+    inside += ["link set eth0 up", "link set lo up", f"route add default via {subnet.network_address + 1}"]
+    await netns.run_ip(["-n", namespace], batch=inside)
+
+
+async def unwire_world(namespace: str, host_link: str) -> None:
+    """Undo ``wire_world`` (what of it there is: also after a half-made world)."""
+    with contextlib.suppress(netns.NetnsError):
+        await netns.run_ip(["link", "delete", host_link])
+    await netns.delete(namespace)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited 5 s later."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def certificate_builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
+    """A certificate of the test worlds: valid from 5 minutes ago for a day."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    return key.private_bytes(pem, pkcs8, serialization.NoEncryption())
 
 
 @dataclass(frozen=True)
@@ -235,23 +292,8 @@ class OutsideWorld:
         return world
 
     async def _wire(self) -> None:
-        await netns.add(self.netns)
-        await netns.run_ip(["link", "add", self.uplink, "type", "veth", "peer", "name", "eth0", "netns", self.netns])
-        await netns.run_ip(
-            [],
-            batch=[
-                f"address add {self.gateway}/{self.subnet.prefixlen} dev {self.uplink}",
-                f"link set {self.uplink} up",
-            ],
-        )
-        inside = [f"address add {self.address(i)}/{self.subnet.prefixlen} dev eth0" for i in range(2, 9)]
-        inside += [
-            f"address add {self.private}/32 dev eth0",
-            "link set eth0 up",
-            "link set lo up",
-            f"route add default via {self.gateway}",
-        ]
-        await netns.run_ip(["-n", self.netns], batch=inside)
+        addresses = [self.address(i) for i in range(2, 9)]
+        await wire_world(self.netns, self.uplink, self.subnet, addresses, extra=[f"{self.private}/32"])
         # The private host is "somewhere behind the uplink", as an internal network would be.
         await netns.run_ip(["route", "add", f"{self.private}/32", "via", self.dns, "dev", self.uplink])
 
@@ -321,15 +363,8 @@ class OutsideWorld:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         if self._dnsmasq is not None:
-            self._dnsmasq.terminate()
-            try:
-                self._dnsmasq.wait(5)
-            except subprocess.TimeoutExpired:
-                self._dnsmasq.kill()
-                self._dnsmasq.wait()
-        with contextlib.suppress(netns.NetnsError):
-            await netns.run_ip(["link", "delete", self.uplink])
-        await netns.delete(self.netns)
+            stop_process(self._dnsmasq)
+        await unwire_world(self.netns, self.uplink)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
 
@@ -551,56 +586,32 @@ def ca_signed(names: list[str]) -> tuple[bytes, bytes, bytes]:
     """A CA and a server certificate for ``names`` it signed: (CA PEM, key, PEM)."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Kiln test world CA")])
-    now = datetime.datetime.now(datetime.UTC)
     ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        certificate_builder(ca_name, ca_name, ca_key.public_key())
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        certificate_builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]), ca_name, key.public_key())
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    pkcs8 = serialization.PrivateFormat.PKCS8
-    return ca.public_bytes(pem), key.private_bytes(pem, pkcs8, serialization.NoEncryption()), leaf.public_bytes(pem)
+    return ca.public_bytes(pem), private_pem(key), leaf.public_bytes(pem)
 
 
 def self_signed(names: list[str]) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.UTC)
     certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        certificate_builder(subject, subject, key.public_key())
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+    return private_pem(key), certificate.public_bytes(serialization.Encoding.PEM)
 
 
 def can_build_worlds() -> str | None:

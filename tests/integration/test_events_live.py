@@ -4,15 +4,13 @@ pages, a snapshot's, a failed login; another user's events are invisible."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from instavm import InstaVM
 from live_api import SMALL, Api, live_server
-from live_server import KILN, LiveServer, ensure_default_image
+from live_server import cli, ensure_default_image
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.vm
@@ -24,17 +22,6 @@ def api() -> Iterator[Api]:
         # A cache hit (seconds): the shared cache's image may come from another checkout's agent.
         ensure_default_image(live.settings)
         yield live
-
-
-def cli(server: LiveServer, *args: str, stdin: str | None = None) -> str:
-    """The real ``kiln`` CLI on the server's database, as an operator runs it."""
-    env = {**os.environ, "KILN_DATA_DIR": str(server.data_dir)}
-    env.pop("KILN_DATABASE_URL", None)
-    done = subprocess.run(
-        [str(KILN), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def sdk(api: Api, key: str | None = None) -> InstaVM:

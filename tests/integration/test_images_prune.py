@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from live_api import SMALL, Api, live_server, wait_until
-from live_server import KILN, ensure_default_image
+from live_server import ensure_default_image, run_cli
 
 from kiln.config import Settings
 from kiln.runtime.images import ImageStore
@@ -69,12 +69,7 @@ def point_current(cache: Path, build: str) -> None:
 
 
 def prune(api: Api, cache: Path) -> str:
-    env = {**os.environ, "KILN_DATA_DIR": str(api.server.data_dir), "KILN_CACHE_DIR": str(cache)}
-    env.pop("KILN_DATABASE_URL", None)
-    done = subprocess.run(
-        [str(KILN), "images", "prune"], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_cli(api.server.data_dir, "images", "prune", env={"KILN_CACHE_DIR": str(cache)}, timeout=300)
     return done.stderr + done.stdout
 
 

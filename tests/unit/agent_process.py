@@ -21,14 +21,15 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kiln.guest import protocol
+from kiln.runtime.agent_client import AgentClient
 
 GUEST_DIR = Path(__file__).resolve().parents[2] / "kiln" / "guest"
 AGENT_PACKAGE = GUEST_DIR / "agent"
@@ -40,6 +41,29 @@ def agent_command(*arguments: str) -> list[str]:
 
 def agent_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(GUEST_DIR)}
+
+
+def start_socket_agent(socket_path: Path, workdir: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """The agent listening on ``socket_path`` (where the host's ``AgentClient``
+    reaches it), with ``workdir`` as its workdir and etc dir; never touching the
+    host's clock or hostname, never powering off (``--no-system``)."""
+    arguments = ["--socket", str(socket_path), "--workdir", str(workdir), "--etc-dir", str(workdir), "--no-system"]
+    return subprocess.Popen(agent_command(*arguments), env=agent_env(), **popen)
+
+
+@asynccontextmanager
+async def socket_agent(workdir: Path, ready_timeout: float = 10, **popen: Any) -> AsyncIterator[AgentClient]:
+    """``start_socket_agent`` on ``workdir/agent.sock``, and a client of it once it
+    answers; the client closed and the agent killed (and waited for) at the end."""
+    process = start_socket_agent(workdir / "agent.sock", workdir, **popen)
+    client = AgentClient(workdir / "agent.sock")
+    try:
+        await client.wait_ready(timeout=ready_timeout)
+        yield client
+    finally:
+        await client.close()
+        process.kill()
+        process.wait()
 
 
 def require(condition: bool, reason: str) -> None:

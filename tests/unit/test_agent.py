@@ -8,42 +8,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from unit.agent_process import AgentConnection, agent_command, agent_env
+from unit.agent_process import AgentConnection, agent_command, agent_env, b64, running_agent
 
 from kiln.guest import protocol
 
 
 @pytest.fixture
-def agent(tmp_path: Path):
-    host_end, guest_end = socket.socketpair()
+def agent(tmp_path: Path) -> Iterator[AgentConnection]:
     etc = tmp_path / "etc"
     etc.mkdir()
-    process = subprocess.Popen(
-        agent_command("--fd", str(guest_end.fileno()), "--no-system",
-                      "--etc-dir", str(etc), "--workdir", str(tmp_path)),
-        pass_fds=(guest_end.fileno(),),
-        env=agent_env(),
-    )
-    guest_end.close()
-    connection = AgentConnection(host_end)
-    connection.etc = etc
-    connection.process = process
-    yield connection
-    # shutdown, not just close: the reader thread's pending recv keeps the socket alive.
-    host_end.shutdown(socket.SHUT_RDWR)
-    host_end.close()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+    with running_agent("--etc-dir", str(etc), "--workdir", str(tmp_path)) as connection:
+        connection.etc = etc
+        yield connection
 
 
 def test_ping(agent: AgentConnection) -> None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from unit.agent_process import AGENT_PACKAGE, agent_command, agent_env
+from unit.agent_process import AGENT_PACKAGE, socket_agent, start_socket_agent
 
 from kiln.guest import protocol
 from kiln.runtime import agent_client
@@ -28,20 +28,7 @@ def short_tmp() -> Iterator[Path]:
 
 
 def start_host_agent(socket_path: Path, workdir: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        agent_command(
-            "--socket",
-            str(socket_path),
-            "--workdir",
-            str(workdir),
-            "--etc-dir",
-            str(workdir),
-            "--no-system",  # never touch the host's clock or hostname, never power off
-        ),
-        env=agent_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    return start_socket_agent(socket_path, workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -52,15 +39,8 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture
 async def host_agent(short_tmp: Path) -> AsyncIterator[tuple[AgentClient, Path]]:
     assert AGENT_PACKAGE.is_dir(), "kiln/guest/agent/ is missing"
-    socket_path = short_tmp / "agent.sock"
-    process = start_host_agent(socket_path, short_tmp)
-    client = AgentClient(socket_path)
-    try:
-        await client.wait_ready(timeout=20)
+    async with socket_agent(short_tmp, 20, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as client:
         yield client, short_tmp
-    finally:
-        await client.close()
-        stop(process)
 
 
 # ---- against the real agent

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from unit.agent_process import agent_command, agent_env
+from unit.agent_process import socket_agent
 
 from kiln.runtime.agent_client import AgentClient
 from kiln.runtime.errors import AgentError
@@ -22,20 +21,8 @@ from kiln.runtime.errors import AgentError
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[AgentClient]:
-    socket_path = tmp_path / "agent.sock"
-    process = subprocess.Popen(
-        agent_command("--socket", str(socket_path), "--no-system",
-                      "--workdir", str(tmp_path), "--etc-dir", str(tmp_path)),
-        env=agent_env(),
-    )
-    client = AgentClient(socket_path)
-    try:
-        await client.wait_ready(timeout=10)
+    async with socket_agent(tmp_path) as client:
         yield client
-    finally:
-        await client.close()
-        process.kill()
-        process.wait()
 
 
 async def read_until(agent: AgentClient, pty_id: str, wanted: bytes, timeout: float = 10) -> bytes:

@@ -8,13 +8,12 @@ import asyncio
 import base64
 import os
 import socket
-import subprocess
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from unit.agent_process import agent_command, agent_env
+from unit.agent_process import b64, socket_agent
 
 from kiln.runtime.agent_client import NO_DEADLINE, AgentClient
 from kiln.runtime.errors import AgentError
@@ -24,25 +23,8 @@ CHUNK = 256 * 1024
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[AgentClient]:
-    socket_path = tmp_path / "agent.sock"
-    process = subprocess.Popen(
-        agent_command(
-            "--socket", str(socket_path), "--no-system", "--workdir", str(tmp_path), "--etc-dir", str(tmp_path)
-        ),
-        env=agent_env(),
-    )
-    client = AgentClient(socket_path)
-    try:
-        await client.wait_ready(timeout=10)
+    async with socket_agent(tmp_path) as client:
         yield client
-    finally:
-        await client.close()
-        process.kill()
-        process.wait()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 async def collect(frames: AsyncIterator[dict], agent: AgentClient, stream_id: str) -> tuple[bytes, bytes, dict]:

@@ -29,7 +29,7 @@ class PiecesDownload:
 )
 async def test_pieces_of_any_length_join_into_one_base64_text(pieces: list[bytes]) -> None:
     download = PiecesDownload(pieces)
-    sent = [part async for part in download_json('odd "name".bin', download)]  # type: ignore[arg-type]
+    sent = [part async for part in download_json({"filename": 'odd "name".bin'}, download)]  # type: ignore[arg-type]
     answer = json.loads(b"".join(sent))
     assert answer == {
         "filename": 'odd "name".bin',

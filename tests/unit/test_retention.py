@@ -5,10 +5,7 @@ go; what is live, owed or recent stays."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-
-import pytest
 
 from kiln.services.events.record import NewEvent, record
 from kiln.services.retention import Pruned, Retention
@@ -21,14 +18,6 @@ from kiln.store.webhooks import WebhookRepository
 
 LONG_AGO = datetime.now(UTC) - timedelta(days=8)
 RECENTLY = datetime.now(UTC) - timedelta(days=1)
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.migrate()
-    yield database
-    await database.close()
 
 
 def a_vm(owner_id: int, vm_id: str, status: str, ended: datetime | None) -> Vm:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,14 +18,6 @@ from kiln.services.wiring import build_vm_services
 from kiln.store.db import Database, alembic_config
 from kiln.store.models import Base, Vm
 from kiln.store.repositories import SessionRepository, UserRepository, VmRepository
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.migrate()
-    yield database
-    await database.close()
 
 
 async def add_vm(db: Database, owner_id: int, vm_id: str, status: str = "running") -> None:

@@ -3,7 +3,6 @@ PostgreSQL when KILN_TEST_POSTGRES_URL is set): once each, under its vault."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,14 +19,6 @@ from kiln.store.models import Vault
 from kiln.store.repositories import UserRepository
 from kiln.store.vault_repositories import VaultRepository
 from kiln.vault.journal import Call, CallJournal
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.migrate()
-    yield database
-    await database.close()
 
 
 class DaemonJournal:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
@@ -30,7 +30,6 @@ from starlette.types import Message
 from kiln.api.deps import CurrentUser, Files
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.files import DownloadResponse, UploadResponse
-from kiln.services.files import Download
 
 
 class BodyDrainingRoute(APIRoute):
@@ -95,12 +94,19 @@ async def download(
     files: Files,
 ) -> StreamingResponse:
     downloaded = await files.download(user.id, session_id, filename)
-    return StreamingResponse(download_json(filename, downloaded), media_type="application/json")
+    return StreamingResponse(download_json({"filename": filename}, downloaded), media_type="application/json")
 
 
-async def download_json(filename: str, download: Download) -> AsyncIterator[bytes]:
-    """``{"filename": ..., "content": "<base64>", "size": N}``, one piece at a time."""
-    yield b'{"filename": ' + json.dumps(filename).encode() + b', "content": "'
+class Streamed(Protocol):
+    size: int  # the whole size, once ``chunks`` is done
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+async def download_json(head: dict[str, str], download: Streamed) -> AsyncIterator[bytes]:
+    """``{**head, "content": "<base64>", "size": N}``, one piece at a time (base64
+    of 3-byte-aligned pieces joins into one valid text). ``head``: not empty."""
+    yield json.dumps(head)[:-1].encode() + b', "content": "'
     pending = b""  # bytes not yet encoded: fewer than 3
     async for chunk in download.chunks():
         data = pending + chunk

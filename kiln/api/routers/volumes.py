@@ -20,10 +20,7 @@ background (the mount record's ``status`` tells).
 
 from __future__ import annotations
 
-import base64
-import json
 import posixpath
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -31,7 +28,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from kiln.api.deps import CurrentUser, Mounts, VolumeFiles, VolumeServiceDep
-from kiln.api.routers.files import BodyDrainingRoute
+from kiln.api.routers.files import BodyDrainingRoute, download_json
 from kiln.schemas.errors import ErrorMessage, error_responses
 from kiln.schemas.snapshots import SuccessResponse
 from kiln.schemas.volumes import (
@@ -47,7 +44,7 @@ from kiln.schemas.volumes import (
     VolumeUpdateRequest,
     VolumeUploadResponse,
 )
-from kiln.services.volumes.files import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, VolumeDownload
+from kiln.services.volumes.files import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 
 router = APIRouter(tags=["volumes"], responses={401: {"model": ErrorMessage}}, route_class=BodyDrainingRoute)
 
@@ -142,24 +139,10 @@ async def download_file(
     volume_id: str, body: VolumeDownloadRequest, user: CurrentUser, files: VolumeFiles
 ) -> StreamingResponse:
     download = await files.download(user.id, volume_id, body.path)
-    return StreamingResponse(
-        download_json(download), media_type="application/json", background=BackgroundTask(download.close)
-    )
-
-
-async def download_json(download: VolumeDownload) -> AsyncIterator[bytes]:
-    """``{"path", "filename", "content": "<base64>", "size"}``, one piece at a time
-    (base64 of 3-byte-aligned pieces joins into one valid text)."""
     head = {"path": download.path, "filename": posixpath.basename(download.path.rstrip("/"))}
-    yield json.dumps(head)[:-1].encode() + b', "content": "'
-    pending = b""
-    async for chunk in download.chunks():
-        data = pending + chunk
-        aligned = len(data) - len(data) % 3
-        pending = data[aligned:]
-        if aligned:
-            yield base64.b64encode(data[:aligned])
-    yield base64.b64encode(pending) + b'", "size": ' + str(download.size).encode() + b"}"
+    return StreamingResponse(
+        download_json(head, download), media_type="application/json", background=BackgroundTask(download.close)
+    )
 
 
 @router.get("/v1/volumes/{volume_id}/files", responses=FILE_ERRORS)
