@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,17 +115,29 @@ class SystemSnapshots:
             await record_event(session, replace(event, owner_id=user.id, payload=payload))
         return snapshot
 
-    async def fill(self, snapshot_id: str, source: Snapshot, **columns: object) -> None:
+    async def fill(
+        self,
+        snapshot_id: str,
+        source: Snapshot,
+        before_done: Callable[[], Awaitable[None]] | None = None,
+        **columns: object,
+    ) -> None:
         """Copy ``source``'s save into the reserved row's directory; the row ends
-        ``ready`` (with ``columns``) or ``failed`` with the reason."""
+        ``ready`` (with ``columns``) or ``failed`` with the reason. ``before_done``
+        runs once the copy ended, before the row says so (so that whoever polls
+        the row finds the source's cleanup done)."""
         directory = Path((await reload(self._db, snapshot_id)).directory)
         try:
             await self._node.copy_saved(Path(source.directory), directory)
         except Exception as error:  # a copy in the background has nobody else to record it
             log.warning("publishing %s as system snapshot %s failed: %s", source.id, snapshot_id, error)
+            if before_done is not None:
+                await before_done()
             await record(self._db, snapshot_id, None, status=SnapshotStatus.FAILED, failure_reason=str(error))
             return
         size = await asyncio.to_thread(directory_size, directory)
+        if before_done is not None:
+            await before_done()
         await record(self._db, snapshot_id, None, status=SnapshotStatus.READY, size_bytes=size, **columns)
 
     @staticmethod

@@ -89,23 +89,33 @@ class SystemBuilds:
 
     async def _publish(self, work: asyncio.Task[None], staged_id: str, system_id: str | None) -> None:
         """Once ``work`` ended: the system snapshot (if any) filled from the
-        staging row or failed with its reason; the staging row removed."""
+        staging row or failed with its reason; the staging row removed first,
+        so a caller that sees the system snapshot end finds nothing staged."""
+        discarded = False
+
+        async def discard() -> None:
+            nonlocal discarded
+            if not discarded:
+                discarded = True
+                # Shielded: a server stopping mid-copy still removes what it staged.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._discard(await reload(self._db, staged_id)))
+
         try:
             with contextlib.suppress(Exception):
                 await work  # its outcome is on the staging row
             staged = await reload(self._db, staged_id)
             if system_id is not None and staged.status == SnapshotStatus.READY:
-                await self._system.fill(system_id, staged, build_log=staged.build_log)
+                await self._system.fill(system_id, staged, before_done=discard, build_log=staged.build_log)
             elif system_id is not None:
+                await discard()
                 reason = staged.failure_reason or "the build or import did not finish"
                 await record(
                     self._db, system_id, None, status=SnapshotStatus.FAILED, failure_reason=reason,
                     build_log=staged.build_log,
                 )  # fmt: skip
         finally:
-            # Shielded: a server stopping mid-copy still removes what it staged.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._discard(await reload(self._db, staged_id)))
+            await discard()
 
     async def _discard(self, staged: Snapshot) -> None:
         if staged.status == SnapshotStatus.CREATING:
