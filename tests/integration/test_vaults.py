@@ -40,9 +40,11 @@ def secret() -> str:
 
 
 def pattern(value: str) -> str:
-    """A grep pattern that matches ``value`` without containing it (so the
-    command that searches for it does not itself plant it in the guest)."""
-    return f"[{value[0]}]{value[1:]}"
+    """A grep pattern that matches ``value`` without containing it, nor letting
+    grep make it: GNU grep turns ``[k]vs-…`` into the literal ``kvs-…`` it must
+    find (its "must" string, in the process's memory, then in the guest's
+    freed pages and in a suspend's saved RAM); ``[kK]vs-…`` leaves it ``vs-…``."""
+    return f"[{value[0]}{value[0].upper()}]{value[1:]}"
 
 
 @dataclass
