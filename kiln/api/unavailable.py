@@ -22,6 +22,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
+from kiln.services.vm_policy import COMPUTER_USE
+
 STATUS = 403
 # WebSocket refusals (computer use's VNC) close before accepting, with this code.
 WEBSOCKET_CLOSE = 4403
@@ -44,7 +46,7 @@ class Unbuilt:
 
 # Features Kiln does not have (SDK-SURFACE.md sections 1a, 1d, 1e, 1i, 1l).
 UNBUILT: tuple[Unbuilt, ...] = (
-    Unbuilt("/v1/computeruse", "computer use (desktop VMs, their viewer and VNC)"),
+    Unbuilt("/v1/computeruse", COMPUTER_USE),
     Unbuilt("/v1/recordings", "desktop recordings"),
     Unbuilt("/v1/templates", "devbox templates"),
     Unbuilt("/v1/tapes", "time-travel tapes"),

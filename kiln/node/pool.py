@@ -10,9 +10,9 @@ ms, which a claim no longer waits for. Then it runs a bash and a python3 once
 (``WARM_UP_COMMANDS``): under TCG a restored VM's translated code starts empty,
 and the first exec in it pays 300-500 ms to translate bash, ld.so and libc (and
 the interpreter) again. Translations are kept by guest physical page, so the
-user's own processes, which map the same pages, find them made. A claim (``Node.claim``) sets the clock
-again and lets every participant apply what is the user's own (egress policy,
-mounts); the VM service applies env.
+user's own processes, which map the same pages, find them made. A claim
+(``Node.claim``) sets the clock again and lets every participant apply what is
+the user's own (egress policy, mounts); the VM service applies env.
 
 The pool keeps ``size`` idle VMs of one saved state (the default image's base
 snapshot for the default shape, from ``source``) and refills in the background

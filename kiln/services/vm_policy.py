@@ -32,9 +32,11 @@ MAX_ENV_ENTRIES = 256
 MAX_METADATA_BYTES = 64 * 1024
 MAX_SNAPSHOT_NAME_LENGTH = 255
 DEFAULT_IMAGE_VARIANT = "default"
+# The SDK's desktops; its routes are refused by name too (kiln.api.unavailable).
+COMPUTER_USE = "computer use (desktop VMs, their viewer and VNC)"
 # Image variants the SDK asks for by name that belong to a feature Kiln does not
 # have: refused naming the feature, not as an unknown variant (which reads as a typo).
-UNBUILT_IMAGE_VARIANTS = {"computer-use": "computer use (desktop VMs, their viewer and VNC)"}
+UNBUILT_IMAGE_VARIANTS = {"computer-use": COMPUTER_USE}
 
 
 @dataclass(frozen=True)

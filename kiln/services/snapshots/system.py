@@ -127,18 +127,18 @@ class SystemSnapshots:
         runs once the copy ended, before the row says so (so that whoever polls
         the row finds the source's cleanup done)."""
         directory = Path((await reload(self._db, snapshot_id)).directory)
+        outcome: dict[str, object]
         try:
             await self._node.copy_saved(Path(source.directory), directory)
         except Exception as error:  # a copy in the background has nobody else to record it
             log.warning("publishing %s as system snapshot %s failed: %s", source.id, snapshot_id, error)
-            if before_done is not None:
-                await before_done()
-            await record(self._db, snapshot_id, None, status=SnapshotStatus.FAILED, failure_reason=str(error))
-            return
-        size = await asyncio.to_thread(directory_size, directory)
+            outcome = {"status": SnapshotStatus.FAILED, "failure_reason": str(error)}
+        else:
+            size = await asyncio.to_thread(directory_size, directory)
+            outcome = {"status": SnapshotStatus.READY, "size_bytes": size, **columns}
         if before_done is not None:
             await before_done()
-        await record(self._db, snapshot_id, None, status=SnapshotStatus.READY, size_bytes=size, **columns)
+        await record(self._db, snapshot_id, None, **outcome)
 
     @staticmethod
     async def _check_name(repository: SnapshotRepository, name: str | None) -> None:
